@@ -1,0 +1,493 @@
+//! The agent's configuration file (TOML).
+//!
+//! Every key is documented here and, with its default, in `packaging/agent.toml`. Unknown keys
+//! are errors. [`load`] reports every problem it can find at once, each naming the file, the key
+//! and what to do, so `patch-agent check-config` is useful in one run.
+
+use serde::{Deserialize, Deserializer};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where `patch-agent run` looks for its configuration unless `--config` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/patch-agent/agent.toml";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub agent: AgentSection,
+    pub server: ServerSection,
+    pub tls: TlsSection,
+    pub auth: AuthSection,
+    pub log: LogSection,
+}
+
+/// `[agent]`: who this host is and where the agent keeps its state.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// The id jobs are addressed to. Default: empty, meaning the host's FQDN, else its hostname.
+    pub host_id: String,
+    /// Directory for the agent's durable state, created 0700. Default: `/var/lib/patch-agent`.
+    pub state_dir: PathBuf,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            host_id: String::new(),
+            state_dir: PathBuf::from("/var/lib/patch-agent"),
+        }
+    }
+}
+
+/// `[server]`: where the agent listens.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// TCP address for gRPC over mutual TLS. Port 0 picks a free port (tests). Default:
+    /// `0.0.0.0:7443`.
+    pub listen: String,
+    /// Optional Unix socket without TLS for admins on the host, created 0600. uid 0 peers get the
+    /// controller role, other peers the viewer role. Default: unset (no local socket).
+    pub local_socket: Option<PathBuf>,
+    /// How long a TLS handshake may take before the connection is dropped. Default: `10s`.
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// On SIGTERM, how long health reports NOT_SERVING before the listeners close, so load
+    /// balancers and watchers notice. Default: `1s`.
+    #[serde(deserialize_with = "duration")]
+    pub drain_grace: Duration,
+    /// On SIGTERM, how long in-flight calls may take to finish after the listeners close.
+    /// Default: `10s`.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    /// Most TCP connections served at once; further connections wait in the kernel backlog.
+    /// Default: `1024`.
+    pub max_connections: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:7443".into(),
+            local_socket: None,
+            handshake_timeout: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// `[tls]`: the agent's certificate and the CA its clients must chain to. PEM files.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// CA certificate(s) that client certificates must chain to.
+    /// Default: `/etc/patch-agent/tls/ca.pem`.
+    pub ca: PathBuf,
+    /// The agent's certificate chain. Default: `/etc/patch-agent/tls/agent.pem`.
+    pub cert: PathBuf,
+    /// The agent's private key; must not be readable by group or others.
+    /// Default: `/etc/patch-agent/tls/agent.key`.
+    pub key: PathBuf,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        Self {
+            ca: PathBuf::from("/etc/patch-agent/tls/ca.pem"),
+            cert: PathBuf::from("/etc/patch-agent/tls/agent.pem"),
+            key: PathBuf::from("/etc/patch-agent/tls/agent.key"),
+        }
+    }
+}
+
+/// `[auth]`: client identities per role (a SAN DNS name or URI; the CN only if there is no SAN).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// May read, submit and cancel jobs. Default: none.
+    pub controllers: Vec<String>,
+    /// May only read. Default: none.
+    pub viewers: Vec<String>,
+}
+
+/// `[log]`: how the agent logs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `plain` (lines suited to journald) or `json`. `--log-format` overrides. Default: `plain`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `patch_agent=debug,info`. `RUST_LOG` overrides.
+    /// Default: `info`.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Plain,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// Dotted key (`tls.key`), or empty when the problem is with the file as a whole.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The TCP listen address, already validated by [`load`].
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.server.listen.parse().map_err(|e| {
+            format!(
+                "`{}` is not an address:port ({e}); use e.g. \"0.0.0.0:7443\" or \"[::]:7443\"",
+                self.server.listen
+            )
+        })
+    }
+}
+
+/// Reads, parses and checks the configuration at `path`, returning every problem found.
+/// Checks only the file itself; certificate files are checked by [`crate::tls`].
+pub fn load(path: &Path) -> Result<Config, Problems> {
+    let problem = |key: &str, message: String| Problem {
+        file: path.to_path_buf(),
+        key: key.to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![problem(
+            "",
+            format!("cannot read the configuration ({e}); pass --config FILE or create it (packaging/agent.toml documents every key)"),
+        )])
+    })?;
+    let (config, mut problems) = parse(&text);
+    let Some(config) = config else {
+        return Err(Problems(
+            problems.into_iter().map(|(k, m)| problem(&k, m)).collect(),
+        ));
+    };
+    problems.extend(validate(&config));
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(Problems(
+            problems.into_iter().map(|(k, m)| problem(&k, m)).collect(),
+        ))
+    }
+}
+
+/// Parses TOML text into a [`Config`], collecting every structural problem (syntax, unknown keys,
+/// wrong types) as `(key, message)`. Returns `None` only when the text is not TOML at all.
+pub fn parse(text: &str) -> (Option<Config>, Vec<(String, String)>) {
+    let mut table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = e.to_string().trim_end().replace('\n', " | ");
+            return (
+                None,
+                vec![(String::new(), format!("not valid TOML: {msg}"))],
+            );
+        }
+    };
+    let mut problems = Vec::new();
+    // A bad key is reported, removed, and parsing resumes, so all bad keys are found in one run.
+    // Each round removes one key, so this terminates; the bound guards against surprises.
+    for _ in 0..256 {
+        let value = toml::Value::Table(table.clone());
+        match serde_path_to_error::deserialize::<_, Config>(value) {
+            Ok(config) => return (Some(config), problems),
+            Err(err) => {
+                let mut path: Vec<String> = err
+                    .path()
+                    .iter()
+                    .filter_map(|seg| match seg {
+                        serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                        serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                        _ => None,
+                    })
+                    .collect();
+                let inner = err.inner().to_string();
+                let message = if let Some(name) = unknown_field(&inner) {
+                    if path.last().map(String::as_str) != Some(name) {
+                        path.push(name.to_string());
+                    }
+                    match inner.split_once(", expected ") {
+                        Some((_, expected)) => format!("unknown key; expected {expected}"),
+                        None => "unknown key".to_string(),
+                    }
+                } else {
+                    inner.clone()
+                };
+                let key = path.join(".");
+                problems.push((key, message));
+                if !remove_path(&mut table, &path) {
+                    return (None, problems);
+                }
+            }
+        }
+    }
+    (None, problems)
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split_once('`').map(|(name, _)| name)
+}
+
+fn remove_path(table: &mut toml::Table, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => table.remove(last).is_some(),
+        [first, rest @ ..] => match table.get_mut(first) {
+            Some(toml::Value::Table(inner)) => remove_path(inner, rest),
+            Some(toml::Value::Array(items)) => {
+                // An element of an array: drop the whole array, reported once.
+                let _ = items;
+                table.remove(first).is_some()
+            }
+            _ => false,
+        },
+    }
+}
+
+/// Semantic checks on a structurally valid configuration; returns `(key, message)` pairs.
+pub fn validate(config: &Config) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut bad = |key: &str, msg: String| out.push((key.to_string(), msg));
+
+    if let Err(e) = config.listen_addr() {
+        bad("server.listen", e);
+    }
+    if let Some(sock) = &config.server.local_socket {
+        if !sock.is_absolute() {
+            bad(
+                "server.local_socket",
+                format!("`{}` must be an absolute path", sock.display()),
+            );
+        }
+    }
+    if config.server.handshake_timeout.is_zero() {
+        bad("server.handshake_timeout", "must be greater than 0".into());
+    }
+    if config.server.max_connections == 0 {
+        bad("server.max_connections", "must be at least 1".into());
+    }
+    if !config.agent.state_dir.is_absolute() {
+        bad(
+            "agent.state_dir",
+            format!(
+                "`{}` must be an absolute path",
+                config.agent.state_dir.display()
+            ),
+        );
+    }
+    if !config.agent.host_id.is_empty() {
+        if let Err(e) = check_host_id(&config.agent.host_id) {
+            bad("agent.host_id", e);
+        }
+    }
+    for (key, path) in [
+        ("tls.ca", &config.tls.ca),
+        ("tls.cert", &config.tls.cert),
+        ("tls.key", &config.tls.key),
+    ] {
+        if path.as_os_str().is_empty() {
+            bad(key, "must name a PEM file".into());
+        }
+    }
+    for (key, list) in [
+        ("auth.controllers", &config.auth.controllers),
+        ("auth.viewers", &config.auth.viewers),
+    ] {
+        for (i, id) in list.iter().enumerate() {
+            if id.is_empty()
+                || id.len() > 1024
+                || id.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                bad(
+                    &format!("{key}.{i}"),
+                    format!(
+                        "{id:?} is not an identity: use a certificate's SAN DNS name or URI, without spaces"
+                    ),
+                );
+            }
+        }
+    }
+    for id in &config.auth.controllers {
+        if config.auth.viewers.contains(id) {
+            bad(
+                "auth.viewers",
+                format!("{id:?} is listed as both controller and viewer; keep it in one list"),
+            );
+        }
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        bad(
+            "log.level",
+            format!(
+                "`{}` is not a log filter ({e}); use e.g. \"info\" or \"patch_agent=debug,info\"",
+                config.log.level
+            ),
+        );
+    }
+    out
+}
+
+/// A host id: 1–253 characters of `[A-Za-z0-9._-]`, as hostnames and machine ids are.
+pub fn check_host_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 253 {
+        return Err(format!("{id:?} must be 1 to 253 characters long"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(format!(
+            "{id:?} contains {c:?}; use only letters, digits, '.', '-' and '_'"
+        ));
+    }
+    Ok(())
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{s}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"5m\" or \"6h\""
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let (c, p) = parse("");
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(c, Some(Config::default()));
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_at_once() {
+        let (c, p) = parse(
+            "bogus = 1\n[server]\nlisten = \"127.0.0.1:1\"\nlistne = \"x\"\n[tls]\ncert = \"/a\"\nkye = \"/b\"\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["bogus", "server.listne", "tls.kye"], "{p:?}");
+        assert!(p[1].1.contains("listen"), "suggests valid keys: {}", p[1].1);
+        let c = c.expect("rest still parses");
+        assert_eq!(c.server.listen, "127.0.0.1:1");
+        assert_eq!(c.tls.cert, PathBuf::from("/a"));
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let (_, p) = parse("[server]\ndrain_timeout = \"soon\"\nmax_connections = \"many\"\n");
+        let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["server.drain_timeout", "server.max_connections"],
+            "{p:?}"
+        );
+        assert!(p[0].1.contains("not a duration"), "{}", p[0].1);
+    }
+
+    #[test]
+    fn syntax_error_is_one_problem() {
+        let (c, p) = parse("[server\nlisten=");
+        assert!(c.is_none());
+        assert_eq!(p.len(), 1);
+        assert!(p[0].1.starts_with("not valid TOML"), "{}", p[0].1);
+    }
+
+    #[test]
+    fn semantic_problems() {
+        let mut c = Config::default();
+        c.server.listen = "localhost".into();
+        c.agent.state_dir = "relative".into();
+        c.agent.host_id = "bad host".into();
+        c.auth.controllers = vec!["ops".into(), "".into()];
+        c.auth.viewers = vec!["ops".into()];
+        let keys: Vec<String> = validate(&c).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.listen",
+                "agent.state_dir",
+                "agent.host_id",
+                "auth.controllers.1",
+                "auth.viewers"
+            ]
+        );
+    }
+
+    #[test]
+    fn packaged_config_is_valid() {
+        let text = include_str!("../packaging/agent.toml");
+        let (c, p) = parse(text);
+        assert!(p.is_empty(), "{p:?}");
+        let c = c.expect("parses");
+        assert!(validate(&c).is_empty());
+    }
+
+    #[test]
+    fn parse_never_panics_on_junk() {
+        for text in [
+            "\u{0}",
+            "[[agent]]",
+            "agent = 3",
+            "[auth]\ncontrollers = [1, {a=1}]",
+            "[server]\nlisten = []",
+        ] {
+            let _ = parse(text);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! `patchctl`, the controller-side CLI: PKI, status, and load generation.
+
+pub mod bench;
+pub mod client;
+pub mod pki;
+pub mod status;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "patchctl", version, about = "Controller CLI for patch-agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Certificates for development and tests.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Show an agent's host facts and how it sees you.
+    Status {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load generators.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Write a dev CA and agent, controller and viewer certificates into DIR (keys 0600).
+    Init {
+        dir: PathBuf,
+        /// Names for the agent certificate (first is the CN). Default: this host's FQDN,
+        /// hostname, localhost, 127.0.0.1 and ::1.
+        #[arg(long = "agent-name")]
+        agent_names: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue one more certificate from the CA in DIR, into OUT.pem and OUT.key.
+    Issue {
+        dir: PathBuf,
+        /// The identity: CN and first SAN (a DNS name, an IP, or a URI with "://").
+        #[arg(long)]
+        name: String,
+        /// More SANs.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        #[arg(long, value_enum, default_value = "client")]
+        usage: pki::Usage,
+        /// Days of validity.
+        #[arg(long, default_value_t = 825, allow_negative_numbers = true)]
+        days: i64,
+        /// Start validity this many days ago (with --days 1 this makes an expired certificate).
+        #[arg(long, default_value_t = 0)]
+        start_days_ago: i64,
+        /// Output path prefix: writes OUT.pem and OUT.key.
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Drive GetStatus with concurrent callers; print req/s, p50/p99 and the agent's RSS.
+    Status {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        /// Concurrent callers.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Connections the callers share.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// The agent's pid, to report its RSS before and after (same host only).
+        #[arg(long)]
+        agent_pid: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a parsed command.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pki(PkiCommand::Init {
+            dir,
+            agent_names,
+            force,
+        }) => {
+            let files = pki::init(&dir, &agent_names, force)?;
+            for f in &files {
+                println!("wrote {}", f.display());
+            }
+            println!(
+                "\nFor the agent's config:\n\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/agent.pem\"\nkey = \"{d}/agent.key\"\n\n[auth]\ncontrollers = [\"controller\"]\nviewers = [\"viewer\"]",
+                d = dir.display()
+            );
+            Ok(())
+        }
+        Command::Pki(PkiCommand::Issue {
+            dir,
+            name,
+            sans,
+            usage,
+            days,
+            start_days_ago,
+            out,
+            force,
+        }) => {
+            if days < 1 {
+                bail!("--days must be at least 1");
+            }
+            let spec = pki::Spec {
+                name,
+                sans,
+                usage,
+                days,
+                start_days_ago,
+            };
+            for f in pki::issue(&dir, &spec, &out, force)? {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
+        Command::Status { agent, json } => {
+            let channel = agent.connect().await?;
+            let status = status::fetch(channel).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status::to_json(&status))?
+                );
+            } else {
+                print!("{}", status::render(&status));
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Status {
+            agent,
+            concurrency,
+            connections,
+            duration,
+            agent_pid,
+            json,
+        }) => {
+            if concurrency == 0 || connections == 0 {
+                bail!("--concurrency and --connections must be at least 1");
+            }
+            let mut channels = Vec::with_capacity(connections);
+            for _ in 0..connections {
+                channels.push(agent.connect().await.context("bench setup")?);
+            }
+            let before = agent_pid.and_then(bench::memory_kib);
+            let report = bench::run_status_load(&channels, concurrency, duration).await;
+            let after = agent_pid.and_then(bench::memory_kib);
+            if json {
+                let v = serde_json::json!({
+                    "report": report,
+                    "agent_rss_kib_before": before.map(|m| m.0),
+                    "agent_rss_kib_after": after.map(|m| m.0),
+                    "agent_peak_rss_kib": after.map(|m| m.1),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{report}");
+                if let (Some(b), Some(a)) = (before, after) {
+                    println!(
+                        "agent RSS: {} KiB before, {} KiB after, peak {} KiB",
+                        b.0, a.0, a.1
+                    );
+                }
+            }
+            if report.requests == 0 {
+                bail!("no request succeeded");
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! patch-agent: a small daemon that knows a Linux host's packages and runs signed patch jobs,
+//! and `patchctl`, its controller-side CLI.
+//!
+//! Layout: `server` translates gRPC to domain calls; `auth` decides who may call what;
+//! `tls` owns certificates and their reload; `host` reads host facts; `daemon` wires it all
+//! together with signals and systemd notifications; `ctl` holds the `patchctl` commands.
+
+#![deny(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod host;
+pub mod listener;
+pub mod notify;
+pub mod proto;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+
+/// The agent's version, as `patch-agent --version` prints it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

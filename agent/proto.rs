@@ -1,0 +1,16 @@
+//! Generated protobuf and gRPC code, kept out of the way behind one module.
+
+#[allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]
+pub mod v1 {
+    tonic::include_proto!("patchagent.v1");
+}
+
+/// Encoded `FileDescriptorSet` of `proto/`, served by the reflection service.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/patchagent_descriptor.bin"));
+
+/// Fully-qualified name of the agent service, as health checks and reflection know it.
+pub const AGENT_SERVICE: &str = "patchagent.v1.Agent";
+
+pub use v1::agent_client::AgentClient;
+pub use v1::agent_server::{Agent, AgentServer};

