@@ -18,6 +18,7 @@ pub mod proto;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod uds_authority;
 
 /// The agent's version, as `patch-agent --version` prints it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

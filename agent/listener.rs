@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -69,7 +69,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for PeerStream<S> {
 }
 
 pub type TlsPeerStream = PeerStream<tokio_rustls::server::TlsStream<TcpStream>>;
-pub type UnixPeerStream = PeerStream<UnixStream>;
+/// Local connections pass through [`crate::uds_authority`] (see there for why).
+pub type UnixPeerStream = PeerStream<tokio::io::DuplexStream>;
 
 /// Settings for the TLS accept loop.
 pub struct TlsAccept {
@@ -212,7 +213,7 @@ pub fn unix_incoming(
                 pid: cred.pid(),
             };
             let s = PeerStream {
-                io: stream,
+                io: crate::uds_authority::interpose(stream),
                 peer: Arc::new(peer),
                 _permit: None,
             };

