@@ -61,7 +61,11 @@ pub fn run(config_path: PathBuf, log_format: Option<LogFormat>) -> i32 {
         }
     };
     let filter = telemetry::init(log_format.unwrap_or(config.log.format), &config.log.level);
+    // Two workers at most: the agent serves a handful of admins and one controller, and every
+    // thread costs resident memory on every host of the fleet.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .max_blocking_threads(16)
         .thread_name("patch-agent")

@@ -90,9 +90,23 @@ pub enum BenchCommand {
         /// The agent's pid, to report its RSS before and after (same host only).
         #[arg(long)]
         agent_pid: Option<u32>,
+        /// Threads for the load generator itself. On a small machine, keep this below the core
+        /// count so the generator does not starve the agent it measures.
+        #[arg(long, default_value_t = 1)]
+        client_threads: usize,
         #[arg(long)]
         json: bool,
     },
+}
+
+impl Cli {
+    /// Worker threads the command's runtime should have.
+    pub fn threads(&self) -> usize {
+        match &self.command {
+            Command::Bench(BenchCommand::Status { client_threads, .. }) => (*client_threads).max(1),
+            _ => 2,
+        }
+    }
 }
 
 /// Runs a parsed command.
@@ -158,6 +172,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             duration,
             agent_pid,
             json,
+            client_threads: _,
         }) => {
             if concurrency == 0 || connections == 0 {
                 bail!("--concurrency and --connections must be at least 1");
