@@ -304,13 +304,13 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
     if let Err(e) = config.listen_addr() {
         bad("server.listen", e);
     }
-    if let Some(sock) = &config.server.local_socket {
-        if !sock.is_absolute() {
-            bad(
-                "server.local_socket",
-                format!("`{}` must be an absolute path", sock.display()),
-            );
-        }
+    if let Some(sock) = &config.server.local_socket
+        && !sock.is_absolute()
+    {
+        bad(
+            "server.local_socket",
+            format!("`{}` must be an absolute path", sock.display()),
+        );
     }
     if config.server.handshake_timeout.is_zero() {
         bad("server.handshake_timeout", "must be greater than 0".into());
@@ -327,10 +327,10 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
             ),
         );
     }
-    if !config.agent.host_id.is_empty() {
-        if let Err(e) = check_host_id(&config.agent.host_id) {
-            bad("agent.host_id", e);
-        }
+    if !config.agent.host_id.is_empty()
+        && let Err(e) = check_host_id(&config.agent.host_id)
+    {
+        bad("agent.host_id", e);
     }
     for (key, path) in [
         ("tls.ca", &config.tls.ca),

@@ -121,12 +121,11 @@ pub fn fqdn(hostname: &str, etc_hosts: &str) -> String {
         if listed && canonical.contains('.') && canonical.split('.').next() == Some(hostname) {
             return canonical.to_string();
         }
-        if listed {
-            if let Some(alias) =
+        if listed
+            && let Some(alias) =
                 fields.find(|a| a.split('.').next() == Some(hostname) && a.contains('.'))
-            {
-                return alias.to_string();
-            }
+        {
+            return alias.to_string();
         }
     }
     hostname.to_string()

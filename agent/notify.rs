@@ -40,10 +40,10 @@ impl Notifier {
 
     /// Sends `state` (e.g. `READY=1`); failures are logged, never fatal.
     pub fn notify(&self, state: &str) {
-        if let Some((sock, addr)) = &self.target {
-            if let Err(e) = sock.send_to_addr(state.as_bytes(), addr) {
-                tracing::warn!(error = %e, state, "sd_notify failed");
-            }
+        if let Some((sock, addr)) = &self.target
+            && let Err(e) = sock.send_to_addr(state.as_bytes(), addr)
+        {
+            tracing::warn!(error = %e, state, "sd_notify failed");
         }
     }
 }
@@ -51,10 +51,10 @@ impl Notifier {
 /// How often to send `WATCHDOG=1`: half of `$WATCHDOG_USEC`, if it is set for this process.
 pub fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.parse::<u32>().ok()? != std::process::id() {
-            return None;
-        }
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok()? != std::process::id()
+    {
+        return None;
     }
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }

@@ -11,10 +11,8 @@ pub const AGENT: &str = env!("CARGO_BIN_EXE_patch-agent");
 pub const PATCHCTL: &str = env!("CARGO_BIN_EXE_patchctl");
 
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 pub fn text(out: &Output) -> String {
