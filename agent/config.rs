@@ -22,6 +22,7 @@ pub struct Config {
     pub tls: TlsSection,
     pub auth: AuthSection,
     pub log: LogSection,
+    pub packages: PackagesSection,
 }
 
 /// `[agent]`: who this host is and where the agent keeps its state.
@@ -114,6 +115,85 @@ pub struct AuthSection {
     pub controllers: Vec<String>,
     /// May only read. Default: none.
     pub viewers: Vec<String>,
+}
+
+/// `[packages]`: which package manager, how often to scan, and where its database lives.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PackagesSection {
+    /// `auto` (from os-release ID/ID_LIKE, then the binaries present), `apt`, `dnf` or `yum`.
+    /// Default: `auto`.
+    pub manager: ManagerChoice,
+    /// Scan installed packages, pending updates and reboot state this often (plus up to 10 %
+    /// random jitter). Default: `1h`.
+    #[serde(deserialize_with = "duration")]
+    pub scan_interval: Duration,
+    /// Scan once at start. Default: `true`.
+    pub scan_on_start: bool,
+    /// Refresh repository metadata (apt-get update, dnf makecache) when it is older than this;
+    /// never more often unless a caller asks. Default: `6h`.
+    #[serde(deserialize_with = "duration")]
+    pub refresh_interval: Duration,
+    /// Wait this long for a held dpkg/rpm lock, then fail naming the holder. Default: `5m`.
+    #[serde(deserialize_with = "duration")]
+    pub lock_timeout: Duration,
+    /// Deadline for one scan command (simulation, check-update, rpm -qa). Default: `10m`.
+    #[serde(deserialize_with = "duration")]
+    pub command_timeout: Duration,
+    /// Deadline for a metadata refresh. Default: `15m`.
+    #[serde(deserialize_with = "duration")]
+    pub refresh_timeout: Duration,
+    /// apt: `dist-upgrade` or `upgrade` defines what is pending. Default: `dist-upgrade`.
+    pub apt_upgrade: crate::pkg::apt::UpgradeMode,
+    /// apt: exported as APT_CONFIG for every apt command (point apt at another root).
+    /// Default: unset.
+    pub apt_config: Option<PathBuf>,
+    /// apt: extra `-o` options for every apt command, e.g. `["Acquire::Retries=3"]`.
+    /// Default: none.
+    pub apt_options: Vec<String>,
+    /// dpkg's status database, read directly for the inventory. Its directory holds the dpkg
+    /// locks. Default: `/var/lib/dpkg/status`.
+    pub dpkg_status: PathBuf,
+    /// Debian family reboot flag; `.pkgs` beside it names the packages. Default:
+    /// `/var/run/reboot-required`.
+    pub reboot_required_file: PathBuf,
+    /// dnf/yum: extra arguments for every command, e.g. `["--installroot=/srv/root",
+    /// "--setopt=reposdir=/srv/repos"]`. Default: none.
+    pub dnf_args: Vec<String>,
+    /// rpm: `--root` for inventory and reboot checks. Default: unset (the host).
+    pub rpm_root: Option<PathBuf>,
+}
+
+impl Default for PackagesSection {
+    fn default() -> Self {
+        Self {
+            manager: ManagerChoice::Auto,
+            scan_interval: Duration::from_secs(3600),
+            scan_on_start: true,
+            refresh_interval: Duration::from_secs(6 * 3600),
+            lock_timeout: Duration::from_secs(300),
+            command_timeout: Duration::from_secs(600),
+            refresh_timeout: Duration::from_secs(900),
+            apt_upgrade: crate::pkg::apt::UpgradeMode::DistUpgrade,
+            apt_config: None,
+            apt_options: Vec::new(),
+            dpkg_status: PathBuf::from("/var/lib/dpkg/status"),
+            reboot_required_file: PathBuf::from("/var/run/reboot-required"),
+            dnf_args: Vec::new(),
+            rpm_root: None,
+        }
+    }
+}
+
+/// `[packages] manager`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ManagerChoice {
+    #[default]
+    Auto,
+    Apt,
+    Dnf,
+    Yum,
 }
 
 /// `[log]`: how the agent logs.
@@ -365,6 +445,48 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
                 "auth.viewers",
                 format!("{id:?} is listed as both controller and viewer; keep it in one list"),
             );
+        }
+    }
+    let p = &config.packages;
+    for (key, d) in [
+        ("packages.scan_interval", p.scan_interval),
+        ("packages.refresh_interval", p.refresh_interval),
+        ("packages.command_timeout", p.command_timeout),
+        ("packages.refresh_timeout", p.refresh_timeout),
+    ] {
+        if d < Duration::from_secs(1) {
+            bad(key, "must be at least 1s".into());
+        }
+    }
+    for (key, path) in [
+        ("packages.dpkg_status", Some(&p.dpkg_status)),
+        (
+            "packages.reboot_required_file",
+            Some(&p.reboot_required_file),
+        ),
+        ("packages.apt_config", p.apt_config.as_ref()),
+        ("packages.rpm_root", p.rpm_root.as_ref()),
+    ] {
+        if let Some(path) = path
+            && !path.is_absolute()
+        {
+            bad(
+                key,
+                format!("`{}` must be an absolute path", path.display()),
+            );
+        }
+    }
+    for (key, list) in [
+        ("packages.apt_options", &p.apt_options),
+        ("packages.dnf_args", &p.dnf_args),
+    ] {
+        for (i, o) in list.iter().enumerate() {
+            if o.is_empty() || o.contains(['\n', '\0']) {
+                bad(
+                    &format!("{key}.{i}"),
+                    format!("{o:?} is not a usable option"),
+                );
+            }
         }
     }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {

@@ -1,0 +1,334 @@
+//! The one place the agent spawns processes.
+//!
+//! Every child gets `LC_ALL=C` (parsers depend on English output; osconfig #647), stdin from
+//! /dev/null, `DEBIAN_FRONTEND=noninteractive` and `NEEDRESTART_MODE=l` (no prompt can hang us;
+//! salt #23663, calico #12136), none of the systemd notification variables (a child must not
+//! speak for the agent), its own process group, and a deadline after which the whole group is
+//! killed (osconfig #726: 15 days inside `apt-get update`). argv never goes through a shell. The
+//! argv, exit status and the tail of stderr are kept for error messages.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Bytes of stderr kept for error messages.
+const STDERR_TAIL: usize = 4096;
+
+/// A command to run: program, arguments, extra environment and a deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cmd {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub timeout: Duration,
+}
+
+impl Cmd {
+    pub fn new(program: impl Into<PathBuf>, timeout: Duration) -> Self {
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            timeout,
+        }
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// The command line as a user would type it, for messages.
+    pub fn display(&self) -> String {
+        let mut s = self.program.display().to_string();
+        for a in &self.args {
+            s.push(' ');
+            if a.is_empty()
+                || a.contains(|c: char| c.is_whitespace() || "'\"$;&|<>()`\\".contains(c))
+            {
+                s.push('\'');
+                s.push_str(&a.replace('\'', "'\\''"));
+                s.push('\'');
+            } else {
+                s.push_str(a);
+            }
+        }
+        s
+    }
+}
+
+/// What a finished command produced.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Output {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// The last lines of stderr, for error messages.
+    pub fn stderr_tail(&self) -> &str {
+        tail(&self.stderr, STDERR_TAIL)
+    }
+}
+
+/// Why a command did not produce an [`Output`].
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("cannot start `{cmd}`: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "`{cmd}` did not finish within {timeout:?}; its process group was killed. stderr: {stderr_tail}"
+    )]
+    Timeout {
+        cmd: String,
+        timeout: Duration,
+        stderr_tail: String,
+    },
+    #[error("`{cmd}` failed while running: {source}")]
+    Io {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A command that ran but exited with a status the caller did not accept.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("`{cmd}` exited with {status}: {stderr_tail}")]
+pub struct Failed {
+    pub cmd: String,
+    pub status: String,
+    pub stderr_tail: String,
+}
+
+impl Failed {
+    pub fn new(cmd: &Cmd, out: &Output) -> Self {
+        Self {
+            cmd: cmd.display(),
+            status: out
+                .code()
+                .map_or_else(|| out.status.to_string(), |c| format!("code {c}")),
+            stderr_tail: out.stderr_tail().trim().to_string(),
+        }
+    }
+}
+
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// Variables a child must not inherit.
+const SCRUBBED: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "LANGUAGE",
+    "LANG",
+];
+
+/// Runs a command to completion (or its deadline), capturing stdout and stderr.
+pub async fn run(cmd: &Cmd) -> Result<Output, ExecError> {
+    let started = Instant::now();
+    let mut c = tokio::process::Command::new(&cmd.program);
+    c.args(&cmd.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("LC_ALL", "C")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("NEEDRESTART_MODE", "l")
+        .env("APT_LISTCHANGES_FRONTEND", "none")
+        .process_group(0)
+        .kill_on_drop(true);
+    for k in SCRUBBED {
+        c.env_remove(k);
+    }
+    for (k, v) in &cmd.env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().map_err(|source| ExecError::Spawn {
+        cmd: cmd.display(),
+        source,
+    })?;
+    let pgid = child.id();
+    let stdout_task = tokio::spawn(read_capped(child.stdout.take()));
+    let stderr_task = tokio::spawn(read_capped(child.stderr.take()));
+    let status = match tokio::time::timeout(cmd.timeout, child.wait()).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(source)) => {
+            return Err(ExecError::Io {
+                cmd: cmd.display(),
+                source,
+            });
+        }
+        Err(_) => {
+            if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
+                // The whole group: package managers fork helpers (methods, maintainer scripts).
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.wait().await;
+            let stderr = drain(stderr_task).await;
+            stdout_task.abort();
+            return Err(ExecError::Timeout {
+                cmd: cmd.display(),
+                timeout: cmd.timeout,
+                stderr_tail: tail(&stderr, STDERR_TAIL).trim().to_string(),
+            });
+        }
+    };
+    // A daemon started by a maintainer script may keep our pipes open: once the command itself
+    // has exited, give the pipes a moment to drain, then stop waiting for them.
+    let stdout = drain(stdout_task).await;
+    let stderr = drain(stderr_task).await;
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Most output kept from one stream; package lists of very large hosts fit many times over.
+const MAX_CAPTURE: u64 = 64 * 1024 * 1024;
+
+async fn read_capped<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
+    let mut buf = Vec::new();
+    if let Some(p) = pipe {
+        let _ = p.take(MAX_CAPTURE).read_to_end(&mut buf).await;
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+async fn drain(task: tokio::task::JoinHandle<String>) -> String {
+    let abort = task.abort_handle();
+    match tokio::time::timeout(Duration::from_secs(2), task).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            abort.abort();
+            String::new()
+        }
+    }
+}
+
+impl fmt::Display for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn environment_is_controlled() {
+        let out = run(&Cmd::new("/usr/bin/env", Duration::from_secs(5)).env("EXTRA", "1"))
+            .await
+            .expect("env");
+        assert!(out.status.success());
+        for want in [
+            "LC_ALL=C",
+            "DEBIAN_FRONTEND=noninteractive",
+            "NEEDRESTART_MODE=l",
+            "EXTRA=1",
+        ] {
+            assert!(
+                out.stdout.lines().any(|l| l == want),
+                "{want} missing: {}",
+                out.stdout
+            );
+        }
+        assert!(!out.stdout.contains("NOTIFY_SOCKET="));
+    }
+
+    #[tokio::test]
+    async fn stdin_is_dev_null_and_argv_is_not_a_shell() {
+        let out = run(&Cmd::new("/bin/cat", Duration::from_secs(5)))
+            .await
+            .expect("cat");
+        assert!(out.status.success() && out.stdout.is_empty());
+        let out = run(&Cmd::new("/bin/echo", Duration::from_secs(5)).arg("$(id);`id`"))
+            .await
+            .expect("echo");
+        assert_eq!(out.stdout.trim(), "$(id);`id`");
+    }
+
+    #[tokio::test]
+    async fn deadline_kills_the_whole_group() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let marker = dir.path().join("grandchild-survived");
+        // The shell forks a grandchild that would write the marker after 2 s.
+        let script = format!("(sleep 2; touch {}) & sleep 30", marker.display());
+        let cmd = Cmd::new("/bin/sh", Duration::from_millis(300)).args(["-c", &script]);
+        let t = Instant::now();
+        let err = run(&cmd).await.expect_err("must time out");
+        assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(!marker.exists(), "grandchild outlived the deadline");
+    }
+
+    #[tokio::test]
+    async fn failures_keep_argv_status_and_stderr() {
+        let cmd = Cmd::new("/bin/sh", Duration::from_secs(5)).args(["-c", "echo boom >&2; exit 3"]);
+        let out = run(&cmd).await.expect("ran");
+        let f = Failed::new(&cmd, &out);
+        let msg = f.to_string();
+        assert!(
+            msg.contains("/bin/sh -c 'echo boom >&2; exit 3'")
+                && msg.contains("code 3")
+                && msg.contains("boom"),
+            "{msg}"
+        );
+        let err = run(&Cmd::new("/nonexistent/x", Duration::from_secs(1)))
+            .await
+            .expect_err("spawn");
+        assert!(err.to_string().contains("/nonexistent/x"));
+    }
+
+    #[test]
+    fn tail_respects_char_boundaries() {
+        let s = "é".repeat(3000);
+        let t = tail(&s, 4095);
+        assert!(t.len() <= 4095 && t.chars().all(|c| c == 'é'));
+    }
+}
