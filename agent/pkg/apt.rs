@@ -50,8 +50,8 @@ pub struct AptConfig {
 }
 
 impl AptConfig {
-    fn base(&self, program: &PathBuf, timeout: Duration) -> Cmd {
-        let mut cmd = Cmd::new(program.clone(), timeout);
+    fn base(&self, program: &std::path::Path, timeout: Duration) -> Cmd {
+        let mut cmd = Cmd::new(program, timeout);
         if let Some(cfg) = &self.apt_config {
             cmd = cmd.env("APT_CONFIG", cfg.display().to_string());
         }

@@ -383,10 +383,10 @@ impl PackageManager for Dnf {
     async fn reboot_required(&self, boot_time: SystemTime) -> RebootState {
         if let Some(nr) = &self.config.needs_restarting {
             let cmd = Cmd::new(nr.clone(), self.config.command_timeout).arg("-r");
-            if let Ok(out) = exec::run(&cmd).await {
-                if let Some(state) = reboot::from_needs_restarting(out.code(), &out.stdout) {
-                    return state;
-                }
+            if let Ok(out) = exec::run(&cmd).await
+                && let Some(state) = reboot::from_needs_restarting(out.code(), &out.stdout)
+            {
+                return state;
             }
         }
         let running = nix::sys::utsname::uname()
