@@ -62,6 +62,8 @@ pub enum Permission {
 pub fn required_permission(path: &str) -> Option<Permission> {
     match path {
         "/patchagent.v1.Agent/GetStatus"
+        | "/patchagent.v1.Agent/ListPackages"
+        | "/patchagent.v1.Agent/ListUpdates"
         | "/grpc.health.v1.Health/Check"
         | "/grpc.health.v1.Health/Watch"
         | "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"

@@ -127,7 +127,28 @@ async fn serve(
     let (tls_tx, tls_rx) = watch::channel(tls_config);
     let (policy_tx, policy_rx) = watch::channel(Arc::new(Policy::new(&config.auth)));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (routes, health) = server::routes(AgentService::new(facts.clone())).await?;
+    let scanner = match crate::pkg::backend(&config.packages, &facts.os).await {
+        Ok(backend) => {
+            let schedule = crate::pkg::scanner::Schedule {
+                scan_interval: config.packages.scan_interval,
+                refresh_interval: config.packages.refresh_interval,
+                scan_on_start: config.packages.scan_on_start,
+            };
+            tracing::info!(manager = backend.name(), "Package manager");
+            Some(Arc::new(crate::pkg::scanner::Scanner::new(
+                backend,
+                schedule,
+                facts.boot_time,
+                &config.agent.state_dir,
+            )))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Package features disabled");
+            None
+        }
+    };
+    let (routes, health) =
+        server::routes(AgentService::new(facts.clone(), scanner.clone())).await?;
 
     let listen = config.listen_addr()?;
     let tcp = tokio::net::TcpListener::bind(listen)
@@ -167,6 +188,9 @@ async fn serve(
         status.push_str(&format!(" and {}", path.display()));
     }
 
+    if let Some(scanner) = scanner {
+        tokio::spawn(scanner.run());
+    }
     health.set(true).await;
     notifier.notify(&format!(
         "READY=1\nSTATUS={status}\nMAINPID={}",

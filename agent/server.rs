@@ -4,9 +4,13 @@
 
 use crate::auth::Caller;
 use crate::host::{self, HostFacts};
+use crate::pkg::scanner::{Scanner, Snapshot};
+use crate::pkg::{self, Classification, Severity, SlaClass};
 use crate::proto::{self, v1 as pb};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -18,16 +22,115 @@ pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 pub struct AgentService {
     facts: Arc<HostFacts>,
     started_at: SystemTime,
+    /// None when no supported package manager was found; package RPCs then say so.
+    scanner: Option<Arc<Scanner>>,
 }
 
 impl AgentService {
-    pub fn new(facts: Arc<HostFacts>) -> Self {
+    pub fn new(facts: Arc<HostFacts>, scanner: Option<Arc<Scanner>>) -> Self {
         Self {
             facts,
             started_at: SystemTime::now(),
+            scanner,
         }
     }
+
+    fn scanner(&self) -> Result<&Arc<Scanner>, Status> {
+        self.scanner.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "no supported package manager on this host; set [packages] manager and restart",
+            )
+        })
+    }
 }
+
+fn ts(t: Option<SystemTime>) -> Option<prost_types::Timestamp> {
+    t.map(Into::into)
+}
+
+fn package(p: &pkg::Package) -> pb::Package {
+    pb::Package {
+        name: p.name.clone(),
+        epoch: p.epoch,
+        version: p.version.clone(),
+        release: p.release.clone(),
+        architecture: p.arch.clone(),
+        source: p.source.clone(),
+        state: p.state.clone(),
+        held: p.held,
+        full_version: p.full_version(),
+    }
+}
+
+fn update(u: &pkg::Update) -> pb::Update {
+    let classification = match u.classification {
+        Classification::Security => pb::Classification::Security,
+        Classification::Bugfix => pb::Classification::Bugfix,
+        Classification::Enhancement => pb::Classification::Enhancement,
+        Classification::Other => pb::Classification::Other,
+    };
+    let severity = match u.severity {
+        Severity::Critical => pb::Severity::Critical,
+        Severity::Important => pb::Severity::Important,
+        Severity::Moderate => pb::Severity::Moderate,
+        Severity::Low => pb::Severity::Low,
+        Severity::Unknown => pb::Severity::Unknown,
+    };
+    pb::Update {
+        name: u.name.clone(),
+        architecture: u.arch.clone(),
+        installed_version: u.installed_version.clone(),
+        candidate_version: u.candidate_version.clone(),
+        origin: u.origin.clone(),
+        classification: classification as i32,
+        severity: severity as i32,
+        advisory_ids: u.advisories.clone(),
+        cve_ids: u.cves.clone(),
+        issued: ts(u.issued),
+        sla_class: sla(u.sla) as i32,
+    }
+}
+
+fn sla(s: SlaClass) -> pb::SlaClass {
+    match s {
+        SlaClass::Critical => pb::SlaClass::Critical,
+        SlaClass::High => pb::SlaClass::High,
+        SlaClass::Medium => pb::SlaClass::Medium,
+        SlaClass::Low => pb::SlaClass::Low,
+    }
+}
+
+fn summary(manager: &str, s: &Snapshot) -> (pb::PackageSummary, pb::RebootStatus) {
+    let count = |c: SlaClass| s.updates.updates.iter().filter(|u| u.sla == c).count() as u32;
+    let summary = pb::PackageSummary {
+        manager: manager.to_string(),
+        installed: s.packages.len() as u32,
+        pending_critical: count(SlaClass::Critical),
+        pending_high: count(SlaClass::High),
+        pending_medium: count(SlaClass::Medium),
+        pending_low: count(SlaClass::Low),
+        pending_security: s
+            .updates
+            .updates
+            .iter()
+            .filter(|u| u.classification == Classification::Security)
+            .count() as u32,
+        held: s.updates.held.len() as u32,
+        last_scan_at: ts(s.updates_at.or(s.inventory_at)),
+        metadata_refreshed_at: ts(s.refreshed_at),
+        scan_errors: s.errors.clone(),
+        repo_errors: s.updates.repo_errors.len() as u32,
+    };
+    let reboot = pb::RebootStatus {
+        required: s.reboot.required,
+        method: s.reboot.method.clone(),
+        evidence: s.reboot.evidence.clone(),
+        checked_at: ts(s.reboot_at),
+    };
+    (summary, reboot)
+}
+
+type PackageStream = Pin<Box<dyn Stream<Item = Result<pb::Package, Status>> + Send>>;
 
 fn caller<T>(req: &Request<T>) -> Result<&Caller, Status> {
     // The auth layer inserts the caller before any handler runs; absence is a wiring bug, and
@@ -46,6 +149,13 @@ impl proto::Agent for AgentService {
         let caller = caller(&req)?;
         let f = &self.facts;
         let uptime = host::uptime();
+        let (packages, reboot) = match &self.scanner {
+            Some(s) => {
+                let (p, r) = summary(s.manager(), &*s.snapshot().await);
+                (Some(p), Some(r))
+            }
+            None => (None, None),
+        };
         Ok(Response::new(pb::GetStatusResponse {
             host_id: f.host_id.clone(),
             hostname: f.hostname.clone(),
@@ -65,6 +175,75 @@ impl proto::Agent for AgentService {
             agent_version: crate::VERSION.to_string(),
             agent_started_at: Some(self.started_at.into()),
             caller: Some(caller.into()),
+            packages,
+            reboot,
+        }))
+    }
+
+    type ListPackagesStream = PackageStream;
+
+    async fn list_packages(
+        &self,
+        req: Request<pb::ListPackagesRequest>,
+    ) -> Result<Response<Self::ListPackagesStream>, Status> {
+        let scanner = self.scanner()?;
+        let req = req.into_inner();
+        let snap = if req.refresh {
+            scanner.scan(false).await
+        } else {
+            scanner.snapshot().await
+        };
+        if snap.inventory_at.is_none() {
+            return Err(Status::unavailable(
+                "no inventory yet: the first scan has not finished; retry, or pass refresh",
+            ));
+        }
+        let packages = snap.packages.clone();
+        let prefix = req.name_prefix;
+        // Binary search to the first match: the inventory is sorted by name.
+        let start = packages.partition_point(|p| p.name.as_str() < prefix.as_str());
+        let iter = (start..packages.len()).map_while(move |i| {
+            let p = &packages[i];
+            p.name.starts_with(prefix.as_str()).then(|| Ok(package(p)))
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(iter))))
+    }
+
+    async fn list_updates(
+        &self,
+        req: Request<pb::ListUpdatesRequest>,
+    ) -> Result<Response<pb::ListUpdatesResponse>, Status> {
+        let scanner = self.scanner()?;
+        let snap = if req.get_ref().refresh {
+            scanner.scan(true).await
+        } else {
+            scanner.snapshot().await
+        };
+        let u = &snap.updates;
+        Ok(Response::new(pb::ListUpdatesResponse {
+            manager: scanner.manager().to_string(),
+            updates: u.updates.iter().map(update).collect(),
+            held: u
+                .held
+                .iter()
+                .map(|h| pb::HeldUpdate {
+                    name: h.name.clone(),
+                    installed_version: h.installed_version.clone(),
+                    candidate_version: h.candidate_version.clone(),
+                    reason: h.reason.clone(),
+                })
+                .collect(),
+            repo_errors: u
+                .repo_errors
+                .iter()
+                .map(|e| pb::RepoError {
+                    repo: e.repo.clone(),
+                    error: e.error.clone(),
+                })
+                .collect(),
+            scanned_at: ts(snap.updates_at),
+            metadata_refreshed_at: ts(snap.refreshed_at),
+            scan_errors: snap.errors.clone(),
         }))
     }
 }

@@ -28,6 +28,8 @@ pub struct DnfConfig {
     pub rpm_root: Option<PathBuf>,
     /// `needs-restarting`, if installed.
     pub needs_restarting: Option<PathBuf>,
+    /// rpm's database directory (`rpm --eval %_dbpath`), relative to the root.
+    pub rpm_dbpath: PathBuf,
     pub command_timeout: Duration,
     pub refresh_timeout: Duration,
     pub lock_timeout: Duration,
@@ -37,7 +39,7 @@ impl DnfConfig {
     fn base(&self, timeout: Duration) -> Cmd {
         Cmd::new(self.program.clone(), timeout)
             .args(self.args.iter().cloned())
-            .args(["-q", "-y", "--setopt=skip_if_unavailable=True"])
+            .args(["-y", "--setopt=skip_if_unavailable=True"])
     }
 
     /// Downloads metadata for every enabled repository.
@@ -59,9 +61,14 @@ impl DnfConfig {
         rpm::query_all_command(&self.rpm, self.rpm_root.as_deref(), self.command_timeout)
     }
 
+    /// rpm's transaction lock, inside the root rpm is pointed at.
     pub fn lock_files(&self) -> Vec<PathBuf> {
         let root = self.rpm_root.clone().unwrap_or_else(|| PathBuf::from("/"));
-        vec![root.join("var/lib/rpm/.rpm.lock")]
+        let db = self
+            .rpm_dbpath
+            .strip_prefix("/")
+            .unwrap_or(&self.rpm_dbpath);
+        vec![root.join(db).join(".rpm.lock")]
     }
 }
 
@@ -198,6 +205,9 @@ pub fn parse_updateinfo_dates(text: &str) -> HashMap<String, SystemTime> {
     out
 }
 
+/// The error recorded for a repository whose metadata was never downloaded.
+pub const NO_CACHE: &str = "no metadata in the cache; a refresh is needed";
+
 /// Per-repository errors from dnf's stderr.
 pub fn parse_repo_errors(text: &str) -> Vec<RepoError> {
     let mut out: Vec<RepoError> = Vec::new();
@@ -211,6 +221,14 @@ pub fn parse_repo_errors(text: &str) -> Vec<RepoError> {
                 out.push(RepoError {
                     repo: repo.to_string(),
                     error: why.trim_start_matches(':').trim().to_string(),
+                });
+            }
+        } else if let Some(rest) = line.strip_prefix("Error: Cache-only enabled but no cache for '")
+        {
+            if let Some((repo, _)) = rest.split_once('\'') {
+                out.push(RepoError {
+                    repo: repo.to_string(),
+                    error: NO_CACHE.into(),
                 });
             }
         } else if let Some(list) = line.strip_prefix("Ignoring repositories:") {
@@ -335,7 +353,16 @@ impl PackageManager for Dnf {
             .await
             .map_err(PkgError::Lock)?;
         let cmd = self.config.check_update_command();
-        let out = exec::run(&cmd).await?;
+        let mut out = exec::run(&cmd).await?;
+        if parse_repo_errors(&out.stderr)
+            .iter()
+            .any(|e| e.error == NO_CACHE)
+        {
+            // Never-downloaded metadata is as stale as it gets: fetch it once, then scan.
+            tracing::info!("Repository metadata missing from the cache; refreshing");
+            self.refresh().await?;
+            out = exec::run(&cmd).await?;
+        }
         let available = match out.code() {
             Some(100) => parse_check_update(&out.stdout),
             Some(0) => Vec::new(),
@@ -504,12 +531,16 @@ mod tests {
     #[test]
     fn repo_errors() {
         let e = parse_repo_errors(
-            "Error: Failed to download metadata for repo 'broken': Cannot download repomd.xml: Curl error (37)\nIgnoring repositories: broken, other\n",
+            "Error: Failed to download metadata for repo 'broken': Cannot download repomd.xml: Curl error (37)\nError: Cache-only enabled but no cache for 'third'\nIgnoring repositories: broken, other\n",
         );
-        assert_eq!(e.len(), 2);
+        assert_eq!(e.len(), 3);
         assert_eq!(e[0].repo, "broken");
         assert!(e[0].error.starts_with("Cannot download repomd.xml"));
-        assert_eq!(e[1].repo, "other");
+        assert_eq!(
+            (e[1].repo.as_str(), e[1].error.as_str()),
+            ("third", NO_CACHE)
+        );
+        assert_eq!(e[2].repo, "other");
     }
 
     #[test]

@@ -330,7 +330,7 @@ pub fn which(program: &str) -> Option<std::path::PathBuf> {
 }
 
 /// Builds the backend for this host from `[packages]`.
-pub fn backend(
+pub async fn backend(
     section: &crate::config::PackagesSection,
     os: &crate::host::OsRelease,
 ) -> Result<std::sync::Arc<dyn PackageManager>, String> {
@@ -353,6 +353,14 @@ pub fn backend(
         }),
         Kind::Dnf | Kind::Yum => {
             let flavor = if kind == Kind::Dnf { "dnf" } else { "yum" };
+            let eval = crate::exec::Cmd::new(find("rpm"), std::time::Duration::from_secs(30))
+                .args(["--eval", "%{_dbpath}"]);
+            let rpm_dbpath = match crate::exec::run(&eval).await {
+                Ok(out) if out.status.success() && out.stdout.trim().starts_with('/') => {
+                    std::path::PathBuf::from(out.stdout.trim())
+                }
+                _ => std::path::PathBuf::from("/var/lib/rpm"),
+            };
             std::sync::Arc::new(dnf::Dnf {
                 flavor,
                 config: dnf::DnfConfig {
@@ -366,6 +374,7 @@ pub fn backend(
                     } else {
                         None
                     },
+                    rpm_dbpath,
                     command_timeout: section.command_timeout,
                     refresh_timeout: section.refresh_timeout,
                     lock_timeout: section.lock_timeout,

@@ -118,6 +118,7 @@ impl Scanner {
         let mut packages = Vec::new();
         match self.backend.inventory(&mut |p| packages.push(p)).await {
             Ok(()) => {
+                packages.sort_unstable_by(|a, b| (&a.name, &a.arch).cmp(&(&b.name, &b.arch)));
                 packages.shrink_to_fit();
                 next.packages = Arc::new(packages);
                 next.inventory_at = Some(SystemTime::now());

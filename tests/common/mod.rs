@@ -130,7 +130,12 @@ pub fn config_text(dir: &Path, pki: &Pki, extra: &str) -> String {
         "[agent]\nstate_dir = \"{d}/state\"\nhost_id = \"test-host\"\n\
          [server]\nlisten = \"127.0.0.1:0\"\nlocal_socket = \"{d}/agent.sock\"\ndrain_grace = \"300ms\"\ndrain_timeout = \"1s\"\n\
          [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
-         [auth]\ncontrollers = [\"controller\"]\nviewers = [\"viewer\"]\n{extra}",
+         [auth]\ncontrollers = [\"controller\"]\nviewers = [\"viewer\"]\n{packages}{extra}",
+        packages = if extra.contains("[packages]") {
+            ""
+        } else {
+            "[packages]\nscan_on_start = false\n"
+        },
         d = dir.display(),
         ca = pki.path("ca.pem").display(),
         cert = pki.path("agent.pem").display(),
