@@ -262,7 +262,11 @@ pub fn parse_update_errors(text: &str) -> Vec<RepoError> {
                 error.push_str(next.trim());
                 lines.next();
             }
-            out.push(RepoError { repo, error });
+            // apt retries each index with several compressions; one entry per index, last word.
+            match out.iter_mut().find(|e| e.repo == repo) {
+                Some(existing) => existing.error = error,
+                None => out.push(RepoError { repo, error }),
+            }
         } else if let Some(rest) = line
             .strip_prefix("E: Failed to fetch ")
             .or_else(|| line.strip_prefix("W: Failed to fetch "))
@@ -483,7 +487,7 @@ mod tests {
 
     #[test]
     fn update_errors() {
-        let text = "Get:1 file:/ok ./ InRelease\nErr:2 file:/gone ./ Release\n  File not found - /gone/./Release (2: No such file or directory)\nReading package lists...\nE: The repository 'file:/gone ./ Release' does not have a Release file.\nW: Failed to fetch http://x/dists/y/InRelease  Could not resolve 'x'\n";
+        let text = "Get:1 file:/ok ./ InRelease\nErr:2 file:/gone ./ Release\n  File not found - /gone/./Release.gz\nErr:2 file:/gone ./ Release\n  File not found - /gone/./Release (2: No such file or directory)\nReading package lists...\nE: The repository 'file:/gone ./ Release' does not have a Release file.\nW: Failed to fetch http://x/dists/y/InRelease  Could not resolve 'x'\n";
         let e = parse_update_errors(text);
         assert_eq!(e.len(), 2, "{e:?}");
         assert_eq!(e[0].repo, "file:/gone ./ Release");
