@@ -56,7 +56,7 @@ fn package(p: &pkg::Package) -> pb::Package {
         release: p.release.clone(),
         architecture: p.arch.clone(),
         source: p.source.clone(),
-        state: p.state.clone(),
+        state: p.state.to_string(),
         held: p.held,
         full_version: p.full_version(),
     }

@@ -411,10 +411,12 @@ impl PackageManager for Apt {
         lock::wait_free(&self.config.lock_files(), self.config.lock_timeout)
             .await
             .map_err(PkgError::Lock)?;
-        let out = self.run_ok(&self.config.simulate_command()).await?;
-        let sim = parse_simulation(&out.stdout);
-        let held = self.held_updates().await?;
-        Ok(classify(&sim, &held))
+        // The hold query is independent of the simulation: run them side by side so the scan
+        // costs little more than the bare simulation.
+        let simulate = self.config.simulate_command();
+        let (out, held) = tokio::join!(self.run_ok(&simulate), self.held_updates());
+        let sim = parse_simulation(&out?.stdout);
+        Ok(classify(&sim, &held?))
     }
 
     async fn reboot_required(&self, _boot_time: SystemTime) -> RebootState {

@@ -5,7 +5,10 @@
 //! one line buffer is reused, so memory stays flat whatever the size of the database.
 
 use super::Package;
-use std::io::BufRead;
+use std::io::Read;
+
+/// Bytes read from the status file at a time; memory stays at this plus one stanza's fields.
+const CHUNK: usize = 64 * 1024;
 
 /// dpkg package states whose files are (at least partly) on disk.
 const PRESENT_STATES: &[&str] = &[
@@ -43,39 +46,53 @@ impl Stanza {
         if !self.any {
             return;
         }
-        let stanza = std::mem::take(self);
-        let mut words = stanza.status.split_ascii_whitespace();
+        self.any = false;
+        // Strings handed to the Package are taken; the others keep their buffers for the next
+        // stanza, so a package costs as few allocations as the fields it owns.
+        let mut words = self.status.split_ascii_whitespace();
         let (want, _flag, state) = (words.next(), words.next(), words.next());
+        let held = want == Some("hold");
+        let state = state.and_then(|s| PRESENT_STATES.iter().copied().find(|p| *p == s));
+        let status_ok = self.status.split_ascii_whitespace().count() == 3;
+        self.status.clear();
+        let (name, version, arch, source) = (
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.version),
+            std::mem::take(&mut self.arch),
+            std::mem::take(&mut self.source),
+        );
         let Some(state) = state else {
+            if status_ok {
+                stats.not_installed += 1;
+            } else {
+                stats.malformed += 1;
+            }
+            return;
+        };
+        if name.is_empty() || version.is_empty() {
+            stats.malformed += 1;
+            return;
+        }
+        let Some((epoch, upstream, revision)) = split_version(&version) else {
             stats.malformed += 1;
             return;
         };
-        if !PRESENT_STATES.contains(&state) {
-            stats.not_installed += 1;
-            return;
-        }
-        if stanza.name.is_empty() || stanza.version.is_empty() {
-            stats.malformed += 1;
-            return;
-        }
-        let Some((epoch, version, release)) = split_version(&stanza.version) else {
-            stats.malformed += 1;
-            return;
-        };
-        let source = match stanza.source.split_ascii_whitespace().next() {
+        let (version, release) = (upstream.to_string(), revision.to_string());
+        let source = match source.split_ascii_whitespace().next() {
+            Some(s) if s.len() == source.len() => source,
             Some(s) => s.to_string(),
-            None => stanza.name.clone(),
+            None => name.clone(),
         };
         stats.packages += 1;
         f(Package {
-            name: stanza.name,
+            name,
             epoch,
-            version: version.to_string(),
-            release: release.to_string(),
-            arch: stanza.arch,
+            version,
+            release,
+            arch,
             source,
-            state: state.to_string(),
-            held: want == Some("hold"),
+            state,
+            held,
         });
     }
 }
@@ -97,43 +114,106 @@ pub fn split_version(v: &str) -> Option<(u32, &str, &str)> {
 }
 
 /// Streams installed packages from a status file's contents.
-pub fn parse_status<R: BufRead>(mut r: R, f: &mut dyn FnMut(Package)) -> std::io::Result<Stats> {
+///
+/// Fast path: dpkg writes fields in a fixed order (lib/dpkg/parse.c: ... Architecture,
+/// Multi-Arch, Source, Version, Replaces, ..., Conffiles, Description), so once a stanza's
+/// Version has been read after its Package, Status and Architecture, nothing later in the stanza
+/// is needed and the parser jumps to the blank line that ends it (a SIMD search) instead of
+/// walking the dependency lists, conffiles and descriptions line by line. A stanza in any other
+/// order is simply read line by line.
+pub fn parse_status<R: Read>(mut r: R, f: &mut dyn FnMut(Package)) -> std::io::Result<Stats> {
     let mut stats = Stats::default();
-    let mut line = Vec::with_capacity(256);
     let mut st = Stanza::default();
+    // buf[..end] holds unread bytes; it grows only if one line is longer than the buffer.
+    let mut buf: Vec<u8> = vec![0; CHUNK];
+    let mut end = 0;
+    let mut skipping = false;
+    let finder = memchr::memmem::Finder::new(b"\n\n");
     loop {
-        line.clear();
-        if r.read_until(b'\n', &mut line)? == 0 {
+        if end == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = loop {
+            match r.read(&mut buf[end..]) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other?,
+            }
+        };
+        if n == 0 {
             break;
         }
-        let l = trim_eol(&line);
-        if l.is_empty() {
-            st.finish(&mut stats, f);
-            continue;
+        end += n;
+        let mut pos = 0;
+        loop {
+            if skipping {
+                match finder.find(&buf[pos..end]) {
+                    Some(i) => {
+                        pos += i + 2;
+                        skipping = false;
+                        st.finish(&mut stats, f);
+                    }
+                    None => {
+                        // Keep the last byte: it may be the first newline of the separator.
+                        pos = pos.max(end.saturating_sub(1));
+                        break;
+                    }
+                }
+                continue;
+            }
+            let Some(nl) = memchr::memchr(b'\n', &buf[pos..end]) else {
+                break;
+            };
+            let version = line(&buf[pos..pos + nl], &mut st, &mut stats, f);
+            pos += nl + 1;
+            if version && !st.name.is_empty() && !st.status.is_empty() && !st.arch.is_empty() {
+                skipping = true;
+                // Back onto the newline that ended the Version line, so a blank line right
+                // after it is found as the separator.
+                pos -= 1;
+            }
         }
-        // Continuation lines and fields we do not report: skip without decoding.
-        let Some(colon) = memchr_colon(l) else {
-            continue;
-        };
-        let (key, value) = (&l[..colon], trim_value(&l[colon + 1..]));
-        let slot = match key {
-            b"Package" => &mut st.name,
-            b"Status" => &mut st.status,
-            b"Version" => &mut st.version,
-            b"Architecture" => &mut st.arch,
-            b"Source" => &mut st.source,
-            _ => continue,
-        };
-        *slot = String::from_utf8_lossy(value).into_owned();
-        st.any = true;
+        buf.copy_within(pos..end, 0);
+        end -= pos;
+    }
+    let buf = &buf[..end];
+    if !skipping && !buf.is_empty() {
+        line(buf, &mut st, &mut stats, f);
     }
     st.finish(&mut stats, f);
     Ok(stats)
 }
 
-fn trim_eol(l: &[u8]) -> &[u8] {
-    let l = l.strip_suffix(b"\n").unwrap_or(l);
-    l.strip_suffix(b"\r").unwrap_or(l)
+/// Handles one line; returns whether it was the Version field.
+fn line(raw: &[u8], st: &mut Stanza, stats: &mut Stats, f: &mut dyn FnMut(Package)) -> bool {
+    let l = raw.strip_suffix(b"\r").unwrap_or(raw);
+    if l.is_empty() {
+        st.finish(stats, f);
+        return false;
+    }
+    // Only five fields matter; everything else is rejected on its first byte.
+    if !matches!(l[0], b'P' | b'S' | b'V' | b'A') {
+        return false;
+    }
+    let Some(colon) = memchr::memchr(b':', l) else {
+        return false;
+    };
+    let key = &l[..colon];
+    let slot = match key {
+        b"Package" => &mut st.name,
+        b"Status" => &mut st.status,
+        b"Version" => &mut st.version,
+        b"Architecture" => &mut st.arch,
+        b"Source" => &mut st.source,
+        _ => return false,
+    };
+    slot.clear();
+    let value = trim_value(&l[colon + 1..]);
+    match std::str::from_utf8(value) {
+        Ok(v) => slot.push_str(v),
+        Err(_) => slot.push_str(&String::from_utf8_lossy(value)),
+    }
+    st.any = true;
+    key == b"Version"
 }
 
 fn trim_value(v: &[u8]) -> &[u8] {
@@ -148,17 +228,9 @@ fn trim_value(v: &[u8]) -> &[u8] {
     &v[start..end.max(start)]
 }
 
-fn memchr_colon(l: &[u8]) -> Option<usize> {
-    if l.first().is_some_and(|b| b.is_ascii_whitespace()) {
-        return None;
-    }
-    l.iter().position(|&b| b == b':')
-}
-
 /// Reads the status file at `path`, calling `f` per installed package.
 pub fn read_status(path: &std::path::Path, f: &mut dyn FnMut(Package)) -> std::io::Result<Stats> {
-    let file = std::fs::File::open(path)?;
-    parse_status(std::io::BufReader::with_capacity(64 * 1024, file), f)
+    parse_status(std::fs::File::open(path)?, f)
 }
 
 /// Names of packages whose dpkg selection is "hold".
@@ -205,11 +277,7 @@ mod tests {
             ("libc6", "2.36", "9+deb12u4")
         );
         assert_eq!(
-            (
-                libc.arch.as_str(),
-                libc.source.as_str(),
-                libc.state.as_str()
-            ),
+            (libc.arch.as_str(), libc.source.as_str(), libc.state),
             ("amd64", "glibc", "installed")
         );
         assert!(!libc.held);
@@ -222,13 +290,31 @@ mod tests {
         assert_eq!(held.source, "held");
         let last = &pkgs[2];
         assert_eq!(
-            (
-                last.version.as_str(),
-                last.release.as_str(),
-                last.state.as_str()
-            ),
+            (last.version.as_str(), last.release.as_str(), last.state),
             ("3-1", "2", "half-configured")
         );
+    }
+
+    #[test]
+    fn same_result_whatever_the_read_size() {
+        // A reader that returns a few bytes at a time exercises every chunk boundary.
+        struct Trickle<'a>(&'a [u8], usize);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.1.min(self.0.len()).min(out.len());
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let (whole, stats) = parse(SAMPLE);
+        assert_eq!(whole.len(), 3);
+        for step in [1, 2, 3, 7, 64] {
+            let mut got = Vec::new();
+            let s = parse_status(Trickle(SAMPLE.as_bytes(), step), &mut |p| got.push(p))
+                .expect("parse");
+            assert_eq!((&got, s), (&whole, stats), "step {step}");
+        }
     }
 
     #[test]

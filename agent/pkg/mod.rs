@@ -29,7 +29,7 @@ pub struct Package {
     /// Source package name (without version).
     pub source: String,
     /// dpkg: the status word ("installed", "half-configured", ...); rpm: "installed".
-    pub state: String,
+    pub state: &'static str,
     /// dpkg: selection is "hold".
     pub held: bool,
 }
@@ -259,7 +259,7 @@ mod tests {
             release: "3".into(),
             arch: "amd64".into(),
             source: "a".into(),
-            state: "installed".into(),
+            state: "installed",
             held: false,
         };
         assert_eq!(p.full_version(), "1:2.0-3");

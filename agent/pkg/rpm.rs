@@ -35,7 +35,7 @@ impl RpmRecord {
             release: self.release,
             arch: self.arch,
             source: self.source,
-            state: "installed".into(),
+            state: "installed",
             held: false,
         }
     }

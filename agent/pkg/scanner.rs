@@ -217,7 +217,7 @@ mod tests {
                 release: String::new(),
                 arch: "all".into(),
                 source: "a".into(),
-                state: "installed".into(),
+                state: "installed",
                 held: false,
             });
             Ok(())
