@@ -56,7 +56,11 @@ for _ in $(seq 100); do
     if ! kill -0 "$(cat "$DEV/agent.pid")" 2>/dev/null; then cat "$DEV/agent.log"; exit 1; fi
     sleep 0.1
 done
-echo "== agent running (pid $(cat "$DEV/agent.pid"), log $DEV/agent.log)"
+echo "== agent running (pid $(cat "$DEV/agent.pid"), log $DEV/agent.log); waiting for its first package scan"
+for _ in $(seq 240); do
+    if ! "$BIN/patchctl" status --agent "127.0.0.1:$PORT" --json | grep -q '"last_scan_at": "-"'; then break; fi
+    sleep 0.5
+done
 "$BIN/patchctl" status --agent "127.0.0.1:$PORT"
 cat <<HELP
 

@@ -25,6 +25,19 @@ pub struct StatusJson {
     pub caller_identity: String,
     pub caller_role: String,
     pub caller_transport: String,
+    pub package_manager: String,
+    pub packages_installed: u32,
+    pub pending_critical: u32,
+    pub pending_high: u32,
+    pub pending_medium: u32,
+    pub pending_low: u32,
+    pub pending_security: u32,
+    pub held: u32,
+    pub last_scan_at: String,
+    pub scan_errors: Vec<String>,
+    pub reboot_required: bool,
+    pub reboot_method: String,
+    pub reboot_evidence: Vec<String>,
 }
 
 /// Fetches the status from a connected agent.
@@ -72,7 +85,22 @@ fn transport(t: i32) -> &'static str {
 pub fn to_json(s: &pb::GetStatusResponse) -> StatusJson {
     let os = s.os.clone().unwrap_or_default();
     let caller = s.caller.clone().unwrap_or_default();
+    let p = s.packages.clone().unwrap_or_default();
+    let r = s.reboot.clone().unwrap_or_default();
     StatusJson {
+        package_manager: p.manager,
+        packages_installed: p.installed,
+        pending_critical: p.pending_critical,
+        pending_high: p.pending_high,
+        pending_medium: p.pending_medium,
+        pending_low: p.pending_low,
+        pending_security: p.pending_security,
+        held: p.held,
+        last_scan_at: time(p.last_scan_at.as_ref()),
+        scan_errors: p.scan_errors,
+        reboot_required: r.required,
+        reboot_method: r.method,
+        reboot_evidence: r.evidence,
         host_id: s.host_id.clone(),
         hostname: s.hostname.clone(),
         machine_id: s.machine_id.clone(),
@@ -105,7 +133,50 @@ pub fn render(s: &pb::GetStatusResponse) -> String {
          Machine ID {mid}\n\
          Boot       {boot_id}, booted {boot} (up {up})\n\
          Agent      patch-agent {av}, running since {started}\n\
-         You        {who} as {role} over {tr} from {peer}\n",
+         You        {who} as {role} over {tr} from {peer}\n\
+         Packages   {pkgs}\n\
+         Pending    {pending}\n\
+         Reboot     {reboot}\n",
+        pkgs = if j.package_manager.is_empty() {
+            "no package manager".to_string()
+        } else {
+            format!(
+                "{} installed ({}), last scan {}",
+                j.packages_installed, j.package_manager, j.last_scan_at
+            )
+        },
+        pending = format!(
+            "critical {} / high {} / medium {} / low {} ({} security, {} held){}",
+            j.pending_critical,
+            j.pending_high,
+            j.pending_medium,
+            j.pending_low,
+            j.pending_security,
+            j.held,
+            if j.scan_errors.is_empty() {
+                String::new()
+            } else {
+                format!("; last scan failed: {}", j.scan_errors.join("; "))
+            }
+        ),
+        reboot = format!(
+            "{} by {}{}",
+            if j.reboot_required {
+                "REQUIRED"
+            } else {
+                "not required"
+            },
+            if j.reboot_method.is_empty() {
+                "-"
+            } else {
+                &j.reboot_method
+            },
+            if j.reboot_evidence.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", j.reboot_evidence.join("; "))
+            }
+        ),
         host = j.host_id,
         hn = j.hostname,
         pretty = j.os_pretty_name,
