@@ -126,6 +126,38 @@ pub fn render(s: &pb::GetStatusResponse) -> String {
     let j = to_json(s);
     let up = humantime::format_duration(uptime(s)).to_string();
     let caller = s.caller.clone().unwrap_or_default();
+    let pending = format!(
+        "critical {} / high {} / medium {} / low {} ({} security, {} held){}",
+        j.pending_critical,
+        j.pending_high,
+        j.pending_medium,
+        j.pending_low,
+        j.pending_security,
+        j.held,
+        if j.scan_errors.is_empty() {
+            String::new()
+        } else {
+            format!("; last scan failed: {}", j.scan_errors.join("; "))
+        }
+    );
+    let reboot = format!(
+        "{} by {}{}",
+        if j.reboot_required {
+            "REQUIRED"
+        } else {
+            "not required"
+        },
+        if j.reboot_method.is_empty() {
+            "-"
+        } else {
+            &j.reboot_method
+        },
+        if j.reboot_evidence.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", j.reboot_evidence.join("; "))
+        }
+    );
     format!(
         "Host       {host} (hostname {hn})\n\
          OS         {pretty} [{id} {ver}]\n\
@@ -137,6 +169,8 @@ pub fn render(s: &pb::GetStatusResponse) -> String {
          Packages   {pkgs}\n\
          Pending    {pending}\n\
          Reboot     {reboot}\n",
+        pending = pending,
+        reboot = reboot,
         pkgs = if j.package_manager.is_empty() {
             "no package manager".to_string()
         } else {
@@ -145,38 +179,6 @@ pub fn render(s: &pb::GetStatusResponse) -> String {
                 j.packages_installed, j.package_manager, j.last_scan_at
             )
         },
-        pending = format!(
-            "critical {} / high {} / medium {} / low {} ({} security, {} held){}",
-            j.pending_critical,
-            j.pending_high,
-            j.pending_medium,
-            j.pending_low,
-            j.pending_security,
-            j.held,
-            if j.scan_errors.is_empty() {
-                String::new()
-            } else {
-                format!("; last scan failed: {}", j.scan_errors.join("; "))
-            }
-        ),
-        reboot = format!(
-            "{} by {}{}",
-            if j.reboot_required {
-                "REQUIRED"
-            } else {
-                "not required"
-            },
-            if j.reboot_method.is_empty() {
-                "-"
-            } else {
-                &j.reboot_method
-            },
-            if j.reboot_evidence.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", j.reboot_evidence.join("; "))
-            }
-        ),
         host = j.host_id,
         hn = j.hostname,
         pretty = j.os_pretty_name,
