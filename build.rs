@@ -3,7 +3,11 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let protos = ["proto/patchagent/v1/agent.proto"];
+    let protos = [
+        "proto/patchagent/v1/agent.proto",
+        "proto/patchagent/v1/jobs.proto",
+        "proto/patchagent/v1/packages.proto",
+    ];
     let fds = protox::compile(protos, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let bytes = prost::Message::encode_to_vec(&fds);

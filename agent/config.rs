@@ -23,6 +23,7 @@ pub struct Config {
     pub auth: AuthSection,
     pub log: LogSection,
     pub packages: PackagesSection,
+    pub jobs: JobsSection,
 }
 
 /// `[agent]`: who this host is and where the agent keeps its state.
@@ -162,6 +163,12 @@ pub struct PackagesSection {
     pub dnf_args: Vec<String>,
     /// rpm: `--root` for inventory and reboot checks. Default: unset (the host).
     pub rpm_root: Option<PathBuf>,
+    /// dpkg: extra arguments when the agent runs dpkg itself (`--audit`, `--configure -a`),
+    /// e.g. `["--root=/srv/root"]`; `--admindir` comes from `dpkg_status`. Default: none.
+    pub dpkg_args: Vec<String>,
+    /// Deadline for one package operation of a job. Default: `30m`.
+    #[serde(deserialize_with = "duration")]
+    pub apply_timeout: Duration,
 }
 
 impl Default for PackagesSection {
@@ -181,6 +188,54 @@ impl Default for PackagesSection {
             reboot_required_file: PathBuf::from("/var/run/reboot-required"),
             dnf_args: Vec::new(),
             rpm_root: None,
+            dpkg_args: Vec::new(),
+            apply_timeout: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// `[jobs]`: who may sign jobs, and the limits every job lives within.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsSection {
+    /// Ed25519 public keys (PEM SubjectPublicKeyInfo, `*.pem` or `*.pub`) whose signatures are
+    /// trusted. SIGHUP reloads it. Default: `/etc/patch-agent/trusted-keys`.
+    pub trusted_keys_dir: PathBuf,
+    /// Longest allowed time between a job's start of validity and its expiry. Default: `24h`.
+    #[serde(deserialize_with = "duration")]
+    pub max_job_lifetime: Duration,
+    /// Allowance for clocks that disagree, on not_before and expires_at. Default: `5m`.
+    #[serde(deserialize_with = "duration")]
+    pub clock_skew: Duration,
+    /// Default and upper bound of a job's max_duration. Default: `2h`.
+    #[serde(deserialize_with = "duration")]
+    pub max_job_duration: Duration,
+    /// Jobs waiting to run; a submission beyond this is refused (RESOURCE_EXHAUSTED).
+    /// Default: `16`.
+    pub queue_size: usize,
+    /// Finished jobs stay in the journal at least this long, and always until they expire (so
+    /// a replay is recognised). Default: `7d`.
+    #[serde(deserialize_with = "duration")]
+    pub history_retention: Duration,
+    /// Refuse to apply when any of `free_space_paths` has less free space than this (MiB).
+    /// Default: `500`.
+    pub min_free_mib: u64,
+    /// File systems checked before applying; missing paths are skipped. Default:
+    /// `["/", "/var", "/boot"]`.
+    pub free_space_paths: Vec<PathBuf>,
+}
+
+impl Default for JobsSection {
+    fn default() -> Self {
+        Self {
+            trusted_keys_dir: PathBuf::from("/etc/patch-agent/trusted-keys"),
+            max_job_lifetime: Duration::from_secs(24 * 3600),
+            clock_skew: Duration::from_secs(300),
+            max_job_duration: Duration::from_secs(2 * 3600),
+            queue_size: 16,
+            history_retention: Duration::from_secs(7 * 24 * 3600),
+            min_free_mib: 500,
+            free_space_paths: vec!["/".into(), "/var".into(), "/boot".into()],
         }
     }
 }
@@ -488,6 +543,25 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
                 );
             }
         }
+    }
+    let j = &config.jobs;
+    if !j.trusted_keys_dir.is_absolute() {
+        bad(
+            "jobs.trusted_keys_dir",
+            format!(
+                "`{}` must be an absolute path",
+                j.trusted_keys_dir.display()
+            ),
+        );
+    }
+    if j.queue_size == 0 {
+        bad("jobs.queue_size", "must be at least 1".into());
+    }
+    if j.max_job_lifetime.is_zero() || j.max_job_duration.is_zero() {
+        bad(
+            "jobs.max_job_lifetime",
+            "max_job_lifetime and max_job_duration must be greater than 0".into(),
+        );
     }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
         bad(

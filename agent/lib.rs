@@ -13,6 +13,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod exec;
 pub mod host;
+pub mod jobs;
 pub mod listener;
 pub mod notify;
 pub mod pkg;

@@ -47,9 +47,66 @@ pub struct AptConfig {
     pub command_timeout: Duration,
     pub refresh_timeout: Duration,
     pub lock_timeout: Duration,
+    pub dpkg: PathBuf,
+    /// Extra arguments for direct dpkg calls (`--root=...`).
+    pub dpkg_args: Vec<String>,
+    pub apply_timeout: Duration,
 }
 
 impl AptConfig {
+    /// `apt-get -y ... install [--only-upgrade] -- NAME[=VERSION]`: one package, never a prompt,
+    /// old conffiles kept, apt itself waiting for dpkg's lock up to `lock_timeout`.
+    pub fn apply_command(&self, op: &super::Op) -> Cmd {
+        let mut cmd = self
+            .base(&self.apt_get, self.apply_timeout)
+            .args(["-y", "-q", "-o"])
+            .arg(format!(
+                "DPkg::Lock::Timeout={}",
+                self.lock_timeout.as_secs()
+            ))
+            .args([
+                "-o",
+                "Dpkg::Options::=--force-confdef",
+                "-o",
+                "Dpkg::Options::=--force-confold",
+                "install",
+            ]);
+        match op {
+            super::Op::Upgrade(name) => cmd = cmd.args(["--only-upgrade", "--"]).arg(name.clone()),
+            super::Op::Install { name, version } => {
+                cmd = cmd.args(["--allow-downgrades", "--"]);
+                cmd = cmd.arg(match version {
+                    Some(v) => format!("{name}={v}"),
+                    None => name.clone(),
+                });
+            }
+        }
+        cmd
+    }
+
+    fn dpkg_command(&self, args: &[&str], timeout: Duration) -> Cmd {
+        let admindir = self
+            .dpkg_status
+            .parent()
+            .map_or_else(|| "/var/lib/dpkg".to_string(), |d| d.display().to_string());
+        Cmd::new(self.dpkg.clone(), timeout)
+            .args(self.dpkg_args.iter().cloned())
+            .arg(format!("--admindir={admindir}"))
+            .args(args.iter().copied())
+    }
+
+    /// `dpkg --audit`: lists half-installed or half-configured packages.
+    pub fn audit_command(&self) -> Cmd {
+        self.dpkg_command(&["--audit"], self.command_timeout)
+    }
+
+    /// `dpkg --configure -a` with the same conffile policy as the apply commands.
+    pub fn configure_pending_command(&self) -> Cmd {
+        self.dpkg_command(
+            &["--force-confdef", "--force-confold", "--configure", "-a"],
+            self.apply_timeout,
+        )
+    }
     fn base(&self, program: &std::path::Path, timeout: Duration) -> Cmd {
         let mut cmd = Cmd::new(program, timeout);
         if let Some(cfg) = &self.apt_config {
@@ -312,6 +369,7 @@ pub fn classify(sim: &Simulation, held: &[HeldUpdate]) -> UpdateScan {
             advisories: Vec::new(),
             cves: Vec::new(),
             issued: None,
+            first_seen: None,
             sla: SlaClass::of(classification, severity),
         });
     }
@@ -422,6 +480,29 @@ impl PackageManager for Apt {
     async fn reboot_required(&self, _boot_time: SystemTime) -> RebootState {
         super::reboot::debian(&self.config.reboot_required_file)
     }
+
+    async fn repair(&self) -> Result<Option<String>, PkgError> {
+        lock::wait_free(&self.config.lock_files(), self.config.lock_timeout)
+            .await
+            .map_err(PkgError::Lock)?;
+        let audit = exec::run(&self.config.audit_command()).await?;
+        let findings = format!("{}{}", audit.stdout, audit.stderr);
+        if audit.status.success() && findings.trim().is_empty() {
+            return Ok(None);
+        }
+        let cmd = self.config.configure_pending_command();
+        let out = self.run_ok(&cmd).await?;
+        let _ = out;
+        Ok(Some(format!(
+            "dpkg --audit reported an interrupted run; ran `{}`",
+            cmd.display()
+        )))
+    }
+
+    async fn apply(&self, op: &super::Op) -> Result<Vec<String>, PkgError> {
+        let out = self.run_ok(&self.config.apply_command(op)).await?;
+        Ok(out.stdout.lines().map(str::to_string).collect())
+    }
 }
 
 #[cfg(test)]
@@ -528,7 +609,36 @@ mod tests {
             command_timeout: Duration::from_secs(60),
             refresh_timeout: Duration::from_secs(600),
             lock_timeout: Duration::from_secs(300),
+            dpkg: "dpkg".into(),
+            dpkg_args: vec!["--root=/sb".into()],
+            apply_timeout: Duration::from_secs(1800),
         };
+        let up = cfg.apply_command(&crate::pkg::Op::Upgrade("alpha".into()));
+        assert_eq!(
+            up.args[up.args.len() - 3..],
+            ["--only-upgrade", "--", "alpha"]
+        );
+        assert!(up.args.contains(&"DPkg::Lock::Timeout=300".to_string()));
+        assert!(
+            up.args
+                .contains(&"Dpkg::Options::=--force-confold".to_string())
+        );
+        let inst = cfg.apply_command(&crate::pkg::Op::Install {
+            name: "beta".into(),
+            version: Some("1.2".into()),
+        });
+        assert_eq!(inst.args.last().map(String::as_str), Some("beta=1.2"));
+        assert_eq!(
+            cfg.configure_pending_command().args,
+            [
+                "--root=/sb",
+                "--admindir=/sb/var/lib/dpkg",
+                "--force-confdef",
+                "--force-confold",
+                "--configure",
+                "-a"
+            ]
+        );
         let sim = cfg.simulate_command();
         assert_eq!(
             sim.args,

@@ -33,9 +33,25 @@ pub struct DnfConfig {
     pub command_timeout: Duration,
     pub refresh_timeout: Duration,
     pub lock_timeout: Duration,
+    pub apply_timeout: Duration,
 }
 
 impl DnfConfig {
+    /// `dnf -y upgrade -- NAME` or `dnf -y install -- NAME[-VERSION]`, from the cache.
+    pub fn apply_command(&self, op: &super::Op) -> Cmd {
+        let cmd = Cmd::new(self.program.clone(), self.apply_timeout)
+            .args(self.args.iter().cloned())
+            .args(["-y", "-C"]);
+        match op {
+            super::Op::Upgrade(name) => cmd.args(["upgrade", "--"]).arg(name.clone()),
+            super::Op::Install { name, version } => {
+                cmd.args(["install", "--"]).arg(match version {
+                    Some(v) => format!("{name}-{v}"),
+                    None => name.clone(),
+                })
+            }
+        }
+    }
     fn base(&self, timeout: Duration) -> Cmd {
         Cmd::new(self.program.clone(), timeout)
             .args(self.args.iter().cloned())
@@ -290,6 +306,7 @@ pub fn assemble(
                 advisories: ids.into_iter().collect(),
                 cves: cve_ids.into_iter().collect(),
                 issued,
+                first_seen: None,
                 sla: SlaClass::of(classification, severity),
             }
         })
@@ -405,6 +422,14 @@ impl PackageManager for Dnf {
             &installed,
         );
         Ok(scan)
+    }
+
+    async fn apply(&self, op: &super::Op) -> Result<Vec<String>, PkgError> {
+        lock::wait_free(&self.config.lock_files(), self.config.lock_timeout)
+            .await
+            .map_err(PkgError::Lock)?;
+        let out = self.run_ok(&self.config.apply_command(op)).await?;
+        Ok(out.stdout.lines().map(str::to_string).collect())
     }
 
     async fn reboot_required(&self, boot_time: SystemTime) -> RebootState {

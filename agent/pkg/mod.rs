@@ -146,7 +146,36 @@ pub struct Update {
     pub cves: Vec<String>,
     /// When the advisory was issued, if the source says.
     pub issued: Option<SystemTime>,
+    /// When this agent first saw this candidate pending (filled in by the scanner).
+    pub first_seen: Option<SystemTime>,
     pub sla: SlaClass,
+}
+
+impl Update {
+    /// The key under which the scanner remembers when it first saw this update.
+    pub fn seen_key(&self) -> String {
+        format!("{} {} {}", self.name, self.arch, self.candidate_version)
+    }
+}
+
+/// One package operation of a job, applied on its own so a job can stop between packages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Upgrade an installed package to its candidate.
+    Upgrade(String),
+    /// Install (or move to) a package, at an exact version if given.
+    Install {
+        name: String,
+        version: Option<String>,
+    },
+}
+
+impl Op {
+    pub fn name(&self) -> &str {
+        match self {
+            Op::Upgrade(n) | Op::Install { name: n, .. } => n,
+        }
+    }
 }
 
 /// An update the package manager will not install by itself.
@@ -217,6 +246,13 @@ pub trait PackageManager: Send + Sync {
     async fn updates(&self) -> Result<UpdateScan, PkgError>;
     /// Reboot-required detection.
     async fn reboot_required(&self, boot_time: SystemTime) -> RebootState;
+    /// Repairs a package database left half-configured by an interrupted run (dpkg
+    /// `--configure -a` when `dpkg --audit` reports problems). Returns what it did.
+    async fn repair(&self) -> Result<Option<String>, PkgError> {
+        Ok(None)
+    }
+    /// Applies one operation; its output is returned line by line.
+    async fn apply(&self, op: &Op) -> Result<Vec<String>, PkgError>;
 }
 
 #[cfg(test)]
@@ -349,6 +385,9 @@ pub async fn backend(
                 command_timeout: section.command_timeout,
                 refresh_timeout: section.refresh_timeout,
                 lock_timeout: section.lock_timeout,
+                dpkg: find("dpkg"),
+                dpkg_args: section.dpkg_args.clone(),
+                apply_timeout: section.apply_timeout,
             },
         }),
         Kind::Dnf | Kind::Yum => {
@@ -375,6 +414,7 @@ pub async fn backend(
                         None
                     },
                     rpm_dbpath,
+                    apply_timeout: section.apply_timeout,
                     command_timeout: section.command_timeout,
                     refresh_timeout: section.refresh_timeout,
                     lock_timeout: section.lock_timeout,

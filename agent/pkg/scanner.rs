@@ -43,6 +43,10 @@ pub struct Scanner {
     schedule: Schedule,
     boot_time: SystemTime,
     refresh_stamp: PathBuf,
+    seen_file: PathBuf,
+    /// When each pending update (name, arch, candidate) was first seen, unix seconds; persisted
+    /// so `approve_after_days` survives restarts.
+    first_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     snapshot: RwLock<Arc<Snapshot>>,
     running: Mutex<()>,
 }
@@ -59,11 +63,18 @@ impl Scanner {
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(|s| UNIX_EPOCH + Duration::from_secs(s));
+        let seen_file = state_dir.join("first-seen.json");
+        let first_seen = std::fs::read(&seen_file)
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+            .unwrap_or_default();
         Self {
             backend,
             schedule,
             boot_time,
             refresh_stamp,
+            seen_file,
+            first_seen: std::sync::Mutex::new(first_seen),
             snapshot: RwLock::new(Arc::new(Snapshot {
                 refreshed_at,
                 ..Snapshot::default()
@@ -74,6 +85,40 @@ impl Scanner {
 
     pub fn manager(&self) -> &'static str {
         self.backend.name()
+    }
+
+    pub fn backend(&self) -> &Arc<dyn PackageManager> {
+        &self.backend
+    }
+
+    pub fn boot_time(&self) -> SystemTime {
+        self.boot_time
+    }
+
+    /// Records first-seen times for the current updates, forgets ones no longer pending, and
+    /// stamps each update with its time.
+    fn stamp_first_seen(&self, scan: &mut UpdateScan) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let Ok(mut seen) = self.first_seen.lock() else {
+            return;
+        };
+        let current: std::collections::HashSet<String> =
+            scan.updates.iter().map(|u| u.seen_key()).collect();
+        seen.retain(|k, _| current.contains(k));
+        for u in &mut scan.updates {
+            let t = *seen.entry(u.seen_key()).or_insert(now);
+            u.first_seen = Some(UNIX_EPOCH + Duration::from_secs(t));
+        }
+        let tmp = self.seen_file.with_extension("json.tmp");
+        let written = serde_json::to_vec(&*seen)
+            .map_err(std::io::Error::other)
+            .and_then(|d| std::fs::write(&tmp, d))
+            .and_then(|()| std::fs::rename(&tmp, &self.seen_file));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, path = %self.seen_file.display(), "Cannot record first-seen times");
+        }
     }
 
     /// The latest results (cheap: an `Arc` clone).
@@ -127,6 +172,7 @@ impl Scanner {
         }
         match self.backend.updates().await {
             Ok(mut scan) => {
+                self.stamp_first_seen(&mut scan);
                 for e in repo_errors {
                     if !scan.repo_errors.contains(&e) {
                         scan.repo_errors.push(e);
@@ -236,6 +282,9 @@ mod tests {
         }
         async fn reboot_required(&self, _: SystemTime) -> RebootState {
             RebootState::default()
+        }
+        async fn apply(&self, _: &crate::pkg::Op) -> Result<Vec<String>, PkgError> {
+            Ok(vec![])
         }
     }
 

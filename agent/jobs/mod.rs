@@ -1,0 +1,600 @@
+//! Signed patch jobs: admission (envelope, signature, schema, policy), the state machine, the
+//! durable journal, and the engine that runs one job at a time.
+//!
+//! Admission order, each step refusing with its own gRPC code before anything runs:
+//! size (64 KiB) → key id and Ed25519 signature over the exact bytes received (UNAUTHENTICATED)
+//! → strict decoding and field validation (INVALID_ARGUMENT) → target host (PERMISSION_DENIED)
+//! → validity window and lifetime (FAILED_PRECONDITION) → replay (ALREADY_EXISTS).
+
+pub mod engine;
+pub mod journal;
+pub mod state;
+pub mod trust;
+pub mod wire;
+
+use crate::pkg::{self, Severity};
+use crate::proto::v1 as pb;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Largest accepted envelope (payload, key id and signature).
+pub const MAX_ENVELOPE: usize = 64 * 1024;
+
+/// Why a submission was refused; each maps to one gRPC code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    OtherHost(String),
+    #[error("{0}")]
+    Precondition(String),
+    #[error("{0}")]
+    Replay(String),
+    #[error("{0}")]
+    QueueFull(String),
+}
+
+impl Rejection {
+    /// A short label for counters and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejection::Unauthenticated(_) => "unauthenticated",
+            Rejection::Invalid(_) => "invalid",
+            Rejection::OtherHost(_) => "other_host",
+            Rejection::Precondition(_) => "precondition",
+            Rejection::Replay(_) => "replay",
+            Rejection::QueueFull(_) => "queue_full",
+        }
+    }
+
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Rejection::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Rejection::Invalid(_) => tonic::Code::InvalidArgument,
+            Rejection::OtherHost(_) => tonic::Code::PermissionDenied,
+            Rejection::Precondition(_) => tonic::Code::FailedPrecondition,
+            Rejection::Replay(_) => tonic::Code::AlreadyExists,
+            Rejection::QueueFull(_) => tonic::Code::ResourceExhausted,
+        }
+    }
+}
+
+/// A package name to leave alone: exact, or a regex (written `/re/`) matching the whole name.
+#[derive(Debug, Clone)]
+pub enum Exclude {
+    Name(String),
+    Pattern(regex::Regex),
+}
+
+impl Exclude {
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Exclude::Name(n) => n == name,
+            Exclude::Pattern(re) => re.is_match(name),
+        }
+    }
+}
+
+/// What a job does.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Scan,
+    Upgrade {
+        security_only: bool,
+        min_severity: Option<Severity>,
+        exclude: Vec<Exclude>,
+        approve_after_days: u32,
+    },
+    Install(Vec<(String, Option<String>)>),
+}
+
+/// A job that passed admission.
+#[derive(Debug, Clone)]
+pub struct ValidJob {
+    pub id: String,
+    pub key_id: String,
+    pub targets: Vec<String>,
+    pub not_before: Option<SystemTime>,
+    pub expires_at: SystemTime,
+    pub action: Action,
+    pub dry_run: bool,
+    pub max_duration: Duration,
+}
+
+impl ValidJob {
+    /// One line describing what the job does, for status and logs.
+    pub fn summary(&self) -> String {
+        let mut s = match &self.action {
+            Action::Scan => "scan".to_string(),
+            Action::Upgrade {
+                security_only,
+                min_severity,
+                exclude,
+                approve_after_days,
+            } => {
+                let mut s = if *security_only {
+                    "upgrade security"
+                } else {
+                    "upgrade all"
+                }
+                .to_string();
+                if let Some(sev) = min_severity {
+                    s.push_str(&format!(", min severity {}", sev.as_str()));
+                }
+                if !exclude.is_empty() {
+                    let names: Vec<String> = exclude
+                        .iter()
+                        .map(|e| match e {
+                            Exclude::Name(n) => n.clone(),
+                            Exclude::Pattern(p) => format!(
+                                "/{}/",
+                                p.as_str().trim_start_matches("^(?:").trim_end_matches(")$")
+                            ),
+                        })
+                        .collect();
+                    s.push_str(&format!(", exclude {}", names.join(" ")));
+                }
+                if *approve_after_days > 0 {
+                    s.push_str(&format!(", approve after {approve_after_days} days"));
+                }
+                s
+            }
+            Action::Install(specs) => {
+                let names: Vec<String> = specs
+                    .iter()
+                    .map(|(n, v)| v.as_ref().map_or_else(|| n.clone(), |v| format!("{n}={v}")))
+                    .collect();
+                format!("install {}", names.join(" "))
+            }
+        };
+        if self.dry_run {
+            s.push_str(" (dry run)");
+        }
+        s
+    }
+}
+
+/// The host a job must name, and the limits admission applies.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub host_id: String,
+    pub machine_id: String,
+    pub max_lifetime: Duration,
+    pub clock_skew: Duration,
+    pub max_duration: Duration,
+}
+
+/// A job id: 1–128 of `[A-Za-z0-9._-]`.
+pub fn valid_job_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A package version: Debian (`[epoch:]upstream[-revision]`) or RPM (`[epoch:]version[-release]`)
+/// characters only, never starting with `-`.
+pub fn valid_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 256
+        && v.as_bytes()[0].is_ascii_alphanumeric()
+        && v.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'~' | b'-' | b':' | b'_')
+        })
+}
+
+/// A package name valid for both grammars we might hand it to.
+pub fn valid_package_name(kind: Option<&str>, name: &str) -> bool {
+    match kind {
+        Some("apt") => pkg::apt::valid_name(name),
+        Some(_) => pkg::rpm::valid_name(name),
+        None => pkg::apt::valid_name(name) || pkg::rpm::valid_name(name),
+    }
+}
+
+fn time(ts: &Option<prost_types::Timestamp>) -> Option<Result<SystemTime, String>> {
+    ts.as_ref().map(|t| {
+        let secs = u64::try_from(t.seconds).map_err(|_| "timestamp before 1970".to_string())?;
+        let nanos = u32::try_from(t.nanos)
+            .ok()
+            .filter(|n| *n < 1_000_000_000)
+            .ok_or("invalid nanos")?;
+        Ok(UNIX_EPOCH + Duration::new(secs, nanos))
+    })
+}
+
+/// Checks a decoded job against the policy; `manager` is the backend's name, for name grammar.
+pub fn validate(
+    job: pb::Job,
+    key_id: &str,
+    policy: &Policy,
+    manager: Option<&str>,
+    now: SystemTime,
+) -> Result<ValidJob, Rejection> {
+    let invalid = |m: String| Rejection::Invalid(m);
+    if !valid_job_id(&job.job_id) {
+        return Err(invalid(format!(
+            "job_id {:?} must be 1-128 characters of [A-Za-z0-9._-]",
+            job.job_id
+        )));
+    }
+    // Fields whose behaviour belongs to the job-policies work: refuse, never ignore.
+    let unsupported = [
+        (
+            matches!(job.action, Some(pb::job::Action::Reboot(_))),
+            "the reboot action",
+        ),
+        (
+            matches!(
+                pb::RebootPolicy::try_from(job.reboot_policy),
+                Ok(pb::RebootPolicy::IfRequired | pb::RebootPolicy::Always)
+            ),
+            "reboot_policy IF_REQUIRED/ALWAYS",
+        ),
+        (job.window.is_some(), "maintenance windows"),
+        (
+            !job.pre_hooks.is_empty() || !job.post_hooks.is_empty(),
+            "hooks",
+        ),
+        (job.checks.is_some(), "post-patch checks"),
+    ];
+    for (set, what) in unsupported {
+        if set {
+            return Err(invalid(format!("{what}: not supported yet by this agent")));
+        }
+    }
+    if pb::RebootPolicy::try_from(job.reboot_policy).is_err() {
+        return Err(invalid(format!(
+            "unknown reboot_policy {}",
+            job.reboot_policy
+        )));
+    }
+    let action = match job.action {
+        None => {
+            return Err(invalid(
+                "the job has no action (scan, upgrade or install)".into(),
+            ));
+        }
+        Some(pb::job::Action::Scan(_)) => Action::Scan,
+        Some(pb::job::Action::Upgrade(u)) => {
+            let scope = pb::UpgradeScope::try_from(u.scope)
+                .map_err(|_| invalid(format!("unknown upgrade scope {}", u.scope)))?;
+            let min_severity = match pb::Severity::try_from(u.min_severity) {
+                Ok(pb::Severity::Unspecified) => None,
+                Ok(pb::Severity::Critical) => Some(Severity::Critical),
+                Ok(pb::Severity::Important) => Some(Severity::Important),
+                Ok(pb::Severity::Moderate) => Some(Severity::Moderate),
+                Ok(pb::Severity::Low) => Some(Severity::Low),
+                _ => {
+                    return Err(invalid(format!(
+                        "min_severity {} is not a severity floor",
+                        u.min_severity
+                    )));
+                }
+            };
+            if scope == pb::UpgradeScope::Unspecified && min_severity.is_none() {
+                return Err(invalid(
+                    "upgrade needs a scope (ALL or SECURITY) or a min_severity".into(),
+                ));
+            }
+            let mut exclude = Vec::new();
+            for e in u.exclude {
+                if let Some(re) = e.strip_prefix('/').and_then(|r| r.strip_suffix('/')) {
+                    let re = regex::RegexBuilder::new(&format!("^(?:{re})$"))
+                        .size_limit(1 << 20)
+                        .build()
+                        .map_err(|err| {
+                            invalid(format!("exclude /{re}/ is not a valid regex: {err}"))
+                        })?;
+                    exclude.push(Exclude::Pattern(re));
+                } else if valid_package_name(manager, &e) {
+                    exclude.push(Exclude::Name(e));
+                } else {
+                    return Err(invalid(format!(
+                        "exclude {e:?} is neither a package name nor /regex/"
+                    )));
+                }
+            }
+            Action::Upgrade {
+                security_only: scope == pb::UpgradeScope::Security || min_severity.is_some(),
+                min_severity,
+                exclude,
+                approve_after_days: u.approve_after_days,
+            }
+        }
+        Some(pb::job::Action::Install(i)) => {
+            if i.packages.is_empty() {
+                return Err(invalid("install names no packages".into()));
+            }
+            let mut specs = Vec::new();
+            for p in i.packages {
+                if !valid_package_name(manager, &p.name) {
+                    return Err(invalid(format!("{:?} is not a valid package name", p.name)));
+                }
+                let version = if p.version.is_empty() {
+                    None
+                } else if valid_version(&p.version) {
+                    Some(p.version)
+                } else {
+                    return Err(invalid(format!(
+                        "{:?} is not a valid package version",
+                        p.version
+                    )));
+                };
+                specs.push((p.name, version));
+            }
+            Action::Install(specs)
+        }
+        Some(pb::job::Action::Reboot(_)) => reboot_not_supported()?,
+    };
+    for t in &job.targets {
+        if t.is_empty() || t.len() > 253 {
+            return Err(invalid(format!("target {t:?} is not a host id")));
+        }
+    }
+    let expires_at = match time(&job.expires_at) {
+        None => return Err(invalid("expires_at is required".into())),
+        Some(t) => t.map_err(|e| invalid(format!("expires_at: {e}")))?,
+    };
+    let not_before = time(&job.not_before)
+        .transpose()
+        .map_err(|e| invalid(format!("not_before: {e}")))?;
+    let max_duration = match job.max_duration {
+        None => policy.max_duration,
+        Some(d) => {
+            let d = Duration::try_from(d)
+                .map_err(|_| invalid("max_duration must be positive".into()))?;
+            if d.is_zero() || d > policy.max_duration {
+                return Err(invalid(format!(
+                    "max_duration {d:?} must be between 0 and {:?}",
+                    policy.max_duration
+                )));
+            }
+            d
+        }
+    };
+    let me = [policy.host_id.as_str(), policy.machine_id.as_str()];
+    if !job
+        .targets
+        .iter()
+        .any(|t| !t.is_empty() && me.contains(&t.as_str()))
+    {
+        return Err(Rejection::OtherHost(format!(
+            "job {} targets {:?}, not this host ({} / {})",
+            job.job_id, job.targets, policy.host_id, policy.machine_id
+        )));
+    }
+    if expires_at + policy.clock_skew <= now {
+        return Err(Rejection::Precondition(format!(
+            "job {} expired at {}",
+            job.job_id,
+            humantime::format_rfc3339_seconds(expires_at)
+        )));
+    }
+    if let Some(nb) = not_before
+        && nb > now + policy.clock_skew
+    {
+        return Err(Rejection::Precondition(format!(
+            "job {} is not valid before {}",
+            job.job_id,
+            humantime::format_rfc3339_seconds(nb)
+        )));
+    }
+    // Lifetime runs from the start of validity, or from now for a job valid at once.
+    let start = not_before.unwrap_or(now);
+    let lifetime = expires_at.duration_since(start).unwrap_or_default();
+    if lifetime > policy.max_lifetime + policy.clock_skew {
+        return Err(Rejection::Precondition(format!(
+            "job {} lives {:?}, longer than the allowed {:?} ([jobs] max_job_lifetime)",
+            job.job_id,
+            Duration::from_secs(lifetime.as_secs()),
+            policy.max_lifetime
+        )));
+    }
+    Ok(ValidJob {
+        id: job.job_id,
+        key_id: key_id.to_string(),
+        targets: job.targets,
+        not_before,
+        expires_at,
+        action,
+        dry_run: job.dry_run,
+        max_duration,
+    })
+}
+
+fn reboot_not_supported() -> Result<Action, Rejection> {
+    Err(Rejection::Invalid(
+        "the reboot action: not supported yet by this agent".into(),
+    ))
+}
+
+/// Verifies and decodes an envelope: size, signature over the exact payload bytes, strict
+/// schema, then [`validate`].
+pub fn admit(
+    env: &pb::SignedJob,
+    trust: &trust::TrustStore,
+    schema: &wire::Schema,
+    policy: &Policy,
+    manager: Option<&str>,
+    now: SystemTime,
+) -> Result<ValidJob, Rejection> {
+    let size = env.payload.len() + env.key_id.len() + env.signature.len();
+    if size > MAX_ENVELOPE {
+        return Err(Rejection::Invalid(format!(
+            "the envelope is {size} bytes; the limit is {MAX_ENVELOPE}"
+        )));
+    }
+    if env.key_id.is_empty() || env.signature.is_empty() {
+        return Err(Rejection::Unauthenticated(
+            "the envelope has no key_id or signature".into(),
+        ));
+    }
+    trust
+        .verify(&env.key_id, &env.payload, &env.signature)
+        .map_err(Rejection::Unauthenticated)?;
+    schema
+        .check(".patchagent.v1.Job", &env.payload)
+        .map_err(|e| Rejection::Invalid(format!("the payload is not a valid Job: {e}")))?;
+    let job = <pb::Job as prost::Message>::decode(env.payload.as_slice())
+        .map_err(|e| Rejection::Invalid(format!("the payload is not a valid Job: {e}")))?;
+    validate(job, &env.key_id, policy, manager, now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            host_id: "web1".into(),
+            machine_id: "m1".into(),
+            max_lifetime: Duration::from_secs(24 * 3600),
+            clock_skew: Duration::from_secs(300),
+            max_duration: Duration::from_secs(7200),
+        }
+    }
+
+    fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
+        Some(t.into())
+    }
+
+    fn job(now: SystemTime) -> pb::Job {
+        pb::Job {
+            job_id: "job-1".into(),
+            targets: vec!["web1".into()],
+            expires_at: ts(now + Duration::from_secs(3600)),
+            action: Some(pb::job::Action::Upgrade(pb::UpgradeAction {
+                scope: pb::UpgradeScope::All as i32,
+                exclude: vec!["linux-image-amd64".into(), "/^libc.*/".into()],
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_good_job_passes() {
+        let now = SystemTime::now();
+        let v = validate(job(now), "k", &policy(), Some("apt"), now).expect("valid");
+        assert!(
+            matches!(&v.action, Action::Upgrade { security_only: false, exclude, .. } if exclude.len() == 2)
+        );
+        if let Action::Upgrade { exclude, .. } = &v.action {
+            assert!(exclude[1].matches("libc6") && !exclude[1].matches("xlibc"));
+            assert!(exclude[0].matches("linux-image-amd64"));
+        }
+        assert_eq!(
+            v.summary(),
+            "upgrade all, exclude linux-image-amd64 /^libc.*/"
+        );
+    }
+
+    #[test]
+    fn codes_for_each_problem() {
+        let now = SystemTime::now();
+        let p = policy();
+        let check = |j: pb::Job| validate(j, "k", &p, Some("apt"), now).expect_err("rejected");
+        let mut j = job(now);
+        j.targets = vec!["web2".into()];
+        assert_eq!(check(j).code(), tonic::Code::PermissionDenied);
+        let mut j = job(now);
+        j.targets = vec!["m1".into()];
+        assert!(
+            validate(j, "k", &p, Some("apt"), now).is_ok(),
+            "machine id targets"
+        );
+        let mut j = job(now);
+        j.expires_at = ts(now - Duration::from_secs(600));
+        assert_eq!(check(j).code(), tonic::Code::FailedPrecondition);
+        let mut j = job(now);
+        j.not_before = ts(now + Duration::from_secs(3600));
+        j.expires_at = ts(now + Duration::from_secs(7200));
+        assert_eq!(check(j).code(), tonic::Code::FailedPrecondition);
+        let mut j = job(now);
+        j.expires_at = ts(now + Duration::from_secs(25 * 3600 + 600));
+        let e = check(j);
+        assert!(
+            e.code() == tonic::Code::FailedPrecondition
+                && e.to_string().contains("max_job_lifetime"),
+            "{e}"
+        );
+        let mut j = job(now);
+        j.expires_at = None;
+        assert_eq!(check(j).code(), tonic::Code::InvalidArgument);
+        for bad in ["", "a b", "x/y", &"a".repeat(129)] {
+            let mut j = job(now);
+            j.job_id = bad.to_string();
+            assert_eq!(check(j).code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+        let mut j = job(now);
+        j.window = Some(pb::MaintenanceWindow::default());
+        assert!(check(j).to_string().contains("not supported yet"));
+        let mut j = job(now);
+        j.reboot_policy = pb::RebootPolicy::Always as i32;
+        assert!(check(j).to_string().contains("not supported yet"));
+        let mut j = job(now);
+        j.action = Some(pb::job::Action::Reboot(pb::RebootAction {}));
+        assert!(check(j).to_string().contains("not supported yet"));
+        let mut j = job(now);
+        j.pre_hooks = vec!["drain".into()];
+        assert!(check(j).to_string().contains("not supported yet"));
+    }
+
+    #[test]
+    fn hostile_package_names_and_versions() {
+        let now = SystemTime::now();
+        for name in [
+            "-oAPT::Update::Pre-Invoke::=touch /tmp/pwned",
+            "foo;id",
+            "$(id)",
+            "a b",
+            "",
+        ] {
+            let mut j = job(now);
+            j.action = Some(pb::job::Action::Install(pb::InstallAction {
+                packages: vec![pb::PackageSpec {
+                    name: name.into(),
+                    version: String::new(),
+                }],
+            }));
+            let e = validate(j, "k", &policy(), Some("apt"), now).expect_err(name);
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{name}");
+        }
+        for version in ["-1", "1.0;id", "$(id)", "1 2"] {
+            let mut j = job(now);
+            j.action = Some(pb::job::Action::Install(pb::InstallAction {
+                packages: vec![pb::PackageSpec {
+                    name: "alpha".into(),
+                    version: version.into(),
+                }],
+            }));
+            assert!(
+                validate(j, "k", &policy(), Some("apt"), now).is_err(),
+                "{version}"
+            );
+        }
+        let mut j = job(now);
+        j.action = Some(pb::job::Action::Upgrade(pb::UpgradeAction {
+            scope: 1,
+            exclude: vec!["/(/".into()],
+            ..Default::default()
+        }));
+        assert!(
+            validate(j, "k", &policy(), Some("apt"), now)
+                .expect_err("regex")
+                .to_string()
+                .contains("regex")
+        );
+    }
+
+    #[test]
+    fn versions_and_ids() {
+        assert!(valid_version("1:2.3-4+deb12u1~bpo"));
+        assert!(valid_version("2.34-60.el9_2.7"));
+        assert!(!valid_version("-1") && !valid_version("") && !valid_version("1 2"));
+        assert!(valid_job_id("rollout-2026.11.26_a"));
+    }
+}
