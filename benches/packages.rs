@@ -107,6 +107,9 @@ fn main() {
             command_timeout: Duration::from_secs(300),
             refresh_timeout: Duration::from_secs(300),
             lock_timeout: Duration::from_secs(10),
+            dpkg: "dpkg".into(),
+            dpkg_args: vec![],
+            apply_timeout: Duration::from_secs(300),
         },
     };
     rt.block_on(apt.refresh()).expect("apt-get update");
