@@ -64,11 +64,17 @@ pub fn required_permission(path: &str) -> Option<Permission> {
         "/patchagent.v1.Agent/GetStatus"
         | "/patchagent.v1.Agent/ListPackages"
         | "/patchagent.v1.Agent/ListUpdates"
+        | "/patchagent.v1.Agent/GetJob"
+        | "/patchagent.v1.Agent/WatchJob"
+        | "/patchagent.v1.Agent/ListJobs"
         | "/grpc.health.v1.Health/Check"
         | "/grpc.health.v1.Health/Watch"
         | "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
         | "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo" => {
             Some(Permission::Read)
+        }
+        "/patchagent.v1.Agent/SubmitJob" | "/patchagent.v1.Agent/CancelJob" => {
+            Some(Permission::Control)
         }
         _ => None,
     }
@@ -348,6 +354,10 @@ mod tests {
         }
         let e = authorize(&p, None, "/patchagent.v1.Agent/GetStatus").expect_err("no peer");
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let viewer = tls(&["spiffe://fleet/viewer"]);
+        let e = authorize(&p, Some(&viewer), "/patchagent.v1.Agent/SubmitJob").expect_err("viewer");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(authorize(&p, Some(&ctl), "/patchagent.v1.Agent/SubmitJob").is_ok());
         let e = authorize(&p, Some(&tls(&["nobody"])), "/grpc.health.v1.Health/Check")
             .expect_err("no role");
         assert_eq!(e.code(), tonic::Code::PermissionDenied);

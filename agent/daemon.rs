@@ -4,6 +4,8 @@
 use crate::auth::{AuthLayer, Policy};
 use crate::config::{self, Config, LogFormat};
 use crate::host::{HostFacts, Sources};
+use crate::jobs::engine::Engine;
+use crate::jobs::trust::TrustStore;
 use crate::listener::{self, TlsAccept};
 use crate::notify::{self, Notifier};
 use crate::server::{self, AgentService, Health};
@@ -23,31 +25,46 @@ pub mod exit {
     pub const RUNTIME: i32 = 1;
 }
 
-/// Loads the configuration and TLS material, returning every problem as printable lines.
-pub fn check(path: &Path) -> Result<(Config, Arc<rustls::ServerConfig>), Vec<String>> {
+/// Everything `check` loads.
+pub struct Checked {
+    pub config: Config,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub trust: TrustStore,
+}
+
+/// Loads the configuration, TLS material and trust store, returning every problem as
+/// printable lines.
+pub fn check(path: &Path) -> Result<Checked, Vec<String>> {
     let config =
         config::load(path).map_err(|p| p.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    let tls = tls::server_config(&config.tls).map_err(|problems| {
-        problems
-            .into_iter()
-            .map(|(key, msg)| {
-                config::Problem {
-                    file: path.to_path_buf(),
-                    key,
-                    message: msg,
-                }
-                .to_string()
-            })
-            .collect::<Vec<_>>()
-    })?;
-    Ok((config, tls))
+    let problem = |key: &str, message: String| {
+        config::Problem {
+            file: path.to_path_buf(),
+            key: key.to_string(),
+            message,
+        }
+        .to_string()
+    };
+    let mut problems = Vec::new();
+    let tls = tls::server_config(&config.tls)
+        .map_err(|ps| problems.extend(ps.into_iter().map(|(key, msg)| problem(&key, msg))))
+        .ok();
+    let trust = TrustStore::load(&config.jobs.trusted_keys_dir)
+        .map_err(|ps| {
+            problems.extend(ps.into_iter().map(|m| problem("jobs.trusted_keys_dir", m)));
+        })
+        .ok();
+    match (tls, trust) {
+        (Some(tls), Some(trust)) if problems.is_empty() => Ok(Checked { config, tls, trust }),
+        _ => Err(problems),
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Returns the process exit code.
 pub fn run(config_path: PathBuf, log_format: Option<LogFormat>) -> i32 {
     let started = Instant::now();
     tls::install_default_provider();
-    let (config, tls_config) = match check(&config_path) {
+    let checked = match check(&config_path) {
         Ok(ok) => ok,
         Err(problems) => {
             for p in &problems {
@@ -60,7 +77,10 @@ pub fn run(config_path: PathBuf, log_format: Option<LogFormat>) -> i32 {
             return exit::CONFIG;
         }
     };
-    let filter = telemetry::init(log_format.unwrap_or(config.log.format), &config.log.level);
+    let filter = telemetry::init(
+        log_format.unwrap_or(checked.config.log.format),
+        &checked.config.log.level,
+    );
     // Two workers at most: the agent serves a handful of admins and one controller, and every
     // thread costs resident memory on every host of the fleet.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
@@ -77,7 +97,7 @@ pub fn run(config_path: PathBuf, log_format: Option<LogFormat>) -> i32 {
             return exit::RUNTIME;
         }
     };
-    let result = runtime.block_on(serve(config_path, config, tls_config, filter, started));
+    let result = runtime.block_on(serve(config_path, checked, filter, started));
     match result {
         Ok(()) => 0,
         Err(e) => {
@@ -108,11 +128,15 @@ fn prepare_state_dir(dir: &Path) -> Result<(), String> {
 
 async fn serve(
     config_path: PathBuf,
-    config: Config,
-    tls_config: Arc<rustls::ServerConfig>,
+    checked: Checked,
     filter: FilterHandle,
     started: Instant,
 ) -> Result<(), String> {
+    let Checked {
+        config,
+        tls: tls_config,
+        trust,
+    } = checked;
     let notifier = Notifier::from_env();
     prepare_state_dir(&config.agent.state_dir)?;
     let facts = Arc::new(HostFacts::read(&Sources::default(), &config.agent.host_id)?);
@@ -147,8 +171,28 @@ async fn serve(
             None
         }
     };
-    let (routes, health) =
-        server::routes(AgentService::new(facts.clone(), scanner.clone())).await?;
+    tracing::info!(keys = trust.len(), dir = %config.jobs.trusted_keys_dir.display(), "Trust store loaded");
+    let policy = crate::jobs::Policy {
+        host_id: facts.host_id.clone(),
+        machine_id: facts.machine_id.clone(),
+        max_lifetime: config.jobs.max_job_lifetime,
+        clock_skew: config.jobs.clock_skew,
+        max_duration: config.jobs.max_job_duration,
+    };
+    let engine = Engine::open(
+        &config.agent.state_dir,
+        trust,
+        policy,
+        config.jobs.clone(),
+        scanner.clone(),
+    )
+    .await?;
+    let (routes, health) = server::routes(AgentService::new(
+        facts.clone(),
+        scanner.clone(),
+        engine.clone(),
+    ))
+    .await?;
 
     let listen = config.listen_addr()?;
     let tcp = tokio::net::TcpListener::bind(listen)
@@ -191,6 +235,7 @@ async fn serve(
     if let Some(scanner) = scanner {
         tokio::spawn(scanner.run());
     }
+    tokio::spawn(engine.clone().run());
     health.set(true).await;
     notifier.notify(&format!(
         "READY=1\nSTATUS={status}\nMAINPID={}",
@@ -218,7 +263,7 @@ async fn serve(
         tokio::select! {
             _ = hup.recv() => {
                 notifier.notify("RELOADING=1");
-                reload(&config_path, &mut running, &tls_tx, &policy_tx, &filter);
+                reload(&config_path, &mut running, &tls_tx, &policy_tx, &filter, &engine);
                 notifier.notify("READY=1");
             }
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break None; }
@@ -277,8 +322,13 @@ fn reload(
     tls_tx: &watch::Sender<Arc<rustls::ServerConfig>>,
     policy_tx: &watch::Sender<Arc<Policy>>,
     filter: &FilterHandle,
+    engine: &Engine,
 ) {
-    let (new, tls_config) = match check(path) {
+    let Checked {
+        config: new,
+        tls: tls_config,
+        trust,
+    } = match check(path) {
         Ok(ok) => ok,
         Err(problems) => {
             for p in &problems {
@@ -292,6 +342,8 @@ fn reload(
         }
     };
     let _ = tls_tx.send(tls_config);
+    let keys = trust.len();
+    engine.set_trust(trust);
     let _ = policy_tx.send(Arc::new(Policy::new(&new.auth)));
     if let Err(e) = filter.set(&new.log.level) {
         tracing::warn!(error = %e, "Cannot apply log.level");
@@ -310,7 +362,8 @@ fn reload(
     tracing::info!(
         controllers = new.auth.controllers.len(),
         viewers = new.auth.viewers.len(),
-        "SIGHUP: reloaded certificates and access lists"
+        trusted_keys = keys,
+        "SIGHUP: reloaded certificates, access lists and trusted keys"
     );
     let keep_server = running.server.clone();
     let keep_agent = running.agent.clone();

@@ -4,6 +4,7 @@
 
 use crate::auth::Caller;
 use crate::host::{self, HostFacts};
+use crate::jobs::engine::{self, Engine, Notice};
 use crate::pkg::scanner::{Scanner, Snapshot};
 use crate::pkg::{self, Classification, Severity, SlaClass};
 use crate::proto::{self, v1 as pb};
@@ -24,14 +25,16 @@ pub struct AgentService {
     started_at: SystemTime,
     /// None when no supported package manager was found; package RPCs then say so.
     scanner: Option<Arc<Scanner>>,
+    engine: Arc<Engine>,
 }
 
 impl AgentService {
-    pub fn new(facts: Arc<HostFacts>, scanner: Option<Arc<Scanner>>) -> Self {
+    pub fn new(facts: Arc<HostFacts>, scanner: Option<Arc<Scanner>>, engine: Arc<Engine>) -> Self {
         Self {
             facts,
             started_at: SystemTime::now(),
             scanner,
+            engine,
         }
     }
 
@@ -131,6 +134,17 @@ fn summary(manager: &str, s: &Snapshot) -> (pb::PackageSummary, pb::RebootStatus
 }
 
 type PackageStream = Pin<Box<dyn Stream<Item = Result<pb::Package, Status>> + Send>>;
+type JobStream = Pin<Box<dyn Stream<Item = Result<pb::JobUpdate, Status>> + Send>>;
+
+fn job_id(id: &str) -> Result<&str, Status> {
+    if crate::jobs::valid_job_id(id) {
+        Ok(id)
+    } else {
+        Err(Status::invalid_argument(format!(
+            "job_id {id:?} must be 1-128 characters of [A-Za-z0-9._-]"
+        )))
+    }
+}
 
 fn caller<T>(req: &Request<T>) -> Result<&Caller, Status> {
     // The auth layer inserts the caller before any handler runs; absence is a wiring bug, and
@@ -177,7 +191,160 @@ impl proto::Agent for AgentService {
             caller: Some(caller.into()),
             packages,
             reboot,
+            jobs: Some({
+                let (queued, running, rejected) = self.engine.summary();
+                pb::JobsSummary {
+                    trusted_keys: self.engine.trusted_keys() as u32,
+                    queued: queued as u32,
+                    running_job_id: running.unwrap_or_default(),
+                    rejected,
+                }
+            }),
         }))
+    }
+
+    async fn submit_job(
+        &self,
+        req: Request<pb::SignedJob>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let caller = caller(&req)?.identity.clone();
+        match self.engine.submit(req.get_ref()) {
+            Ok(record) => {
+                tracing::info!(job = %record.job_id, caller = %caller, "Job submitted");
+                Ok(Response::new(pb::SubmitJobResponse {
+                    status: Some(engine::status(&record)),
+                }))
+            }
+            Err(refused) => {
+                let (why, stored) = *refused;
+                let mut msg = why.to_string();
+                let details = stored.map(|r| {
+                    let st = engine::status(&r);
+                    msg.push_str(&format!(
+                        "; stored status: {:?}{}",
+                        r.state,
+                        if r.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", r.reason)
+                        }
+                    ));
+                    prost::Message::encode_to_vec(&st)
+                });
+                Err(match details {
+                    Some(d) => Status::with_details(why.code(), msg, d.into()),
+                    None => Status::new(why.code(), msg),
+                })
+            }
+        }
+    }
+
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let id = job_id(&req.get_ref().job_id)?;
+        self.engine
+            .get(id)
+            .map(|r| Response::new(engine::status(&r)))
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    type WatchJobStream = JobStream;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = job_id(&req.get_ref().job_id)?.to_string();
+        let (record, mut rx) = self
+            .engine
+            .watch(&id)
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let send = |u: pb::job_update::Update| pb::JobUpdate { update: Some(u) };
+            // Events numbered below this were in the history already sent.
+            let mut next = record.event_count;
+            for e in &record.events {
+                if tx
+                    .send(Ok(send(pb::job_update::Update::Event(engine::event(e)))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if record.state.is_terminal() {
+                let _ = tx
+                    .send(Ok(send(pb::job_update::Update::Status(engine::status(
+                        &record,
+                    )))))
+                    .await;
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(Notice::Event(n, e)) => {
+                        // Subscribed before the history was read: skip what it already held.
+                        if n < next {
+                            continue;
+                        }
+                        next = n + 1;
+                        if tx
+                            .send(Ok(send(pb::job_update::Update::Event(engine::event(&e)))))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(Notice::Done(r)) => {
+                        let _ = tx
+                            .send(Ok(send(pb::job_update::Update::Status(engine::status(&r)))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "watcher fell {n} events behind; use GetJob or watch again"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let limit = match req.get_ref().limit {
+            0 => 20,
+            n => n.min(1000) as usize,
+        };
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: self.engine.list(limit).iter().map(engine::status).collect(),
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let id = job_id(&req.get_ref().job_id)?;
+        match self.engine.cancel(id) {
+            Ok(r) => Ok(Response::new(engine::status(&r))),
+            Err(e) if e.starts_with("no job") => Err(Status::not_found(e)),
+            Err(e) => Err(Status::failed_precondition(e)),
+        }
     }
 
     type ListPackagesStream = PackageStream;

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod jobs;
 pub mod pki;
 pub mod status;
 
@@ -33,6 +34,64 @@ pub enum Command {
     /// Load generators.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Job signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Jobs: signing (offline).
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Send a signed job file to an agent and print the admission result.
+    Submit {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        file: PathBuf,
+    },
+    /// Follow a job until it ends; exit non-zero unless it succeeded.
+    Watch {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        job_id: String,
+    },
+    /// Recent jobs on an agent, most recent first.
+    Jobs {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued job, or a running one before its next package.
+    Cancel {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        job_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Write an Ed25519 key pair: DIR/NAME.key (PKCS#8 PEM, 0600) and DIR/NAME.pem (SPKI PEM,
+    /// for agents' trusted_keys_dir).
+    New {
+        dir: PathBuf,
+        #[arg(long, default_value = "signing")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Build a job from flags, check it as an agent would, sign it, write a binary SignedJob.
+    Sign {
+        /// PKCS#8 PEM Ed25519 private key (patchctl keys new, or openssl genpkey).
+        #[arg(long)]
+        signing_key: PathBuf,
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+        #[command(flatten)]
+        job: jobs::JobArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,6 +171,72 @@ impl Cli {
 /// Runs a parsed command.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Keys(KeysCommand::New { dir, name }) => {
+            let (key, pem, id) = jobs::keys_new(&dir, &name)?;
+            println!(
+                "wrote {} (private, 0600)\nwrote {} (public: copy it into the agents' trusted_keys_dir)\nkey id {id}",
+                key.display(),
+                pem.display()
+            );
+            Ok(())
+        }
+        Command::Job(JobCommand::Sign {
+            signing_key,
+            output,
+            job,
+        }) => {
+            let (env, job) = jobs::sign(&job, &signing_key)?;
+            let bytes = prost::Message::encode_to_vec(&env);
+            std::fs::write(&output, &bytes)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            println!(
+                "signed job {} with key {} ({} bytes) -> {}",
+                job.job_id,
+                env.key_id,
+                bytes.len(),
+                output.display()
+            );
+            Ok(())
+        }
+        Command::Submit { agent, file } => {
+            let status = jobs::submit(agent.connect().await?, &file).await?;
+            print!("accepted\n{}", jobs::render_status(&status));
+            Ok(())
+        }
+        Command::Watch { agent, job_id } => {
+            let status = jobs::watch(agent.connect().await?, &job_id).await?;
+            print!("{}", jobs::render_status(&status));
+            if jobs::succeeded(status.state) {
+                Ok(())
+            } else {
+                bail!("job {job_id} ended {}", jobs::state_name(status.state))
+            }
+        }
+        Command::Jobs { agent, limit, json } => {
+            let list = jobs::list(agent.connect().await?, limit).await?;
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|j| serde_json::json!({"job_id": j.job_id, "state": jobs::state_name(j.state), "summary": j.summary, "reason": j.reason}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for j in &list {
+                    println!(
+                        "{:<40} {:<26} {}",
+                        j.job_id,
+                        jobs::state_name(j.state),
+                        j.summary
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Cancel { agent, job_id } => {
+            let status = jobs::cancel(agent.connect().await?, &job_id).await?;
+            print!("{}", jobs::render_status(&status));
+            Ok(())
+        }
         Command::Pki(PkiCommand::Init {
             dir,
             agent_names,

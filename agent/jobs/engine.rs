@@ -1,1 +1,868 @@
-pub struct Engine;
+//! The job engine: admission, a bounded FIFO queue, one job at a time, the journal written
+//! before each transition takes effect, and live updates for watchers.
+//!
+//! The engine is the only writer of the journal. A job's history is both persisted (for
+//! `GetJob`, `WatchJob` after the fact, and crash recovery) and broadcast to live watchers;
+//! a watcher subscribes before it reads the history, and drops events it has already seen, so it
+//! never misses one.
+
+use super::journal::{self, EventRecord, Journal, PackageOutcome, Record};
+use super::state::{Event, State};
+use super::trust::TrustStore;
+use super::wire::Schema;
+use super::{Action, Policy, Rejection, ValidJob, admit};
+use crate::config::JobsSection;
+use crate::pkg::scanner::Scanner;
+use crate::pkg::{Classification, Op, Severity, Update};
+use crate::proto::v1 as pb;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Notify, broadcast};
+
+/// Something a watcher receives.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// An event and its number in the job's history.
+    Event(u64, EventRecord),
+    Done(Box<Record>),
+}
+
+struct Entry {
+    record: Record,
+    job: Option<ValidJob>,
+    cancel: Arc<AtomicBool>,
+    tx: broadcast::Sender<Notice>,
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: HashMap<String, Entry>,
+    queue: VecDeque<String>,
+}
+
+/// A refused submission: why, and the stored record when the job id was seen before.
+pub type Refused = Box<(Rejection, Option<Record>)>;
+
+/// Counts of refused submissions by reason.
+pub type Rejections = BTreeMap<&'static str, u64>;
+
+pub struct Engine {
+    journal: Journal,
+    schema: Schema,
+    trust: RwLock<Arc<TrustStore>>,
+    policy: Policy,
+    cfg: JobsSection,
+    scanner: Option<Arc<Scanner>>,
+    inner: Mutex<Inner>,
+    wake: Notify,
+    rejected: Mutex<Rejections>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Engine {
+    /// Opens the journal and recovers: APPLYING jobs become INTERRUPTED (after repairing the
+    /// package database), QUEUED ones are queued again unless they expired meanwhile.
+    pub async fn open(
+        state_dir: &std::path::Path,
+        trust: TrustStore,
+        policy: Policy,
+        cfg: JobsSection,
+        scanner: Option<Arc<Scanner>>,
+    ) -> Result<Arc<Self>, String> {
+        let journal = Journal::open(state_dir).map_err(|e| {
+            format!(
+                "cannot open the job journal in {}: {e}",
+                state_dir.display()
+            )
+        })?;
+        let schema = Schema::new(crate::proto::FILE_DESCRIPTOR_SET)?;
+        let (records, quarantined) = journal.load();
+        for q in &quarantined {
+            tracing::error!(problem = %q, "Quarantined a corrupt journal file; it will not run");
+        }
+        let removed = journal.gc(&records, cfg.history_retention);
+        let engine = Arc::new(Self {
+            journal,
+            schema,
+            trust: RwLock::new(Arc::new(trust)),
+            policy,
+            cfg,
+            scanner,
+            inner: Mutex::new(Inner::default()),
+            wake: Notify::new(),
+            rejected: Mutex::new(Rejections::new()),
+        });
+        let mut interrupted = false;
+        for mut r in records.into_iter().filter(|r| !removed.contains(&r.job_id)) {
+            let mut job = None;
+            match r.state {
+                State::Applying => {
+                    r.state = State::Interrupted;
+                    r.reason = "the agent stopped while the job was applying".into();
+                    r.finished_ms = Some(journal::now_ms());
+                    r.event("INTERRUPTED: found applying after an agent restart");
+                    interrupted = true;
+                }
+                State::Queued if r.expires_ms <= journal::now_ms() => {
+                    r.state = State::Failed;
+                    r.reason = "expired before it could run".into();
+                    r.finished_ms = Some(journal::now_ms());
+                    r.event("FAILED: expired while queued across a restart");
+                }
+                State::Queued => match engine.requeue(&r) {
+                    Ok(j) => job = Some(j),
+                    Err(why) => {
+                        r.state = State::Failed;
+                        r.reason = format!("cannot be resumed: {why}");
+                        r.finished_ms = Some(journal::now_ms());
+                        r.event(format!("FAILED: {}", r.reason));
+                    }
+                },
+                _ => {}
+            }
+            if let Err(e) = engine.journal.write(&r) {
+                tracing::error!(job = %r.job_id, error = %e, "Cannot update the journal during recovery");
+            }
+            let queued = r.state == State::Queued;
+            let id = r.job_id.clone();
+            let (tx, _) = broadcast::channel(256);
+            let mut inner = lock(&engine.inner);
+            inner.jobs.insert(
+                id.clone(),
+                Entry {
+                    record: r,
+                    job,
+                    cancel: Arc::default(),
+                    tx,
+                },
+            );
+            if queued {
+                inner.queue.push_back(id);
+            }
+        }
+        if interrupted {
+            if let Some(s) = &engine.scanner {
+                match s.backend().repair().await {
+                    Ok(Some(what)) => {
+                        tracing::warn!(repair = %what, "Repaired the package database after an interrupted job")
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "Package database repair failed"),
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    fn requeue(&self, r: &Record) -> Result<ValidJob, String> {
+        let payload = journal::from_hex(&r.payload_hex).ok_or("the stored payload is not hex")?;
+        let job =
+            <pb::Job as prost::Message>::decode(payload.as_slice()).map_err(|e| e.to_string())?;
+        super::validate(
+            job,
+            &r.key_id,
+            &self.policy,
+            self.manager(),
+            SystemTime::now(),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn manager(&self) -> Option<&'static str> {
+        self.scanner.as_ref().map(|s| s.manager())
+    }
+
+    /// Replaces the trust store (SIGHUP).
+    pub fn set_trust(&self, store: TrustStore) {
+        *self
+            .trust
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(store);
+    }
+
+    pub fn trusted_keys(&self) -> usize {
+        self.trust
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// (queued, the job applying now, refusals since start).
+    pub fn summary(&self) -> (usize, Option<String>, u64) {
+        let inner = lock(&self.inner);
+        let running = inner
+            .jobs
+            .values()
+            .find(|e| e.record.state == State::Applying)
+            .map(|e| e.record.job_id.clone());
+        let rejected = lock(&self.rejected).values().sum();
+        (inner.queue.len(), running, rejected)
+    }
+
+    pub fn rejections(&self) -> Rejections {
+        lock(&self.rejected).clone()
+    }
+
+    /// Admits a signed job and queues it, or says why not. Nothing runs on refusal.
+    pub fn submit(&self, env: &pb::SignedJob) -> Result<Record, Refused> {
+        let trust = self
+            .trust
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let result = admit(
+            env,
+            &trust,
+            &self.schema,
+            &self.policy,
+            self.manager(),
+            SystemTime::now(),
+        );
+        let job = match result {
+            Ok(j) => j,
+            Err(e) => return Err(self.refuse(e, &env.key_id, None)),
+        };
+        let mut inner = lock(&self.inner);
+        if let Some(existing) = inner.jobs.get(&job.id) {
+            let record = existing.record.clone();
+            drop(inner);
+            let why = Rejection::Replay(format!(
+                "job {} was submitted before (state {:?}); a job id runs at most once",
+                job.id, record.state
+            ));
+            return Err(self.refuse(why, &env.key_id, Some(record)));
+        }
+        if inner.queue.len() >= self.cfg.queue_size {
+            drop(inner);
+            let why = Rejection::QueueFull(format!(
+                "{} jobs are already queued ([jobs] queue_size)",
+                self.cfg.queue_size
+            ));
+            return Err(self.refuse(why, &env.key_id, None));
+        }
+        let mut record = Record {
+            job_id: job.id.clone(),
+            key_id: job.key_id.clone(),
+            payload_hex: journal::to_hex(&env.payload),
+            state: State::Queued,
+            reason: String::new(),
+            summary: job.summary(),
+            dry_run: job.dry_run,
+            submitted_ms: journal::now_ms(),
+            started_ms: None,
+            finished_ms: None,
+            expires_ms: journal::ms(job.expires_at),
+            events: Vec::new(),
+            packages: Vec::new(),
+            event_count: 0,
+        };
+        record.event(format!(
+            "QUEUED: {} (signed by key {})",
+            record.summary, record.key_id
+        ));
+        if let Err(e) = self.journal.write(&record) {
+            drop(inner);
+            let why = Rejection::Precondition(format!("cannot record the job durably: {e}"));
+            return Err(self.refuse(why, &env.key_id, None));
+        }
+        tracing::info!(job = %job.id, key = %job.key_id, summary = %record.summary, "Accepted job");
+        let (tx, _) = broadcast::channel(256);
+        inner.jobs.insert(
+            job.id.clone(),
+            Entry {
+                record: record.clone(),
+                job: Some(job.clone()),
+                cancel: Arc::default(),
+                tx,
+            },
+        );
+        inner.queue.push_back(job.id);
+        drop(inner);
+        self.wake.notify_one();
+        Ok(record)
+    }
+
+    fn refuse(
+        &self,
+        why: Rejection,
+        key_id: &str,
+        record: Option<Record>,
+    ) -> (Rejection, Option<Record>) {
+        *lock(&self.rejected).entry(why.label()).or_default() += 1;
+        tracing::warn!(reason = why.label(), key = %key_id, error = %why, "Rejected job");
+        (why, record)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Record> {
+        lock(&self.inner).jobs.get(id).map(|e| e.record.clone())
+    }
+
+    /// Most recent first.
+    pub fn list(&self, limit: usize) -> Vec<Record> {
+        let inner = lock(&self.inner);
+        let mut all: Vec<&Record> = inner.jobs.values().map(|e| &e.record).collect();
+        all.sort_by(|a, b| {
+            b.submitted_ms
+                .cmp(&a.submitted_ms)
+                .then(b.job_id.cmp(&a.job_id))
+        });
+        all.into_iter().take(limit).cloned().collect()
+    }
+
+    /// The record so far and a receiver for what follows (subscribed first: nothing is lost).
+    pub fn watch(&self, id: &str) -> Option<(Record, broadcast::Receiver<Notice>)> {
+        let inner = lock(&self.inner);
+        let e = inner.jobs.get(id)?;
+        let rx = e.tx.subscribe();
+        Some((e.record.clone(), rx))
+    }
+
+    /// Cancels a queued job at once; a running one stops before its next package.
+    pub fn cancel(&self, id: &str) -> Result<Record, String> {
+        let mut inner = lock(&self.inner);
+        let Some(entry) = inner.jobs.get_mut(id) else {
+            return Err(format!("no job {id}"));
+        };
+        match entry.record.state {
+            State::Queued => {
+                self.transition(entry, &Event::Cancel, "CANCELLED: cancelled while queued")?;
+                entry.record.reason = "cancelled by a controller".into();
+                entry.record.finished_ms = Some(journal::now_ms());
+                self.persist(entry);
+                let _ = entry.tx.send(Notice::Done(Box::new(entry.record.clone())));
+                let record = entry.record.clone();
+                inner.queue.retain(|q| q != id);
+                Ok(record)
+            }
+            State::Applying => {
+                entry.cancel.store(true, Ordering::SeqCst);
+                let msg = "cancel requested: the job stops before its next package";
+                let (n, ev) = entry.record.event(msg);
+                self.persist(entry);
+                let _ = entry.tx.send(Notice::Event(n, ev));
+                Ok(entry.record.clone())
+            }
+            s => Err(format!("job {id} has already ended ({s:?})")),
+        }
+    }
+
+    fn transition(&self, entry: &mut Entry, event: &Event, message: &str) -> Result<(), String> {
+        let next = entry.record.state.next(event).map_err(|e| e.to_string())?;
+        entry.record.state = next;
+        let (n, ev) = entry.record.event(message);
+        let _ = entry.tx.send(Notice::Event(n, ev));
+        Ok(())
+    }
+
+    fn persist(&self, entry: &Entry) {
+        if let Err(e) = self.journal.write(&entry.record) {
+            tracing::error!(job = %entry.record.job_id, error = %e, "Cannot write the journal");
+        }
+    }
+
+    /// Records a transition durably before the caller acts on it.
+    fn step(&self, id: &str, event: Event, message: String) -> Result<(), String> {
+        let mut inner = lock(&self.inner);
+        let entry = inner.jobs.get_mut(id).ok_or("job vanished")?;
+        self.transition(entry, &event, &message)?;
+        match entry.record.state {
+            State::Applying => entry.record.started_ms = Some(journal::now_ms()),
+            s if s.is_terminal() => {
+                entry.record.finished_ms = Some(journal::now_ms());
+                if let Event::Fail(why) = &event {
+                    entry.record.reason = why.clone();
+                }
+            }
+            _ => {}
+        }
+        self.persist(entry);
+        if entry.record.state.is_terminal() {
+            let _ = entry.tx.send(Notice::Done(Box::new(entry.record.clone())));
+        }
+        Ok(())
+    }
+
+    fn note(&self, id: &str, message: String) {
+        let mut inner = lock(&self.inner);
+        if let Some(entry) = inner.jobs.get_mut(id) {
+            let (n, ev) = entry.record.event(message);
+            self.persist(entry);
+            let _ = entry.tx.send(Notice::Event(n, ev));
+        }
+    }
+
+    /// Runs queued jobs one at a time, forever.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let next = {
+                let mut inner = lock(&self.inner);
+                inner.queue.pop_front().and_then(|id| {
+                    let e = inner.jobs.get(&id)?;
+                    Some((id, e.job.clone()?, e.cancel.clone()))
+                })
+            };
+            let Some((id, job, cancel)) = next else {
+                self.wake.notified().await;
+                continue;
+            };
+            self.run_job(&id, &job, &cancel).await;
+        }
+    }
+
+    async fn run_job(&self, id: &str, job: &ValidJob, cancel: &AtomicBool) {
+        if job.expires_at <= SystemTime::now() {
+            let _ = self.step(
+                id,
+                Event::Expired,
+                "FAILED: expired before it could start".into(),
+            );
+            return;
+        }
+        if let Err(e) = self.step(id, Event::Start, format!("APPLYING: {}", job.summary())) {
+            tracing::error!(job = %id, error = %e, "Cannot start job");
+            return;
+        }
+        let outcome = tokio::time::timeout(job.max_duration, self.execute(id, job, cancel)).await;
+        let (event, message) = match outcome {
+            Err(_) => (
+                Event::Timeout,
+                format!("TIMED_OUT: still running after {:?}", job.max_duration),
+            ),
+            Ok(Err(Stop::Cancelled)) => (
+                Event::Cancel,
+                "CANCELLED: stopped between packages".to_string(),
+            ),
+            Ok(Err(Stop::Failed(why))) => (Event::Fail(why.clone()), format!("FAILED: {why}")),
+            Ok(Ok(reboot_required)) => (
+                Event::Applied { reboot_required },
+                if reboot_required {
+                    "SUCCEEDED_REBOOT_REQUIRED: done; the host needs a reboot and reboot_policy is NEVER".to_string()
+                } else {
+                    "SUCCEEDED".to_string()
+                },
+            ),
+        };
+        if matches!(event, Event::Cancel) {
+            let mut inner = lock(&self.inner);
+            if let Some(e) = inner.jobs.get_mut(id) {
+                e.record.reason = "cancelled by a controller".into();
+            }
+        }
+        if let Err(e) = self.step(id, event, message) {
+            tracing::error!(job = %id, error = %e, "Cannot finish job");
+        }
+        let state = self.get(id).map(|r| r.state);
+        tracing::info!(job = %id, state = ?state, "Job finished");
+        if let Some(s) = &self.scanner {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.scan(false).await;
+            });
+        }
+    }
+
+    fn set_packages(&self, id: &str, packages: Vec<PackageOutcome>) {
+        let mut inner = lock(&self.inner);
+        if let Some(e) = inner.jobs.get_mut(id) {
+            e.record.packages = packages;
+            self.persist(e);
+        }
+    }
+
+    /// Does the work; Ok(reboot required).
+    async fn execute(&self, id: &str, job: &ValidJob, cancel: &AtomicBool) -> Result<bool, Stop> {
+        let scanner = self
+            .scanner
+            .clone()
+            .ok_or_else(|| Stop::Failed("no supported package manager on this host".into()))?;
+        let backend = scanner.backend().clone();
+        self.note(id, "refreshing metadata and scanning".into());
+        let snap = scanner.scan(true).await;
+        if !snap.errors.is_empty() {
+            return Err(Stop::Failed(format!(
+                "scan failed: {}",
+                snap.errors.join("; ")
+            )));
+        }
+        for e in &snap.updates.repo_errors {
+            self.note(
+                id,
+                format!("repository {} could not be read: {}", e.repo, e.error),
+            );
+        }
+        let ops: Vec<Op> = match &job.action {
+            Action::Scan => {
+                self.note(
+                    id,
+                    format!(
+                        "scan: {} packages installed, {} updates pending ({} security), {} held",
+                        snap.packages.len(),
+                        snap.updates.updates.len(),
+                        snap.updates
+                            .updates
+                            .iter()
+                            .filter(|u| u.classification == Classification::Security)
+                            .count(),
+                        snap.updates.held.len()
+                    ),
+                );
+                return Ok(snap.reboot.required);
+            }
+            Action::Upgrade {
+                security_only,
+                min_severity,
+                exclude,
+                approve_after_days,
+            } => {
+                let (chosen, skipped) = select(
+                    &snap.updates.updates,
+                    *security_only,
+                    *min_severity,
+                    exclude,
+                    *approve_after_days,
+                    SystemTime::now(),
+                );
+                for (u, why) in &skipped {
+                    self.note(
+                        id,
+                        format!("skip {} {}: {why}", u.name, u.candidate_version),
+                    );
+                }
+                chosen.iter().map(|u| Op::Upgrade(u.name.clone())).collect()
+            }
+            Action::Install(specs) => specs
+                .iter()
+                .map(|(n, v)| Op::Install {
+                    name: n.clone(),
+                    version: v.clone(),
+                })
+                .collect(),
+        };
+        let before: HashMap<&str, String> = snap
+            .packages
+            .iter()
+            .map(|p| (p.name.as_str(), p.full_version()))
+            .collect();
+        let candidate: HashMap<&str, &str> = snap
+            .updates
+            .updates
+            .iter()
+            .map(|u| (u.name.as_str(), u.candidate_version.as_str()))
+            .collect();
+        let plan: Vec<String> = ops
+            .iter()
+            .map(|op| {
+                let from = before
+                    .get(op.name())
+                    .cloned()
+                    .unwrap_or_else(|| "(not installed)".into());
+                let to = match op {
+                    Op::Install {
+                        version: Some(v), ..
+                    } => v.clone(),
+                    _ => candidate
+                        .get(op.name())
+                        .map_or("candidate".into(), |c| c.to_string()),
+                };
+                format!("{} {from} -> {to}", op.name())
+            })
+            .collect();
+        self.note(
+            id,
+            format!(
+                "plan: {}",
+                if plan.is_empty() {
+                    "nothing to do".to_string()
+                } else {
+                    plan.join(", ")
+                }
+            ),
+        );
+        if job.dry_run {
+            let outcomes = ops
+                .iter()
+                .map(|op| PackageOutcome {
+                    name: op.name().to_string(),
+                    from: before.get(op.name()).cloned().unwrap_or_default(),
+                    to: match op {
+                        Op::Install {
+                            version: Some(v), ..
+                        } => v.clone(),
+                        _ => candidate
+                            .get(op.name())
+                            .map_or(String::new(), |c| c.to_string()),
+                    },
+                    outcome: "would change (dry run)".into(),
+                })
+                .collect();
+            self.set_packages(id, outcomes);
+            self.note(id, "dry run: nothing was changed".into());
+            return Ok(snap.reboot.required);
+        }
+        if ops.is_empty() {
+            return Ok(snap.reboot.required);
+        }
+        match backend.repair().await {
+            Ok(Some(what)) => self.note(id, what),
+            Ok(None) => {}
+            Err(e) => return Err(Stop::Failed(format!("package database repair failed: {e}"))),
+        }
+        free_space(&self.cfg).map_err(Stop::Failed)?;
+        let mut failure = None;
+        for op in &ops {
+            if cancel.load(Ordering::SeqCst) {
+                failure = Some(Stop::Cancelled);
+                break;
+            }
+            self.note(id, format!("applying {}", op.name()));
+            match backend.apply(op).await {
+                Ok(lines) => {
+                    for l in lines.iter().filter(|l| !l.trim().is_empty()).take(200) {
+                        self.note(id, format!("  {l}"));
+                    }
+                }
+                Err(e) => {
+                    failure = Some(Stop::Failed(format!("{} failed: {e}", op.name())));
+                    break;
+                }
+            }
+        }
+        // Results from a fresh inventory, whatever happened.
+        let mut after: HashMap<String, String> = HashMap::new();
+        let inventory = backend
+            .inventory(&mut |p| {
+                after.insert(p.name.clone(), p.full_version());
+            })
+            .await;
+        if let Err(e) = inventory {
+            self.note(id, format!("cannot read the inventory after applying: {e}"));
+        }
+        let outcomes = ops
+            .iter()
+            .map(|op| {
+                let from = before.get(op.name()).cloned().unwrap_or_default();
+                let to = after.get(op.name()).cloned().unwrap_or_default();
+                let outcome = match (from.is_empty(), to.is_empty(), from == to) {
+                    (_, true, _) => "not installed",
+                    (true, false, _) => "installed",
+                    (false, false, true) => "unchanged",
+                    (false, false, false) => "changed",
+                };
+                PackageOutcome {
+                    name: op.name().to_string(),
+                    from,
+                    to,
+                    outcome: outcome.into(),
+                }
+            })
+            .collect();
+        self.set_packages(id, outcomes);
+        if let Some(stop) = failure {
+            return Err(stop);
+        }
+        Ok(backend.reboot_required(scanner.boot_time()).await.required)
+    }
+}
+
+/// Why a job stopped early.
+#[derive(Debug)]
+enum Stop {
+    Cancelled,
+    Failed(String),
+}
+
+/// Which pending updates an upgrade job takes, and why it leaves the others.
+pub fn select<'a>(
+    updates: &'a [Update],
+    security_only: bool,
+    min_severity: Option<Severity>,
+    exclude: &[super::Exclude],
+    approve_after_days: u32,
+    now: SystemTime,
+) -> (Vec<&'a Update>, Vec<(&'a Update, String)>) {
+    let mut chosen = Vec::new();
+    let mut skipped = Vec::new();
+    for u in updates {
+        let security = u.classification == Classification::Security;
+        // Without a vendor severity a security update counts as important, as in the SLA mapping.
+        let severity = if security && u.severity == Severity::Unknown {
+            Severity::Important
+        } else {
+            u.severity
+        };
+        let why = if security_only && !security {
+            Some("not a security update".to_string())
+        } else if let Some(floor) = min_severity.filter(|f| severity > *f) {
+            Some(format!(
+                "severity {} is below {}",
+                u.severity.as_str(),
+                floor.as_str()
+            ))
+        } else if let Some(e) = exclude.iter().find(|e| e.matches(&u.name)) {
+            Some(format!(
+                "excluded by {}",
+                match e {
+                    super::Exclude::Name(n) => n.clone(),
+                    super::Exclude::Pattern(p) => format!("pattern {}", p.as_str()),
+                }
+            ))
+        } else if approve_after_days > 0 {
+            let since = u.issued.or(u.first_seen);
+            let age = since
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or_default();
+            let need = Duration::from_secs(u64::from(approve_after_days) * 86_400);
+            (age < need).then(|| {
+                format!(
+                    "{} {} day(s) ago; approve_after_days is {approve_after_days}",
+                    if u.issued.is_some() {
+                        "advisory issued"
+                    } else {
+                        "first seen"
+                    },
+                    age.as_secs() / 86_400
+                )
+            })
+        } else {
+            None
+        };
+        match why {
+            Some(w) => skipped.push((u, w)),
+            None => chosen.push(u),
+        }
+    }
+    (chosen, skipped)
+}
+
+fn free_space(cfg: &JobsSection) -> Result<(), String> {
+    for path in &cfg.free_space_paths {
+        let Ok(st) = nix::sys::statvfs::statvfs(path) else {
+            continue;
+        };
+        let free_mib = st.blocks_available() * st.fragment_size() / (1024 * 1024);
+        if free_mib < cfg.min_free_mib {
+            return Err(format!(
+                "{} has {free_mib} MiB free, below the {} MiB floor ([jobs] min_free_mib); nothing was changed",
+                path.display(),
+                cfg.min_free_mib
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn ts(ms: u64) -> prost_types::Timestamp {
+    (UNIX_EPOCH + Duration::from_millis(ms)).into()
+}
+
+/// The wire form of a record.
+pub fn status(r: &Record) -> pb::JobStatus {
+    pb::JobStatus {
+        job_id: r.job_id.clone(),
+        state: r.state.to_proto() as i32,
+        reason: r.reason.clone(),
+        key_id: r.key_id.clone(),
+        submitted_at: Some(ts(r.submitted_ms)),
+        started_at: r.started_ms.map(ts),
+        finished_at: r.finished_ms.map(ts),
+        packages: r
+            .packages
+            .iter()
+            .map(|p| pb::PackageResult {
+                name: p.name.clone(),
+                from_version: p.from.clone(),
+                to_version: p.to.clone(),
+                outcome: p.outcome.clone(),
+            })
+            .collect(),
+        summary: r.summary.clone(),
+        dry_run: r.dry_run,
+    }
+}
+
+pub fn event(e: &EventRecord) -> pb::JobEvent {
+    pb::JobEvent {
+        at: Some(ts(e.at_ms)),
+        state: e.state.to_proto() as i32,
+        message: e.message.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pkg::SlaClass;
+
+    fn u(name: &str, class: Classification, sev: Severity, issued_days_ago: Option<u64>) -> Update {
+        let now = SystemTime::now();
+        Update {
+            name: name.into(),
+            arch: "all".into(),
+            installed_version: "1".into(),
+            candidate_version: "2".into(),
+            origin: String::new(),
+            classification: class,
+            severity: sev,
+            advisories: vec![],
+            cves: vec![],
+            issued: issued_days_ago.map(|d| now - Duration::from_secs(d * 86_400)),
+            first_seen: Some(now),
+            sla: SlaClass::of(class, sev),
+        }
+    }
+
+    #[test]
+    fn selection_rules() {
+        use Classification::*;
+        let all = [
+            u("crit", Security, Severity::Critical, Some(100)),
+            u("mod", Security, Severity::Moderate, Some(40)),
+            u("deb", Security, Severity::Unknown, None),
+            u("bug", Bugfix, Severity::Unknown, Some(100)),
+            u("libfoo", Other, Severity::Unknown, None),
+        ];
+        let names = |v: Vec<&Update>| v.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
+        let now = SystemTime::now();
+        assert_eq!(
+            names(select(&all, false, None, &[], 0, now).0),
+            ["crit", "mod", "deb", "bug", "libfoo"]
+        );
+        assert_eq!(
+            names(select(&all, true, None, &[], 0, now).0),
+            ["crit", "mod", "deb"]
+        );
+        assert_eq!(
+            names(select(&all, true, Some(Severity::Important), &[], 0, now).0),
+            ["crit", "deb"]
+        );
+        assert_eq!(
+            names(select(&all, true, Some(Severity::Critical), &[], 0, now).0),
+            ["crit"]
+        );
+        let ex = [
+            super::super::Exclude::Name("crit".into()),
+            super::super::Exclude::Pattern(regex::Regex::new("^(?:lib.*)$").expect("re")),
+        ];
+        assert_eq!(
+            names(select(&all, false, None, &ex, 0, now).0),
+            ["mod", "deb", "bug"]
+        );
+        let (chosen, skipped) = select(&all, false, None, &[], 50, now);
+        assert_eq!(names(chosen), ["crit", "bug"]);
+        assert!(
+            skipped
+                .iter()
+                .any(|(u, why)| u.name == "deb" && why.contains("first seen 0 day"))
+        );
+        assert!(
+            skipped
+                .iter()
+                .any(|(u, why)| u.name == "mod" && why.contains("advisory issued 40 day"))
+        );
+    }
+}

@@ -46,6 +46,9 @@ pub struct Record {
     pub expires_ms: u64,
     pub events: Vec<EventRecord>,
     pub packages: Vec<PackageOutcome>,
+    /// Events ever recorded, including any beyond the kept history: the next event's number.
+    #[serde(default)]
+    pub event_count: u64,
 }
 
 pub fn now_ms() -> u64 {
@@ -58,8 +61,10 @@ pub fn ms(t: SystemTime) -> u64 {
 }
 
 impl Record {
-    /// Appends a history entry (bounded).
-    pub fn event(&mut self, message: impl Into<String>) -> EventRecord {
+    /// Appends a history entry (bounded); returns it with its number.
+    pub fn event(&mut self, message: impl Into<String>) -> (u64, EventRecord) {
+        let seq = self.event_count;
+        self.event_count += 1;
         let e = EventRecord {
             at_ms: now_ms(),
             state: self.state,
@@ -73,7 +78,7 @@ impl Record {
                 ..e.clone()
             });
         }
-        e
+        (seq, e)
     }
 }
 
@@ -222,6 +227,7 @@ mod tests {
             expires_ms: now_ms() + 3_600_000,
             events: vec![],
             packages: vec![],
+            event_count: 0,
         }
     }
 

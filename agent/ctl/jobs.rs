@@ -1,0 +1,298 @@
+//! `patchctl keys`, `job sign`, `submit`, `watch`, `jobs`: signing stays separate from
+//! submitting, so a signing key can live on an offline machine.
+
+use crate::jobs::trust::{self, SigningKey};
+use crate::proto::{AgentClient, v1 as pb};
+use anyhow::{Context, Result, bail};
+use prost::Message;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What `patchctl job sign` builds a job from.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobArgs {
+    /// Job id (1-128 of [A-Za-z0-9._-]). Default: a fresh unique id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// A host_id or machine_id the job may run on (repeatable).
+    #[arg(long = "target", required = true)]
+    pub targets: Vec<String>,
+    /// Upgrade every pending update (all) or only security updates (security).
+    #[arg(long, value_parser = ["all", "security"])]
+    pub upgrade: Option<String>,
+    /// Only security updates at least this severe: critical, important, moderate, low.
+    #[arg(long, value_parser = ["critical", "important", "moderate", "low"])]
+    pub min_severity: Option<String>,
+    /// Install NAME or NAME=VERSION (repeatable).
+    #[arg(long = "install")]
+    pub install: Vec<String>,
+    /// Never upgrade NAME, or names matching /REGEX/ (repeatable).
+    #[arg(long = "exclude")]
+    pub exclude: Vec<String>,
+    /// Refresh metadata and rescan; change nothing.
+    #[arg(long)]
+    pub scan: bool,
+    /// Reboot policy: never (supported), if-required, always (not supported yet by agents).
+    #[arg(long, default_value = "never", value_parser = ["never", "if-required", "always"])]
+    pub reboot: String,
+    /// How long the job stays valid, e.g. 2h.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub expires: Duration,
+    /// Only updates issued (or first seen) at least N days ago.
+    #[arg(long, default_value_t = 0)]
+    pub approve_after_days: u32,
+    /// Plan and report; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Maximum run time, e.g. 30m. Default: the agent's [jobs] max_job_duration.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_duration: Option<Duration>,
+    /// The agents' [jobs] max_job_lifetime, to refuse what they would refuse.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub max_lifetime: Duration,
+}
+
+fn fresh_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 4];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("job-{secs}-{}", crate::jobs::journal::to_hex(&b))
+}
+
+/// Builds the Job message from flags.
+pub fn build(a: &JobArgs, now: SystemTime) -> Result<pb::Job> {
+    let actions = usize::from(a.scan)
+        + usize::from(a.upgrade.is_some() || a.min_severity.is_some())
+        + usize::from(!a.install.is_empty());
+    if actions != 1 {
+        bail!("choose exactly one action: --scan, --upgrade/--min-severity, or --install");
+    }
+    let action = if a.scan {
+        pb::job::Action::Scan(pb::ScanAction {})
+    } else if !a.install.is_empty() {
+        pb::job::Action::Install(pb::InstallAction {
+            packages: a
+                .install
+                .iter()
+                .map(|spec| {
+                    let (name, version) = spec.split_once('=').unwrap_or((spec, ""));
+                    pb::PackageSpec {
+                        name: name.to_string(),
+                        version: version.to_string(),
+                    }
+                })
+                .collect(),
+        })
+    } else {
+        let scope = match a.upgrade.as_deref() {
+            Some("all") => pb::UpgradeScope::All,
+            Some("security") => pb::UpgradeScope::Security,
+            _ => pb::UpgradeScope::Unspecified,
+        };
+        let min_severity = match a.min_severity.as_deref() {
+            Some("critical") => pb::Severity::Critical,
+            Some("important") => pb::Severity::Important,
+            Some("moderate") => pb::Severity::Moderate,
+            Some("low") => pb::Severity::Low,
+            _ => pb::Severity::Unspecified,
+        };
+        pb::job::Action::Upgrade(pb::UpgradeAction {
+            scope: scope as i32,
+            min_severity: min_severity as i32,
+            exclude: a.exclude.clone(),
+            approve_after_days: a.approve_after_days,
+        })
+    };
+    if !a.exclude.is_empty() && !matches!(action, pb::job::Action::Upgrade(_)) {
+        bail!("--exclude only applies to --upgrade");
+    }
+    let reboot_policy = match a.reboot.as_str() {
+        "if-required" => pb::RebootPolicy::IfRequired,
+        "always" => pb::RebootPolicy::Always,
+        _ => pb::RebootPolicy::Never,
+    };
+    Ok(pb::Job {
+        job_id: a.id.clone().unwrap_or_else(fresh_id),
+        targets: a.targets.clone(),
+        not_before: None,
+        expires_at: Some((now + a.expires).into()),
+        action: Some(action),
+        reboot_policy: reboot_policy as i32,
+        dry_run: a.dry_run,
+        max_duration: a
+            .max_duration
+            .and_then(|d| prost_types::Duration::try_from(d).ok()),
+        ..Default::default()
+    })
+}
+
+/// Signs a job after checking it exactly as an agent would (for its first target).
+pub fn sign(a: &JobArgs, key: &Path) -> Result<(pb::SignedJob, pb::Job)> {
+    let signer = SigningKey::read(key).map_err(anyhow::Error::msg)?;
+    let now = SystemTime::now();
+    let job = build(a, now)?;
+    let policy = crate::jobs::Policy {
+        host_id: a.targets[0].clone(),
+        machine_id: String::new(),
+        max_lifetime: a.max_lifetime,
+        clock_skew: Duration::from_secs(300),
+        max_duration: a
+            .max_duration
+            .unwrap_or(Duration::from_secs(2 * 3600))
+            .max(Duration::from_secs(2 * 3600)),
+    };
+    crate::jobs::validate(job.clone(), &signer.key_id(), &policy, None, now)
+        .map_err(|e| anyhow::anyhow!("an agent would refuse this job ({:?}): {e}", e.code()))?;
+    let payload = job.encode_to_vec();
+    let signature = signer.sign(&payload);
+    Ok((
+        pb::SignedJob {
+            payload,
+            key_id: signer.key_id(),
+            signature,
+        },
+        job,
+    ))
+}
+
+/// `patchctl keys new DIR`: NAME.key (PKCS#8, 0600) and NAME.pem (SPKI).
+pub fn keys_new(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf, String)> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let (private, public, id) = trust::generate().map_err(anyhow::Error::msg)?;
+    let key = dir.join(format!("{name}.key"));
+    let pem = dir.join(format!("{name}.pem"));
+    for (path, data, mode) in [(&key, &private, 0o600), (&pem, &public, 0o644)] {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+        f.write_all(data.as_bytes())?;
+        f.sync_all()?;
+    }
+    Ok((key, pem, id))
+}
+
+pub fn state_name(s: i32) -> &'static str {
+    pb::JobState::try_from(s).map_or("UNKNOWN", |s| {
+        s.as_str_name().trim_start_matches("JOB_STATE_")
+    })
+}
+
+fn when(t: Option<&prost_types::Timestamp>) -> String {
+    t.and_then(|t| u64::try_from(t.seconds).ok())
+        .map(|s| humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s)).to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn render_status(s: &pb::JobStatus) -> String {
+    let mut out = format!(
+        "job {}: {}{}\n  {}\n  key {}, submitted {}, started {}, finished {}\n",
+        s.job_id,
+        state_name(s.state),
+        if s.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.reason)
+        },
+        s.summary,
+        s.key_id,
+        when(s.submitted_at.as_ref()),
+        when(s.started_at.as_ref()),
+        when(s.finished_at.as_ref())
+    );
+    for p in &s.packages {
+        out.push_str(&format!(
+            "  {:<30} {:>20} -> {:<20} {}\n",
+            p.name, p.from_version, p.to_version, p.outcome
+        ));
+    }
+    out
+}
+
+/// Whether a final state counts as success for `patchctl watch`.
+pub fn succeeded(state: i32) -> bool {
+    matches!(
+        pb::JobState::try_from(state),
+        Ok(pb::JobState::Succeeded | pb::JobState::SucceededRebootRequired)
+    )
+}
+
+pub async fn submit(channel: tonic::transport::Channel, file: &Path) -> Result<pb::JobStatus> {
+    let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let env = pb::SignedJob::decode(data.as_slice())
+        .with_context(|| format!("{} is not a signed job", file.display()))?;
+    let resp = AgentClient::new(channel)
+        .submit_job(env)
+        .await
+        .map_err(|s| anyhow::anyhow!("refused: {:?}: {}", s.code(), s.message()))?;
+    resp.into_inner()
+        .status
+        .context("the agent returned no status")
+}
+
+/// Follows a job to its end; returns its final status.
+pub async fn watch(channel: tonic::transport::Channel, id: &str) -> Result<pb::JobStatus> {
+    let mut stream = AgentClient::new(channel)
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    while let Some(u) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+    {
+        match u.update {
+            Some(pb::job_update::Update::Event(e)) => {
+                let t = e.at.as_ref().map(|t| {
+                    humantime::format_rfc3339_seconds(
+                        UNIX_EPOCH + Duration::from_secs(t.seconds.max(0) as u64),
+                    )
+                    .to_string()
+                });
+                println!(
+                    "{} {:<10} {}",
+                    t.unwrap_or_default(),
+                    state_name(e.state),
+                    e.message
+                );
+            }
+            Some(pb::job_update::Update::Status(s)) => return Ok(s),
+            None => {}
+        }
+    }
+    bail!("the stream ended before job {id} finished")
+}
+
+pub async fn list(channel: tonic::transport::Channel, limit: u32) -> Result<Vec<pb::JobStatus>> {
+    Ok(AgentClient::new(channel)
+        .list_jobs(pb::ListJobsRequest { limit })
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner()
+        .jobs)
+}
+
+pub async fn cancel(channel: tonic::transport::Channel, id: &str) -> Result<pb::JobStatus> {
+    Ok(AgentClient::new(channel)
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner())
+}
