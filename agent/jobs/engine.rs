@@ -287,15 +287,10 @@ impl Engine {
         Ok(record)
     }
 
-    fn refuse(
-        &self,
-        why: Rejection,
-        key_id: &str,
-        record: Option<Record>,
-    ) -> (Rejection, Option<Record>) {
+    fn refuse(&self, why: Rejection, key_id: &str, record: Option<Record>) -> Refused {
         *lock(&self.rejected).entry(why.label()).or_default() += 1;
         tracing::warn!(reason = why.label(), key = %key_id, error = %why, "Rejected job");
-        (why, record)
+        Box::new((why, record))
     }
 
     pub fn get(&self, id: &str) -> Option<Record> {
