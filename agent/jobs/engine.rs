@@ -145,15 +145,13 @@ impl Engine {
                 inner.queue.push_back(id);
             }
         }
-        if interrupted {
-            if let Some(s) = &engine.scanner {
-                match s.backend().repair().await {
-                    Ok(Some(what)) => {
-                        tracing::warn!(repair = %what, "Repaired the package database after an interrupted job")
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::error!(error = %e, "Package database repair failed"),
+        if interrupted && let Some(s) = &engine.scanner {
+            match s.backend().repair().await {
+                Ok(Some(what)) => {
+                    tracing::warn!(repair = %what, "Repaired the package database after an interrupted job")
                 }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "Package database repair failed"),
             }
         }
         Ok(engine)
