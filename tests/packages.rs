@@ -139,7 +139,7 @@ fn apt_inventory_pending_security_held_and_reboot_required() {
     ours.sort();
     theirs.sort();
     assert_eq!(ours, theirs);
-    assert_eq!(ours.len(), 4);
+    assert_eq!(ours.len(), 5);
     let gamma = pkgs.iter().find(|p| p["name"] == "gamma").expect("gamma");
     assert_eq!(gamma["held"], true);
     assert_eq!(gamma["source"], "gamma-src");
@@ -152,10 +152,11 @@ fn apt_inventory_pending_security_held_and_reboot_required() {
     assert_eq!(only.len(), 1);
     assert_eq!(only[0]["name"], "gamma");
 
-    // Pending updates: alpha from the normal suite, beta from the security suite; gamma held.
+    // Pending updates: alpha and slow from the normal suite, beta from the security suite;
+    // gamma held.
     let list = one(&agent, "patchagent.v1.Agent/ListUpdates", "{}");
     assert_eq!(list["manager"], "apt");
-    assert_eq!(names(&list, "updates"), ["alpha", "beta"]);
+    assert_eq!(names(&list, "updates"), ["alpha", "beta", "slow"]);
     let alpha = update(&list, "alpha");
     assert_eq!(
         (
@@ -196,7 +197,7 @@ fn apt_inventory_pending_security_held_and_reboot_required() {
             p["pendingHigh"].as_u64(),
             p["pendingLow"].as_u64()
         ),
-        (Some(4), Some(1), Some(1))
+        (Some(5), Some(1), Some(2))
     );
     assert_eq!(
         (p["pendingCritical"].as_u64(), p["pendingMedium"].as_u64()),
@@ -257,7 +258,7 @@ fn apt_unreachable_repository_is_reported_and_the_rest_still_scanned() {
         "{list:#}"
     );
     assert!(!errors[0]["error"].as_str().unwrap_or("").is_empty());
-    assert_eq!(names(&list, "updates"), ["alpha", "beta"]);
+    assert_eq!(names(&list, "updates"), ["alpha", "beta", "slow"]);
     let status = one(&agent, "patchagent.v1.Agent/GetStatus", "{}");
     assert_eq!(status["packages"]["repoErrors"], 1);
 }
@@ -334,7 +335,7 @@ fn apt_scan_waits_for_a_held_dpkg_lock_then_fails_naming_the_pid() {
         Some(0),
         "{list:#}"
     );
-    assert_eq!(names(&list, "updates"), ["alpha", "beta"]);
+    assert_eq!(names(&list, "updates"), ["alpha", "beta", "slow"]);
 }
 
 #[test]
