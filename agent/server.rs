@@ -231,10 +231,15 @@ impl proto::Agent for AgentService {
                     ));
                     prost::Message::encode_to_vec(&st)
                 });
-                Err(match details {
-                    Some(d) => Status::with_details(why.code(), msg, d.into()),
-                    None => Status::new(why.code(), msg),
-                })
+                let mut status = Status::new(why.code(), msg);
+                if let Some(d) = details {
+                    // The stored JobStatus, machine-readable, in binary trailing metadata.
+                    status.metadata_mut().insert_bin(
+                        "patchagent-job-status-bin",
+                        tonic::metadata::MetadataValue::from_bytes(&d),
+                    );
+                }
+                Err(status)
             }
         }
     }

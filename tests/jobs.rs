@@ -1,0 +1,777 @@
+//! Signed jobs, end to end: real keys (patchctl and stock openssl), the real patchctl and
+//! grpcurl, real apt/dpkg and dnf/rpm sandboxes, real signals.
+
+mod common;
+
+use common::*;
+use nix::sys::signal::Signal;
+use patch_agent::jobs::trust::SigningKey;
+use patch_agent::proto::v1 as pb;
+use prost::Message;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant, SystemTime};
+
+struct Fixture {
+    tmp: tempfile::TempDir,
+    pki: Pki,
+    sandbox: PathBuf,
+    keys: PathBuf,
+    trusted: PathBuf,
+}
+
+fn fixture(name: &str, kind: &str, args: &[&str]) -> Fixture {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("pa-{name}-"))
+        .tempdir()
+        .expect("tempdir");
+    let pki = Pki::new(tmp.path(), "pki");
+    let sandbox = tmp.path().join(kind);
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{kind}-sandbox.sh"));
+    let out = run(Command::new("bash").arg(script).arg(&sandbox).args(args));
+    assert!(out.status.success(), "fixture: {}", text(&out));
+    let keys = tmp.path().join("keys");
+    let out = run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys));
+    assert!(out.status.success(), "keys new: {}", text(&out));
+    let trusted = tmp.path().join("trusted");
+    std::fs::create_dir_all(&trusted).expect("trusted");
+    std::fs::copy(keys.join("signing.pem"), trusted.join("signing.pem")).expect("copy key");
+    Fixture {
+        tmp,
+        pki,
+        sandbox,
+        keys,
+        trusted,
+    }
+}
+
+impl Fixture {
+    fn config(&self, kind: &str, extra_packages: &str) -> String {
+        let s = self.sandbox.display();
+        let packages = match kind {
+            "apt" => format!(
+                "[packages]\nmanager = \"apt\"\nscan_on_start = false\napt_config = \"{s}/apt.conf\"\ndpkg_status = \"{s}/root/var/lib/dpkg/status\"\nreboot_required_file = \"{s}/root/run/reboot-required\"\ndpkg_args = [\"--root={s}/root\", \"--force-not-root\", \"--force-script-chrootless\", \"--log={s}/root/var/log/dpkg.log\"]\n{extra_packages}"
+            ),
+            _ => format!(
+                "[packages]\nmanager = \"dnf\"\nscan_on_start = false\nrpm_root = \"{s}/root\"\ndnf_args = [\"-c\", \"{s}/dnf.conf\", \"--installroot={s}/root\", \"--releasever=1\", \"--setopt=reposdir={s}/repos.d\", \"--setopt=cachedir={s}/cache\"]\n{extra_packages}"
+            ),
+        };
+        let dir = self.tmp.path().join("agent");
+        let mut c = config_text(&dir, &self.pki, &packages);
+        c.push_str(&format!(
+            "[jobs]\ntrusted_keys_dir = \"{}\"\nmin_free_mib = 1\n",
+            self.trusted.display()
+        ));
+        c
+    }
+
+    fn start(&self, kind: &str) -> Agent {
+        let dir = self.tmp.path().join("agent");
+        Agent::start(&dir, &self.config(kind, ""))
+    }
+
+    fn key(&self) -> PathBuf {
+        self.keys.join("signing.key")
+    }
+
+    /// `patchctl job sign` with the given flags; returns the job file.
+    fn sign(&self, id: &str, flags: &[&str]) -> PathBuf {
+        let file = self.tmp.path().join(format!("{id}.job"));
+        let out = run(Command::new(PATCHCTL)
+            .args(["job", "sign", "--signing-key"])
+            .arg(self.key())
+            .arg("-o")
+            .arg(&file)
+            .args(["--id", id, "--target", "test-host"])
+            .args(flags));
+        assert!(out.status.success(), "sign {id}: {}", text(&out));
+        file
+    }
+
+    fn patchctl(&self, agent: &Agent, args: &[&str]) -> Output {
+        run(Command::new(PATCHCTL)
+            .args(args)
+            .args(["--agent", &format!("unix:{}", agent.socket.display())]))
+    }
+
+    /// Signs, submits and watches a job; returns the final GetJob status as JSON.
+    fn run_job(&self, agent: &Agent, id: &str, flags: &[&str]) -> Value {
+        let file = self.sign(id, flags);
+        let out = self.patchctl(agent, &["submit", file.to_str().expect("path")]);
+        assert!(out.status.success(), "submit {id}: {}", text(&out));
+        let out = self.patchctl(agent, &["watch", id]);
+        let status = get_job(agent, id);
+        let state = status["state"].as_str().unwrap_or("").to_string();
+        let ok = state == "JOB_STATE_SUCCEEDED" || state == "JOB_STATE_SUCCEEDED_REBOOT_REQUIRED";
+        assert_eq!(
+            out.status.success(),
+            ok,
+            "watch exit code agrees with {state}: {}",
+            text(&out)
+        );
+        status
+    }
+
+    fn dpkg_versions(&self) -> String {
+        let out = run(Command::new("dpkg-query")
+            .arg(format!(
+                "--admindir={}/root/var/lib/dpkg",
+                self.sandbox.display()
+            ))
+            .args(["-W", "-f", "${Package}=${Version} "]));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn rpm_versions(&self) -> String {
+        let out = run(Command::new("rpm")
+            .arg("--root")
+            .arg(self.sandbox.join("root"))
+            .args(["-qa", "--qf", "%{NAME}=%{VERSION} \\n"]));
+        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v.join(" ")
+    }
+}
+
+fn grpc(agent: &Agent, method: &str, data: &str) -> Output {
+    agent.grpcurl_unix(&["-emit-defaults", "-max-time", "120", "-d", data, method])
+}
+
+fn get_job(agent: &Agent, id: &str) -> Value {
+    let out = grpc(
+        agent,
+        "patchagent.v1.Agent/GetJob",
+        &format!(r#"{{"job_id":"{id}"}}"#),
+    );
+    assert!(out.status.success(), "GetJob {id}: {}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// Waits until a job's journal (its durable history) mentions `needle`.
+fn wait_for_history(journal: &Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(journal)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {needle:?}",
+            journal.display()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn outcome<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["packages"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
+}
+
+#[test]
+fn apt_jobs_upgrade_security_exclude_install_dry_run_scan_and_approval() {
+    let f = fixture("aptjobs", "apt", &[]);
+    std::fs::remove_file(f.sandbox.join("root/run/reboot-required")).expect("no reboot flag");
+    let agent = f.start("apt");
+    let before = f.dpkg_versions();
+
+    // Dry run: a plan, nothing changed.
+    let s = f.run_job(&agent, "dry-1", &["--upgrade", "all", "--dry-run"]);
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED", "{s:#}");
+    assert_eq!(
+        outcome(&s, "alpha").expect("alpha")["outcome"],
+        "would change (dry run)"
+    );
+    assert_eq!(f.dpkg_versions(), before);
+
+    // Approval delay: every update was first seen today, so nothing is old enough.
+    let s = f.run_job(
+        &agent,
+        "approve-1",
+        &["--upgrade", "all", "--approve-after-days", "1"],
+    );
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED");
+    assert_eq!(s["packages"].as_array().map(Vec::len), Some(0), "{s:#}");
+    assert_eq!(f.dpkg_versions(), before);
+
+    // Security only: beta (security suite) moves, alpha and slow (normal suite) stay.
+    let s = f.run_job(&agent, "sec-1", &["--upgrade", "security"]);
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED", "{s:#}");
+    let beta = outcome(&s, "beta").expect("beta");
+    assert_eq!(
+        (
+            beta["fromVersion"].as_str(),
+            beta["toVersion"].as_str(),
+            beta["outcome"].as_str()
+        ),
+        (Some("1.0"), Some("1.2"), Some("changed"))
+    );
+    assert!(outcome(&s, "alpha").is_none());
+    assert!(f.dpkg_versions().contains("alpha=1.0") && f.dpkg_versions().contains("beta=1.2"));
+
+    // Minimum severity: with no security update left, nothing qualifies.
+    let s = f.run_job(&agent, "sev-1", &["--min-severity", "important"]);
+    assert_eq!(s["packages"].as_array().map(Vec::len), Some(0), "{s:#}");
+
+    // Excludes by name and by /regex/: nothing of alpha or slow is touched.
+    let s = f.run_job(
+        &agent,
+        "excl-1",
+        &[
+            "--upgrade",
+            "all",
+            "--exclude",
+            "alpha",
+            "--exclude",
+            "/^sl.w$/",
+        ],
+    );
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED");
+    assert_eq!(s["packages"].as_array().map(Vec::len), Some(0), "{s:#}");
+    assert!(f.dpkg_versions().contains("alpha=1.0") && f.dpkg_versions().contains("slow=1.0"));
+
+    // Install one package at an exact version.
+    let s = f.run_job(&agent, "inst-1", &["--install", "alpha=1.1"]);
+    assert_eq!(
+        outcome(&s, "alpha").expect("alpha")["toVersion"],
+        "1.1",
+        "{s:#}"
+    );
+    assert!(f.dpkg_versions().contains("alpha=1.1"));
+
+    // A scan job, and a job that leaves the host needing a reboot under policy NEVER.
+    let s = f.run_job(&agent, "scan-1", &["--scan"]);
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED");
+    std::fs::write(
+        f.sandbox.join("root/run/reboot-required"),
+        "*** System restart required ***\n",
+    )
+    .expect("flag");
+    let s = f.run_job(&agent, "slow-1", &["--upgrade", "all"]);
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED_REBOOT_REQUIRED", "{s:#}");
+    assert!(f.dpkg_versions().contains("slow=1.1"));
+
+    // The history and the list.
+    let out = f.patchctl(&agent, &["jobs", "--json"]);
+    let jobs: Value = serde_json::from_slice(&out.stdout).expect("jobs json");
+    assert_eq!(jobs[0]["job_id"], "slow-1");
+    assert_eq!(jobs.as_array().map(Vec::len), Some(8));
+    let audit = run(Command::new("dpkg")
+        .arg(format!(
+            "--admindir={}/root/var/lib/dpkg",
+            f.sandbox.display()
+        ))
+        .arg("--audit"));
+    assert!(audit.stdout.is_empty(), "dpkg --audit: {}", text(&audit));
+}
+
+/// Builds and signs envelopes by hand, for inputs patchctl refuses to make.
+struct Forge {
+    key: SigningKey,
+}
+
+impl Forge {
+    fn job(&self, id: &str) -> pb::Job {
+        pb::Job {
+            job_id: id.into(),
+            targets: vec!["test-host".into()],
+            expires_at: Some((SystemTime::now() + Duration::from_secs(3600)).into()),
+            action: Some(pb::job::Action::Upgrade(pb::UpgradeAction {
+                scope: pb::UpgradeScope::All as i32,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn seal(&self, payload: Vec<u8>) -> pb::SignedJob {
+        pb::SignedJob {
+            signature: self.key.sign(&payload),
+            key_id: self.key.key_id(),
+            payload,
+        }
+    }
+}
+
+fn b64(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("base64");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(data)
+        .expect("write");
+    String::from_utf8(child.wait_with_output().expect("base64").stdout).expect("utf8")
+}
+
+/// SubmitJob through grpcurl with the given client identity ("unix" for the local socket).
+fn submit(agent: &Agent, pki: &Pki, who: &str, env: &pb::SignedJob) -> Output {
+    let body = format!(
+        r#"{{"payload":"{}","keyId":"{}","signature":"{}"}}"#,
+        b64(&env.payload),
+        env.key_id,
+        b64(&env.signature)
+    );
+    let mut cmd = Command::new(grpcurl_bin());
+    if who == "unix" {
+        cmd.args(["-plaintext", "-unix", "-max-time", "30", "-d", &body])
+            .arg(&agent.socket);
+    } else {
+        cmd.args(pki.client(who))
+            .args(["-max-time", "30", "-d", &body])
+            .arg(&agent.addr);
+    }
+    run(cmd.arg("patchagent.v1.Agent/SubmitJob"))
+}
+
+fn expect_code(out: &Output, code: &str, needle: &str) {
+    let t = text(out);
+    assert!(!out.status.success(), "accepted but should be {code}: {t}");
+    assert!(t.contains(&format!("Code: {code}")), "want {code}: {t}");
+    assert!(t.contains(needle), "want {needle:?} in: {t}");
+}
+
+#[test]
+fn hostile_envelopes_are_refused_with_the_right_code_and_nothing_runs() {
+    let f = fixture("hostile", "apt", &[]);
+    let mut agent = f.start("apt");
+    let forge = Forge {
+        key: SigningKey::read(&f.key()).expect("key"),
+    };
+    let before = f.dpkg_versions();
+    let pwned = f.tmp.path().join("pwned");
+    let mut refusals = 0;
+
+    // Bad signature.
+    let mut env = forge.seal(forge.job("badsig").encode_to_vec());
+    env.signature[0] ^= 1;
+    expect_code(
+        &submit(&agent, &f.pki, "controller", &env),
+        "Unauthenticated",
+        "does not verify",
+    );
+    refusals += 1;
+    // A key the agent does not trust.
+    let other = f.tmp.path().join("other");
+    let out = run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&other));
+    assert!(out.status.success());
+    let stranger = Forge {
+        key: SigningKey::read(&other.join("signing.key")).expect("key"),
+    };
+    let env = stranger.seal(stranger.job("untrusted").encode_to_vec());
+    expect_code(
+        &submit(&agent, &f.pki, "controller", &env),
+        "Unauthenticated",
+        "not in the trust store",
+    );
+    refusals += 1;
+    // Times.
+    let now = SystemTime::now();
+    let mut j = forge.job("expired");
+    j.expires_at = Some((now - Duration::from_secs(3600)).into());
+    expect_code(
+        &submit(&agent, &f.pki, "controller", &forge.seal(j.encode_to_vec())),
+        "FailedPrecondition",
+        "expired",
+    );
+    let mut j = forge.job("future");
+    j.not_before = Some((now + Duration::from_secs(7200)).into());
+    j.expires_at = Some((now + Duration::from_secs(9000)).into());
+    expect_code(
+        &submit(&agent, &f.pki, "controller", &forge.seal(j.encode_to_vec())),
+        "FailedPrecondition",
+        "not valid before",
+    );
+    let mut j = forge.job("toolong");
+    j.expires_at = Some((now + Duration::from_secs(48 * 3600)).into());
+    expect_code(
+        &submit(&agent, &f.pki, "controller", &forge.seal(j.encode_to_vec())),
+        "FailedPrecondition",
+        "max_job_lifetime",
+    );
+    refusals += 3;
+    // Another host.
+    let mut j = forge.job("elsewhere");
+    j.targets = vec!["web99".into()];
+    expect_code(
+        &submit(&agent, &f.pki, "controller", &forge.seal(j.encode_to_vec())),
+        "PermissionDenied",
+        "not this host",
+    );
+    refusals += 1;
+    // 65 KiB envelope.
+    let mut j = forge.job("huge");
+    j.targets.push("x".repeat(65 * 1024));
+    expect_code(
+        &submit(&agent, &f.pki, "controller", &forge.seal(j.encode_to_vec())),
+        "InvalidArgument",
+        "the limit is 65536",
+    );
+    refusals += 1;
+    // Truncated payload and trailing bytes, each properly signed: the decoder refuses them.
+    let full = forge.job("cut").encode_to_vec();
+    expect_code(
+        &submit(
+            &agent,
+            &f.pki,
+            "controller",
+            &forge.seal(full[..full.len() - 3].to_vec()),
+        ),
+        "InvalidArgument",
+        "not a valid Job",
+    );
+    let mut trailing = forge.job("trail").encode_to_vec();
+    trailing.extend_from_slice(&[0xa8, 0x06, 0x01]);
+    expect_code(
+        &submit(&agent, &f.pki, "controller", &forge.seal(trailing)),
+        "InvalidArgument",
+        "unknown field 101",
+    );
+    // A signature over a truncated copy does not verify.
+    let mut env = forge.seal(full.clone());
+    env.payload.truncate(full.len() - 3);
+    expect_code(
+        &submit(&agent, &f.pki, "controller", &env),
+        "Unauthenticated",
+        "does not verify",
+    );
+    refusals += 3;
+    // Hostile package names.
+    for (i, name) in [
+        format!("-oAPT::Update::Pre-Invoke::=touch {}", pwned.display()),
+        "foo;id".into(),
+        "$(id)".into(),
+        "a b".into(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut j = forge.job(&format!("name{i}"));
+        j.action = Some(pb::job::Action::Install(pb::InstallAction {
+            packages: vec![pb::PackageSpec {
+                name: name.clone(),
+                version: String::new(),
+            }],
+        }));
+        expect_code(
+            &submit(&agent, &f.pki, "controller", &forge.seal(j.encode_to_vec())),
+            "InvalidArgument",
+            "not a valid package name",
+        );
+        refusals += 1;
+    }
+    // A viewer may not submit (the auth layer refuses before admission; not counted there).
+    let env = forge.seal(forge.job("viewer").encode_to_vec());
+    expect_code(
+        &submit(&agent, &f.pki, "viewer", &env),
+        "PermissionDenied",
+        "controller role",
+    );
+
+    // Nothing ran.
+    assert_eq!(f.dpkg_versions(), before);
+    assert!(!pwned.exists());
+    let status: Value =
+        serde_json::from_slice(&grpc(&agent, "patchagent.v1.Agent/GetStatus", "{}").stdout)
+            .expect("status");
+    let rejected: Option<u64> = status["jobs"]["rejected"]
+        .as_str()
+        .and_then(|s| s.parse().ok());
+    assert_eq!(rejected, Some(refusals), "{status:#}");
+    assert!(agent.log_text().contains("Rejected job"));
+
+    // A job signed by stock openssl (raw Ed25519 over the context and payload) is accepted.
+    let okey = f.tmp.path().join("openssl.key");
+    let ok = |c: &mut Command| assert!(c.status().expect("openssl").success());
+    ok(Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&okey));
+    ok(Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&okey)
+        .arg("-out")
+        .arg(f.trusted.join("openssl.pem")));
+    agent.signal(Signal::SIGHUP);
+    agent.wait_log("trusted_keys=2", 1);
+    let osigner = SigningKey::read(&okey).expect("openssl key");
+    let mut j = forge.job("openssl-1");
+    j.dry_run = true;
+    let payload = j.encode_to_vec();
+    let msg = f.tmp.path().join("msg.bin");
+    let mut data = b"patchagent-job-v1\0".to_vec();
+    data.extend_from_slice(&payload);
+    std::fs::write(&msg, data).expect("msg");
+    let sig = f.tmp.path().join("msg.sig");
+    ok(Command::new("openssl")
+        .args(["pkeyutl", "-sign", "-rawin", "-inkey"])
+        .arg(&okey)
+        .arg("-in")
+        .arg(&msg)
+        .arg("-out")
+        .arg(&sig));
+    let env = pb::SignedJob {
+        payload,
+        key_id: osigner.key_id(),
+        signature: std::fs::read(&sig).expect("sig"),
+    };
+    let out = submit(&agent, &f.pki, "controller", &env);
+    assert!(
+        out.status.success(),
+        "openssl-signed job refused: {}",
+        text(&out)
+    );
+
+    // Remove that key and SIGHUP: it no longer verifies.
+    std::fs::remove_file(f.trusted.join("openssl.pem")).expect("rm");
+    agent.signal(Signal::SIGHUP);
+    agent.wait_log("trusted_keys=1", 1);
+    let mut j = forge.job("openssl-2");
+    j.dry_run = true;
+    let payload = j.encode_to_vec();
+    let mut data = b"patchagent-job-v1\0".to_vec();
+    data.extend_from_slice(&payload);
+    std::fs::write(&msg, data).expect("msg");
+    ok(Command::new("openssl")
+        .args(["pkeyutl", "-sign", "-rawin", "-inkey"])
+        .arg(&okey)
+        .arg("-in")
+        .arg(&msg)
+        .arg("-out")
+        .arg(&sig));
+    let env = pb::SignedJob {
+        payload,
+        key_id: osigner.key_id(),
+        signature: std::fs::read(&sig).expect("sig"),
+    };
+    expect_code(
+        &submit(&agent, &f.pki, "controller", &env),
+        "Unauthenticated",
+        "not in the trust store",
+    );
+
+    // Replay: the same job id again, before and after a restart, returns the stored status.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_job(&agent, "openssl-1")["state"] == "JOB_STATE_QUEUED"
+        || get_job(&agent, "openssl-1")["state"] == "JOB_STATE_APPLYING"
+    {
+        assert!(Instant::now() < deadline, "job did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let replay = forge.seal(forge.job("openssl-1").encode_to_vec());
+    expect_code(
+        &submit(&agent, &f.pki, "controller", &replay),
+        "AlreadyExists",
+        "stored status: Succeeded",
+    );
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(0));
+    let agent = f.start("apt");
+    expect_code(
+        &submit(&agent, &f.pki, "unix", &replay),
+        "AlreadyExists",
+        "stored status: Succeeded",
+    );
+    assert_eq!(f.dpkg_versions(), before);
+}
+
+#[test]
+fn sigkill_during_applying_is_interrupted_after_restart_and_dpkg_is_consistent() {
+    let f = fixture("sigkill", "apt", &[]);
+    let mut agent = f.start("apt");
+    let file = f.sign("slow-kill", &["--upgrade", "all", "--exclude", "alpha"]);
+    let out = f.patchctl(&agent, &["submit", file.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Wait until the slow package is being configured, then kill the agent outright.
+    let journal = agent.dir.join("state/jobs/slow-kill.json");
+    wait_for_history(&journal, "applying slow");
+    let history = std::fs::read_to_string(&journal).expect("journal");
+    assert!(
+        history.contains("\"state\":\"APPLYING\""),
+        "APPLYING recorded before acting: {history}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    agent.signal(Signal::SIGKILL);
+    agent.wait_exit(Duration::from_secs(5));
+    drop(agent);
+
+    let agent = f.start("apt");
+    let s = get_job(&agent, "slow-kill");
+    assert_eq!(s["state"], "JOB_STATE_INTERRUPTED", "{s:#}");
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("stopped while the job was applying")
+    );
+    // The package manager ran in its own process group and was not killed with the agent;
+    // once it is done, dpkg's database is consistent.
+    let lock = f.sandbox.join("root/var/lib/dpkg/lock-frontend");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while patch_agent::pkg::lock::holder(&lock)
+        .expect("lock")
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "dpkg never finished");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let audit = run(Command::new("dpkg")
+        .arg(format!(
+            "--admindir={}/root/var/lib/dpkg",
+            f.sandbox.display()
+        ))
+        .arg("--audit"));
+    assert!(audit.stdout.is_empty(), "dpkg --audit: {}", text(&audit));
+}
+
+#[test]
+fn corrupt_journal_is_quarantined_watchers_see_full_history_and_queued_jobs_cancel() {
+    let f = fixture("journal", "apt", &[]);
+    let state = f.tmp.path().join("agent/state/jobs");
+    std::fs::create_dir_all(&state).expect("state");
+    std::fs::write(
+        state.join("torn.json"),
+        b"{\"job_id\": \"torn\", \"state\": ",
+    )
+    .expect("corrupt");
+    let agent = f.start("apt");
+    assert!(
+        agent
+            .log_text()
+            .contains("Quarantined a corrupt journal file"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(!state.join("torn.json").exists());
+    assert_eq!(
+        std::fs::read_dir(f.tmp.path().join("agent/state/quarantine"))
+            .expect("q")
+            .count(),
+        1
+    );
+    let out = grpc(&agent, "patchagent.v1.Agent/GetJob", r#"{"job_id":"torn"}"#);
+    assert!(text(&out).contains("NotFound"), "{}", text(&out));
+
+    // A slow job, a second queued behind it, cancelled while queued.
+    let slow = f.sign("slow-watch", &["--upgrade", "all", "--exclude", "alpha"]);
+    let second = f.sign("queued-2", &["--install", "alpha=1.1"]);
+    for file in [&slow, &second] {
+        let out = f.patchctl(&agent, &["submit", file.to_str().expect("path")]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let w1 = Command::new(PATCHCTL)
+        .args([
+            "watch",
+            "--agent",
+            &format!("unix:{}", agent.socket.display()),
+            "slow-watch",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch 1");
+    let out = f.patchctl(&agent, &["cancel", "queued-2"]);
+    assert!(text(&out).contains("CANCELLED"), "{}", text(&out));
+    // The second watcher joins mid-job.
+    wait_for_history(
+        &agent.dir.join("state/jobs/slow-watch.json"),
+        "applying slow",
+    );
+    let w2 = f.patchctl(&agent, &["watch", "slow-watch"]);
+    let w1 = w1.wait_with_output().expect("watch 1");
+    for out in [&w1, &w2] {
+        let t = text(out);
+        assert!(out.status.success(), "{t}");
+        for needle in [
+            "QUEUED: upgrade all",
+            "APPLYING: upgrade all",
+            "plan: beta 1.0 -> 1.2, slow 1.0 -> 1.1",
+            "applying slow",
+            "SUCCEEDED",
+            "slow                                            1.0 -> 1.1",
+        ] {
+            assert!(
+                t.contains(needle),
+                "{needle:?} missing from watcher output:\n{t}"
+            );
+        }
+        assert_eq!(
+            t.matches("QUEUED: upgrade all").count(),
+            1,
+            "no duplicates: {t}"
+        );
+    }
+    let q = get_job(&agent, "queued-2");
+    assert_eq!(q["state"], "JOB_STATE_CANCELLED");
+    assert!(q["startedAt"].is_null(), "never started: {q:#}");
+    assert!(f.dpkg_versions().contains("alpha=1.0"));
+}
+
+#[test]
+fn dnf_jobs_severity_security_exclude_install_and_approval() {
+    let f = fixture("dnfjobs", "dnf", &[]);
+    let agent = f.start("dnf");
+    let vers = |f: &Fixture| f.rpm_versions();
+    assert_eq!(
+        vers(&f),
+        "bug=1.0 crit=1.0 imp=1.0 low=1.0 mod=1.0 plain=1.0"
+    );
+
+    // Advisories are months old; ten years of approval delay leaves everything alone.
+    let s = f.run_job(
+        &agent,
+        "dnf-approve",
+        &["--upgrade", "all", "--approve-after-days", "3650"],
+    );
+    assert_eq!(s["packages"].as_array().map(Vec::len), Some(0), "{s:#}");
+    let s = f.run_job(&agent, "dnf-dry", &["--upgrade", "all", "--dry-run"]);
+    assert_eq!(s["packages"].as_array().map(Vec::len), Some(6));
+    assert_eq!(
+        vers(&f),
+        "bug=1.0 crit=1.0 imp=1.0 low=1.0 mod=1.0 plain=1.0"
+    );
+
+    let s = f.run_job(&agent, "dnf-crit", &["--min-severity", "critical"]);
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED", "{s:#}");
+    assert_eq!(
+        vers(&f),
+        "bug=1.0 crit=1.1 imp=1.0 low=1.0 mod=1.0 plain=1.0"
+    );
+    let s = f.run_job(
+        &agent,
+        "dnf-sec",
+        &["--upgrade", "security", "--exclude", "low"],
+    );
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED", "{s:#}");
+    assert_eq!(
+        vers(&f),
+        "bug=1.0 crit=1.1 imp=1.1 low=1.0 mod=1.1 plain=1.0"
+    );
+    let s = f.run_job(
+        &agent,
+        "dnf-all",
+        &["--upgrade", "all", "--exclude", "/^pl.*/"],
+    );
+    assert_eq!(outcome(&s, "bug").expect("bug")["toVersion"], "1.1-1");
+    assert_eq!(
+        vers(&f),
+        "bug=1.1 crit=1.1 imp=1.1 low=1.1 mod=1.1 plain=1.0"
+    );
+    let s = f.run_job(&agent, "dnf-inst", &["--install", "plain=1.1-1"]);
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED", "{s:#}");
+    assert_eq!(
+        vers(&f),
+        "bug=1.1 crit=1.1 imp=1.1 low=1.1 mod=1.1 plain=1.1"
+    );
+}
