@@ -208,7 +208,7 @@ impl proto::Agent for AgentService {
         req: Request<pb::SignedJob>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let caller = caller(&req)?.identity.clone();
-        match self.engine.submit(req.get_ref()) {
+        match self.engine.submit_fair(req.get_ref()).await {
             Ok(record) => {
                 tracing::info!(job = %record.job_id, caller = %caller, "Job submitted");
                 Ok(Response::new(pb::SubmitJobResponse {

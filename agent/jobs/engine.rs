@@ -58,6 +58,11 @@ pub struct Engine {
     inner: Mutex<Inner>,
     wake: Notify,
     rejected: Mutex<Rejections>,
+    /// (window start, lines logged in it, lines suppressed in it).
+    log_limiter: Mutex<(std::time::Instant, u32, u64)>,
+    /// Admission is CPU work (signature, schema); one at a time leaves the other workers free
+    /// for everything else when someone floods the agent.
+    admission: tokio::sync::Semaphore,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -96,6 +101,8 @@ impl Engine {
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),
             rejected: Mutex::new(Rejections::new()),
+            log_limiter: Mutex::new((std::time::Instant::now(), 0, 0)),
+            admission: tokio::sync::Semaphore::new(1),
         });
         let mut interrupted = false;
         for mut r in records.into_iter().filter(|r| !removed.contains(&r.job_id)) {
@@ -206,6 +213,12 @@ impl Engine {
         lock(&self.rejected).clone()
     }
 
+    /// [`Engine::submit`], one admission at a time.
+    pub async fn submit_fair(&self, env: &pb::SignedJob) -> Result<Record, Refused> {
+        let _permit = self.admission.acquire().await;
+        self.submit(env)
+    }
+
     /// Admits a signed job and queues it, or says why not. Nothing runs on refusal.
     pub fn submit(&self, env: &pb::SignedJob) -> Result<Record, Refused> {
         let trust = self
@@ -287,7 +300,25 @@ impl Engine {
 
     fn refuse(&self, why: Rejection, key_id: &str, record: Option<Record>) -> Refused {
         *lock(&self.rejected).entry(why.label()).or_default() += 1;
-        tracing::warn!(reason = why.label(), key = %key_id, error = %why, "Rejected job");
+        // Every refusal is counted; logging is limited to ten lines a second so a flood of
+        // hostile envelopes cannot turn into a flood of log lines.
+        let now = std::time::Instant::now();
+        let mut limiter = lock(&self.log_limiter);
+        if now.duration_since(limiter.0) >= Duration::from_secs(1) {
+            if limiter.2 > 0 {
+                tracing::warn!(
+                    suppressed = limiter.2,
+                    "Rejected-job log lines suppressed in the last second"
+                );
+            }
+            *limiter = (now, 0, 0);
+        }
+        if limiter.1 < 10 {
+            limiter.1 += 1;
+            tracing::warn!(reason = why.label(), key = %key_id, error = %why, "Rejected job");
+        } else {
+            limiter.2 += 1;
+        }
         Box::new((why, record))
     }
 
@@ -451,11 +482,26 @@ impl Engine {
         }
         let state = self.get(id).map(|r| r.state);
         tracing::info!(job = %id, state = ?state, "Job finished");
+        self.collect_garbage();
         if let Some(s) = &self.scanner {
             let s = s.clone();
             tokio::spawn(async move {
                 s.scan(false).await;
             });
+        }
+    }
+
+    /// Forgets finished jobs past their expiry and the history retention (journal and memory).
+    fn collect_garbage(&self) {
+        let mut inner = lock(&self.inner);
+        let records: Vec<Record> = inner
+            .jobs
+            .values()
+            .filter(|e| e.record.state.is_terminal())
+            .map(|e| e.record.clone())
+            .collect();
+        for id in self.journal.gc(&records, self.cfg.history_retention) {
+            inner.jobs.remove(&id);
         }
     }
 
