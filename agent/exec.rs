@@ -164,6 +164,14 @@ const SCRUBBED: &[&str] = &[
 
 /// Runs a command to completion (or its deadline), capturing stdout and stderr.
 pub async fn run(cmd: &Cmd) -> Result<Output, ExecError> {
+    run_streaming(cmd, None).await
+}
+
+/// Like [`run`], and also sends each stdout line to `lines` as it is printed.
+pub async fn run_streaming(
+    cmd: &Cmd,
+    lines: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) -> Result<Output, ExecError> {
     let started = Instant::now();
     let mut c = tokio::process::Command::new(&cmd.program);
     c.args(&cmd.args)
@@ -175,7 +183,9 @@ pub async fn run(cmd: &Cmd) -> Result<Output, ExecError> {
         .env("NEEDRESTART_MODE", "l")
         .env("APT_LISTCHANGES_FRONTEND", "none")
         .process_group(0)
-        .kill_on_drop(true);
+        // Never kill on drop: a package manager must outlive an agent that stops mid-run;
+        // deadlines kill the process group explicitly.
+        .kill_on_drop(false);
     for k in SCRUBBED {
         c.env_remove(k);
     }
@@ -187,7 +197,10 @@ pub async fn run(cmd: &Cmd) -> Result<Output, ExecError> {
         source,
     })?;
     let pgid = child.id();
-    let stdout_task = tokio::spawn(read_capped(child.stdout.take()));
+    let stdout_task = match lines {
+        None => tokio::spawn(read_capped(child.stdout.take())),
+        Some(tx) => tokio::spawn(read_lines(child.stdout.take(), tx)),
+    };
     let stderr_task = tokio::spawn(read_capped(child.stderr.take()));
     let status = match tokio::time::timeout(cmd.timeout, child.wait()).await {
         Ok(Ok(status)) => status,
@@ -236,6 +249,28 @@ async fn read_capped<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
         let _ = p.take(MAX_CAPTURE).read_to_end(&mut buf).await;
     }
     String::from_utf8_lossy(&buf).into_owned()
+}
+
+async fn read_lines<R: AsyncRead + Unpin>(
+    pipe: Option<R>,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let mut all = String::new();
+    let Some(p) = pipe else { return all };
+    let mut reader = tokio::io::BufReader::new(p.take(MAX_CAPTURE));
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return all,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                all.push_str(&text);
+                let _ = tx.send(text.trim_end().to_string());
+            }
+        }
+    }
 }
 
 async fn drain(task: tokio::task::JoinHandle<String>) -> String {
@@ -290,6 +325,24 @@ mod tests {
             .await
             .expect("echo");
         assert_eq!(out.stdout.trim(), "$(id);`id`");
+    }
+
+    #[tokio::test]
+    async fn streams_lines_as_they_come() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let cmd = Cmd::new("/bin/sh", Duration::from_secs(5))
+            .args(["-c", "echo one; sleep 0.3; echo two"]);
+        let run = tokio::spawn(async move { run_streaming(&cmd, Some(tx)).await });
+        let first = tokio::time::timeout(Duration::from_millis(250), rx.recv()).await;
+        assert_eq!(
+            first
+                .expect("first line before the command ends")
+                .as_deref(),
+            Some("one")
+        );
+        assert_eq!(rx.recv().await.as_deref(), Some("two"));
+        let out = run.await.expect("join").expect("run");
+        assert_eq!(out.stdout, "one\ntwo\n");
     }
 
     #[tokio::test]

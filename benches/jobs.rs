@@ -6,8 +6,7 @@
 //! 2. soak: consecutive dry-run jobs (BENCH_JOBS, default 1,000): RSS after the 100th and after
 //!    the last, and the journal's disk use with a short history retention.
 //!
-//!     cargo bench --bench jobs
-//!     BENCH_JOBS=200 cargo bench --bench jobs
+//! Run with `cargo bench --bench jobs`, or `BENCH_JOBS=200 cargo bench --bench jobs`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -23,13 +22,24 @@ use std::time::{Duration, Instant, SystemTime};
 const FLOOD: usize = 10_000;
 
 fn main() {
-    let jobs: usize = std::env::var("BENCH_JOBS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let jobs: usize = std::env::var("BENCH_JOBS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
     let tmp = tempfile::tempdir().expect("tempdir");
     let s = tmp.path().join("apt");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/apt-sandbox.sh");
-    assert!(run(Command::new("bash").arg(&fixture).arg(&s)).status.success());
+    assert!(
+        run(Command::new("bash").arg(&fixture).arg(&s))
+            .status
+            .success()
+    );
     let keys = tmp.path().join("keys");
-    assert!(run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys)).status.success());
+    assert!(
+        run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys))
+            .status
+            .success()
+    );
     let trusted = tmp.path().join("trusted");
     std::fs::create_dir_all(&trusted).expect("trusted");
     std::fs::copy(keys.join("signing.pem"), trusted.join("signing.pem")).expect("copy");
@@ -43,7 +53,11 @@ fn main() {
     let agent = Agent::start(&dir, &config_text(&dir, &pki, &extra));
     let pid = agent.child.id();
     let signer = SigningKey::read(&keys.join("signing.key")).expect("key");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("rt");
     let connect = |pki: &Pki, addr: &str| {
         let args = patch_agent::ctl::client::AgentArgs {
             agent: addr.to_string(),
@@ -62,7 +76,11 @@ fn main() {
     let probe = connect(&pki, &agent.addr);
 
     // Idle GetStatus latency.
-    let idle = rt.block_on(status_latencies(probe.clone(), Duration::from_secs(3), None));
+    let idle = rt.block_on(status_latencies(
+        probe.clone(),
+        Duration::from_secs(3),
+        None,
+    ));
     let rss_before = patch_agent::ctl::bench::memory_kib(pid).expect("rss").0;
 
     // 1. Flood of bad signatures.
@@ -76,15 +94,26 @@ fn main() {
     let payload = job.encode_to_vec();
     let mut signature = signer.sign(&payload);
     signature[0] ^= 0xff;
-    let env = pb::SignedJob { payload, key_id: signer.key_id(), signature };
+    let env = pb::SignedJob {
+        payload,
+        key_id: signer.key_id(),
+        signature,
+    };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The probe runs on its own thread and runtime, so its latency is the agent's, not the time
     // it waits behind the flood's tasks in this process.
     let probe_thread = {
         let (probe, stop) = (probe.clone(), stop.clone());
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
-            rt.block_on(status_latencies(probe, Duration::from_secs(600), Some(stop)))
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("rt");
+            rt.block_on(status_latencies(
+                probe,
+                Duration::from_secs(600),
+                Some(stop),
+            ))
         })
     };
     let (rejected, elapsed) = rt.block_on(async {
@@ -144,23 +173,38 @@ fn main() {
             job_id: format!("soak-{i}"),
             targets: vec!["test-host".into()],
             expires_at: Some((SystemTime::now() + Duration::from_secs(2)).into()),
-            action: Some(pb::job::Action::Upgrade(pb::UpgradeAction { scope: pb::UpgradeScope::All as i32, ..Default::default() })),
+            action: Some(pb::job::Action::Upgrade(pb::UpgradeAction {
+                scope: pb::UpgradeScope::All as i32,
+                ..Default::default()
+            })),
             dry_run: true,
             ..Default::default()
         };
         let payload = job.encode_to_vec();
-        let env = pb::SignedJob { signature: signer.sign(&payload), key_id: signer.key_id(), payload };
+        let env = pb::SignedJob {
+            signature: signer.sign(&payload),
+            key_id: signer.key_id(),
+            payload,
+        };
         rt.block_on(client.submit_job(env)).expect("submit");
         loop {
             let st = rt
-                .block_on(client.get_job(pb::GetJobRequest { job_id: format!("soak-{i}") }))
+                .block_on(client.get_job(pb::GetJobRequest {
+                    job_id: format!("soak-{i}"),
+                }))
                 .expect("get")
                 .into_inner();
-            if matches!(pb::JobState::try_from(st.state), Ok(pb::JobState::Succeeded | pb::JobState::SucceededRebootRequired)) {
+            if matches!(
+                pb::JobState::try_from(st.state),
+                Ok(pb::JobState::Succeeded | pb::JobState::SucceededRebootRequired)
+            ) {
                 break;
             }
             assert!(
-                !matches!(pb::JobState::try_from(st.state), Ok(pb::JobState::Failed | pb::JobState::TimedOut)),
+                !matches!(
+                    pb::JobState::try_from(st.state),
+                    Ok(pb::JobState::Failed | pb::JobState::TimedOut)
+                ),
                 "soak job failed: {st:?}"
             );
             std::thread::sleep(Duration::from_millis(5));
@@ -171,9 +215,16 @@ fn main() {
     }
     let rss_last = patch_agent::ctl::bench::memory_kib(pid).expect("rss").0;
     let journal_dir = dir.join("state/jobs");
-    let files = std::fs::read_dir(&journal_dir).map(|d| d.count()).unwrap_or(0);
+    let files = std::fs::read_dir(&journal_dir)
+        .map(|d| d.count())
+        .unwrap_or(0);
     let bytes: u64 = std::fs::read_dir(&journal_dir)
-        .map(|d| d.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0);
     println!(
         "| soak: {jobs} consecutive dry-run upgrade jobs ({:.1} s, {:.0} ms/job) | RSS after 100th {:.1} MiB, after last {:.1} MiB ({:+} KiB) | last <= 100th + 2 MiB |",
@@ -198,9 +249,16 @@ async fn status_latencies(
     let mut client = AgentClient::new(channel);
     let end = Instant::now() + limit;
     let mut out = Vec::new();
-    while Instant::now() < end && !stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+    while Instant::now() < end
+        && !stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
+    {
         let t = Instant::now();
-        client.get_status(pb::GetStatusRequest {}).await.expect("status");
+        client
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .expect("status");
         out.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     out
@@ -209,5 +267,7 @@ async fn status_latencies(
 fn p99(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1))).copied().unwrap_or(0.0)
+    v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0)
 }

@@ -659,16 +659,21 @@ impl Engine {
                 break;
             }
             self.note(id, format!("applying {}", op.name()));
-            match backend.apply(op).await {
-                Ok(lines) => {
-                    for l in lines.iter().filter(|l| !l.trim().is_empty()).take(200) {
-                        self.note(id, format!("  {l}"));
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let forward = async {
+                let mut n = 0;
+                while let Some(line) = rx.recv().await {
+                    // Live output for watchers; the first 500 lines of each command are kept.
+                    if !line.trim().is_empty() && n < 500 {
+                        n += 1;
+                        self.note(id, format!("  {line}"));
                     }
                 }
-                Err(e) => {
-                    failure = Some(Stop::Failed(format!("{} failed: {e}", op.name())));
-                    break;
-                }
+            };
+            let (result, ()) = tokio::join!(backend.apply(op, tx), forward);
+            if let Err(e) = result {
+                failure = Some(Stop::Failed(format!("{} failed: {e}", op.name())));
+                break;
             }
         }
         // Results from a fresh inventory, whatever happened.

@@ -499,9 +499,17 @@ impl PackageManager for Apt {
         )))
     }
 
-    async fn apply(&self, op: &super::Op) -> Result<Vec<String>, PkgError> {
-        let out = self.run_ok(&self.config.apply_command(op)).await?;
-        Ok(out.stdout.lines().map(str::to_string).collect())
+    async fn apply(
+        &self,
+        op: &super::Op,
+        lines: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<(), PkgError> {
+        let cmd = self.config.apply_command(op);
+        let out = exec::run_streaming(&cmd, Some(lines)).await?;
+        if !out.status.success() {
+            return Err(Failed::new(&cmd, &out).into());
+        }
+        Ok(())
     }
 }
 

@@ -424,12 +424,20 @@ impl PackageManager for Dnf {
         Ok(scan)
     }
 
-    async fn apply(&self, op: &super::Op) -> Result<Vec<String>, PkgError> {
+    async fn apply(
+        &self,
+        op: &super::Op,
+        lines: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<(), PkgError> {
         lock::wait_free(&self.config.lock_files(), self.config.lock_timeout)
             .await
             .map_err(PkgError::Lock)?;
-        let out = self.run_ok(&self.config.apply_command(op)).await?;
-        Ok(out.stdout.lines().map(str::to_string).collect())
+        let cmd = self.config.apply_command(op);
+        let out = exec::run_streaming(&cmd, Some(lines)).await?;
+        if !out.status.success() {
+            return Err(Failed::new(&cmd, &out).into());
+        }
+        Ok(())
     }
 
     async fn reboot_required(&self, boot_time: SystemTime) -> RebootState {

@@ -251,8 +251,12 @@ pub trait PackageManager: Send + Sync {
     async fn repair(&self) -> Result<Option<String>, PkgError> {
         Ok(None)
     }
-    /// Applies one operation; its output is returned line by line.
-    async fn apply(&self, op: &Op) -> Result<Vec<String>, PkgError>;
+    /// Applies one operation, sending its output lines to `lines` as they are printed.
+    async fn apply(
+        &self,
+        op: &Op,
+        lines: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<(), PkgError>;
 }
 
 #[cfg(test)]

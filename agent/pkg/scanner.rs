@@ -283,8 +283,12 @@ mod tests {
         async fn reboot_required(&self, _: SystemTime) -> RebootState {
             RebootState::default()
         }
-        async fn apply(&self, _: &crate::pkg::Op) -> Result<Vec<String>, PkgError> {
-            Ok(vec![])
+        async fn apply(
+            &self,
+            _: &crate::pkg::Op,
+            _: tokio::sync::mpsc::UnboundedSender<String>,
+        ) -> Result<(), PkgError> {
+            Ok(())
         }
     }
 
