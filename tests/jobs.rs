@@ -775,3 +775,124 @@ fn dnf_jobs_severity_security_exclude_install_and_approval() {
         "bug=1.1 crit=1.1 imp=1.1 low=1.1 mod=1.1 plain=1.1"
     );
 }
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn wait_state(agent: &Agent, id: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = get_job(agent, id);
+        if s["state"] == want {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never reached {want}: {s:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn maintenance_windows_wait_run_and_miss() {
+    let f = fixture("windows", "apt", &[]);
+    std::fs::remove_file(f.sandbox.join("root/run/reboot-required")).expect("no reboot flag");
+    let agent = f.start("apt");
+    let now = SystemTime::now();
+    let h = Duration::from_secs(3600);
+    let submit = |id: &str, flags: &[&str]| {
+        let file = f.sign(id, flags);
+        let out = f.patchctl(&agent, &["submit", file.to_str().expect("path")]);
+        assert!(out.status.success(), "submit {id}: {}", text(&out));
+    };
+
+    // A window that has already closed, and one too short for the job's max_duration.
+    let closed = format!("{}/{}", rfc3339(now - 2 * h), rfc3339(now - h));
+    submit("win-closed", &["--scan", "--window", &closed]);
+    let s = wait_state(&agent, "win-closed", "JOB_STATE_MISSED_WINDOW");
+    assert!(
+        s["reason"].as_str().unwrap_or("").contains("closed"),
+        "{s:#}"
+    );
+    let short = format!(
+        "{}/{}",
+        rfc3339(now - Duration::from_secs(60)),
+        rfc3339(now + Duration::from_secs(600))
+    );
+    submit(
+        "win-short",
+        &["--scan", "--window", &short, "--max-duration", "1h"],
+    );
+    let s = wait_state(&agent, "win-short", "JOB_STATE_MISSED_WINDOW");
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("less than max_duration"),
+        "{s:#}"
+    );
+    // The same window is fine when the job allows a partial window.
+    submit(
+        "win-partial",
+        &[
+            "--scan",
+            "--window",
+            &short,
+            "--max-duration",
+            "1h",
+            "--window-allow-partial",
+        ],
+    );
+    wait_state(&agent, "win-partial", "JOB_STATE_SUCCEEDED");
+
+    // A window in the future: the job waits, then runs.
+    let soon = format!(
+        "{}/{}",
+        rfc3339(now + Duration::from_secs(4)),
+        rfc3339(now + Duration::from_secs(1800))
+    );
+    submit(
+        "win-future",
+        &[
+            "--upgrade",
+            "all",
+            "--dry-run",
+            "--window",
+            &soon,
+            "--max-duration",
+            "10m",
+        ],
+    );
+    wait_state(&agent, "win-future", "JOB_STATE_WAITING_WINDOW");
+    let s = wait_state(&agent, "win-future", "JOB_STATE_SUCCEEDED");
+    let history =
+        std::fs::read_to_string(agent.dir.join("state/jobs/win-future.json")).expect("journal");
+    assert!(
+        history.contains("WAITING_WINDOW: the maintenance window opens at"),
+        "{history}"
+    );
+    assert!(outcome(&s, "alpha").is_some(), "{s:#}");
+
+    // A window that closes while the job waits in the queue behind a slow one.
+    submit("slow-first", &["--upgrade", "all", "--exclude", "alpha"]);
+    let brief = format!(
+        "{}/{}",
+        rfc3339(SystemTime::now() - Duration::from_secs(1)),
+        rfc3339(SystemTime::now() + Duration::from_secs(2))
+    );
+    submit(
+        "win-queued",
+        &["--scan", "--window", &brief, "--window-allow-partial"],
+    );
+    wait_state(&agent, "slow-first", "JOB_STATE_SUCCEEDED");
+    let s = wait_state(&agent, "win-queued", "JOB_STATE_MISSED_WINDOW");
+    assert!(s["startedAt"].is_null(), "never started: {s:#}");
+    let out = f.patchctl(&agent, &["watch", "win-queued"]);
+    assert!(
+        !out.status.success(),
+        "watch fails for a missed window: {}",
+        text(&out)
+    );
+}

@@ -49,9 +49,25 @@ pub struct JobArgs {
     /// Maximum run time, e.g. 30m. Default: the agent's [jobs] max_job_duration.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub max_duration: Option<Duration>,
+    /// Maintenance window START/END (RFC 3339, e.g. 2026-11-29T02:00:00Z/2026-11-29T04:00:00Z):
+    /// the job waits for START and is missed if it cannot start with --max-duration left.
+    #[arg(long, value_parser = parse_window)]
+    pub window: Option<(SystemTime, SystemTime)>,
+    /// Allow starting in the window even with less than max_duration left.
+    #[arg(long, requires = "window")]
+    pub window_allow_partial: bool,
     /// The agents' [jobs] max_job_lifetime, to refuse what they would refuse.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_lifetime: Duration,
+}
+
+fn parse_window(s: &str) -> Result<(SystemTime, SystemTime), String> {
+    let (a, b) = s
+        .split_once('/')
+        .ok_or("expected START/END, two RFC 3339 times separated by '/'")?;
+    let parse =
+        |t: &str| humantime::parse_rfc3339_weak(t.trim()).map_err(|e| format!("{t:?}: {e}"));
+    Ok((parse(a)?, parse(b)?))
 }
 
 fn fresh_id() -> String {
@@ -127,6 +143,11 @@ pub fn build(a: &JobArgs, now: SystemTime) -> Result<pb::Job> {
         max_duration: a
             .max_duration
             .and_then(|d| prost_types::Duration::try_from(d).ok()),
+        window: a.window.map(|(start, end)| pb::MaintenanceWindow {
+            start: Some(start.into()),
+            end: Some(end.into()),
+            allow_partial: a.window_allow_partial,
+        }),
         ..Default::default()
     })
 }

@@ -10,7 +10,7 @@ use super::journal::{self, EventRecord, Journal, PackageOutcome, Record};
 use super::state::{Event, State};
 use super::trust::TrustStore;
 use super::wire::Schema;
-use super::{Action, Policy, Rejection, ValidJob, admit};
+use super::{Action, Policy, Rejection, ValidJob, WindowCheck, admit};
 use crate::config::JobsSection;
 use crate::pkg::scanner::Scanner;
 use crate::pkg::{Classification, Op, Severity, Update};
@@ -115,13 +115,13 @@ impl Engine {
                     r.event("INTERRUPTED: found applying after an agent restart");
                     interrupted = true;
                 }
-                State::Queued if r.expires_ms <= journal::now_ms() => {
+                State::Queued | State::WaitingWindow if r.expires_ms <= journal::now_ms() => {
                     r.state = State::Failed;
                     r.reason = "expired before it could run".into();
                     r.finished_ms = Some(journal::now_ms());
                     r.event("FAILED: expired while queued across a restart");
                 }
-                State::Queued => match engine.requeue(&r) {
+                State::Queued | State::WaitingWindow => match engine.requeue(&r) {
                     Ok(j) => job = Some(j),
                     Err(why) => {
                         r.state = State::Failed;
@@ -135,7 +135,7 @@ impl Engine {
             if let Err(e) = engine.journal.write(&r) {
                 tracing::error!(job = %r.job_id, error = %e, "Cannot update the journal during recovery");
             }
-            let queued = r.state == State::Queued;
+            let queued = matches!(r.state, State::Queued | State::WaitingWindow);
             let id = r.job_id.clone();
             let (tx, _) = broadcast::channel(256);
             let mut inner = lock(&engine.inner);
@@ -353,7 +353,7 @@ impl Engine {
             return Err(format!("no job {id}"));
         };
         match entry.record.state {
-            State::Queued => {
+            State::Queued | State::WaitingWindow => {
                 self.transition(entry, &Event::Cancel, "CANCELLED: cancelled while queued")?;
                 entry.record.reason = "cancelled by a controller".into();
                 entry.record.finished_ms = Some(journal::now_ms());
@@ -420,22 +420,87 @@ impl Engine {
         }
     }
 
-    /// Runs queued jobs one at a time, forever.
+    /// Runs queued jobs one at a time, forever. A job whose maintenance window has not opened
+    /// waits (WAITING_WINDOW) without holding up the jobs behind it; one whose window can no
+    /// longer fit it ends MISSED_WINDOW.
     pub async fn run(self: Arc<Self>) {
         loop {
-            let next = {
-                let mut inner = lock(&self.inner);
-                inner.queue.pop_front().and_then(|id| {
-                    let e = inner.jobs.get(&id)?;
-                    Some((id, e.job.clone()?, e.cancel.clone()))
-                })
-            };
-            let Some((id, job, cancel)) = next else {
-                self.wake.notified().await;
+            let now = SystemTime::now();
+            let (picked, wake_at) = self.pick(now);
+            match (picked, wake_at) {
+                (Some((id, job, cancel)), _) => self.run_job(&id, &job, &cancel).await,
+                (None, Some(t)) => {
+                    let d = t.duration_since(now).unwrap_or_default();
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(d) => {}
+                    }
+                }
+                (None, None) => self.wake.notified().await,
+            }
+        }
+    }
+
+    /// The first queued job that may start now, and when to look again if none may.
+    #[allow(clippy::type_complexity)]
+    fn pick(
+        &self,
+        now: SystemTime,
+    ) -> (
+        Option<(String, ValidJob, Arc<AtomicBool>)>,
+        Option<SystemTime>,
+    ) {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let mut wake_at: Option<SystemTime> = None;
+        let mut i = 0;
+        while i < inner.queue.len() {
+            let id = inner.queue[i].clone();
+            let Some(entry) = inner.jobs.get_mut(&id) else {
+                inner.queue.remove(i);
                 continue;
             };
-            self.run_job(&id, &job, &cancel).await;
+            let Some(job) = entry.job.clone() else {
+                inner.queue.remove(i);
+                continue;
+            };
+            match job.window.map(|w| w.check(now, job.max_duration)) {
+                None | Some(WindowCheck::Open) => {
+                    inner.queue.remove(i);
+                    return (Some((id, job, entry.cancel.clone())), None);
+                }
+                Some(WindowCheck::WaitUntil(t)) => {
+                    if entry.record.state == State::Queued {
+                        let msg = format!(
+                            "WAITING_WINDOW: the maintenance window opens at {}",
+                            humantime::format_rfc3339_seconds(t)
+                        );
+                        if self.transition(entry, &Event::WaitWindow, &msg).is_ok() {
+                            self.persist(entry);
+                        }
+                    }
+                    wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+                    i += 1;
+                }
+                Some(WindowCheck::Missed(why)) => {
+                    if self
+                        .transition(
+                            entry,
+                            &Event::WindowMissed,
+                            &format!("MISSED_WINDOW: {why}"),
+                        )
+                        .is_ok()
+                    {
+                        entry.record.reason = why;
+                        entry.record.finished_ms = Some(journal::now_ms());
+                        self.persist(entry);
+                        let _ = entry.tx.send(Notice::Done(Box::new(entry.record.clone())));
+                    }
+                    inner.queue.remove(i);
+                }
+            }
         }
+        (None, wake_at)
     }
 
     async fn run_job(&self, id: &str, job: &ValidJob, cancel: &AtomicBool) {

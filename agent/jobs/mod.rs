@@ -101,6 +101,50 @@ pub struct ValidJob {
     pub action: Action,
     pub dry_run: bool,
     pub max_duration: Duration,
+    pub window: Option<Window>,
+}
+
+/// A maintenance window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub allow_partial: bool,
+}
+
+/// Whether a job may start now, must wait, or can no longer start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WindowCheck {
+    Open,
+    WaitUntil(SystemTime),
+    Missed(String),
+}
+
+impl Window {
+    /// Decides for a job that would run up to `max_duration` starting at `now`.
+    pub fn check(&self, now: SystemTime, max_duration: Duration) -> WindowCheck {
+        let fmt = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let latest_start = if self.allow_partial {
+            self.end
+        } else {
+            self.end.checked_sub(max_duration).unwrap_or(UNIX_EPOCH)
+        };
+        if now >= latest_start || latest_start < self.start {
+            return WindowCheck::Missed(if self.allow_partial || now >= self.end {
+                format!("the maintenance window closed at {}", fmt(self.end))
+            } else {
+                format!(
+                    "less than max_duration ({:?}) left before the window closes at {}",
+                    max_duration,
+                    fmt(self.end)
+                )
+            });
+        }
+        if now < self.start {
+            return WindowCheck::WaitUntil(self.start);
+        }
+        WindowCheck::Open
+    }
 }
 
 impl ValidJob {
@@ -149,6 +193,18 @@ impl ValidJob {
                 format!("install {}", names.join(" "))
             }
         };
+        if let Some(w) = &self.window {
+            s.push_str(&format!(
+                ", window {}/{}{}",
+                humantime::format_rfc3339_seconds(w.start),
+                humantime::format_rfc3339_seconds(w.end),
+                if w.allow_partial {
+                    " (partial allowed)"
+                } else {
+                    ""
+                }
+            ));
+        }
         if self.dry_run {
             s.push_str(" (dry run)");
         }
@@ -233,7 +289,6 @@ pub fn validate(
             ),
             "reboot_policy IF_REQUIRED/ALWAYS",
         ),
-        (job.window.is_some(), "maintenance windows"),
         (
             !job.pre_hooks.is_empty() || !job.post_hooks.is_empty(),
             "hooks",
@@ -355,6 +410,31 @@ pub fn validate(
             d
         }
     };
+    let window = match &job.window {
+        None => None,
+        Some(w) => {
+            let (Some(start), Some(end)) = (time(&w.start), time(&w.end)) else {
+                return Err(invalid("a maintenance window needs start and end".into()));
+            };
+            let start = start.map_err(|e| invalid(format!("window start: {e}")))?;
+            let end = end.map_err(|e| invalid(format!("window end: {e}")))?;
+            if start >= end {
+                return Err(invalid(
+                    "the maintenance window ends before it starts".into(),
+                ));
+            }
+            if end > expires_at + policy.clock_skew {
+                return Err(invalid(
+                    "the maintenance window ends after the job expires".into(),
+                ));
+            }
+            Some(Window {
+                start,
+                end,
+                allow_partial: w.allow_partial,
+            })
+        }
+    };
     let me = [policy.host_id.as_str(), policy.machine_id.as_str()];
     if !job
         .targets
@@ -402,6 +482,7 @@ pub fn validate(
         action,
         dry_run: job.dry_run,
         max_duration,
+        window,
     })
 }
 
@@ -531,7 +612,14 @@ mod tests {
         }
         let mut j = job(now);
         j.window = Some(pb::MaintenanceWindow::default());
-        assert!(check(j).to_string().contains("not supported yet"));
+        assert!(check(j).to_string().contains("needs start and end"));
+        let mut j = job(now);
+        j.window = Some(pb::MaintenanceWindow {
+            start: ts(now + Duration::from_secs(60)),
+            end: ts(now + Duration::from_secs(7200)),
+            allow_partial: false,
+        });
+        assert!(check(j).to_string().contains("after the job expires"));
         let mut j = job(now);
         j.reboot_policy = pb::RebootPolicy::Always as i32;
         assert!(check(j).to_string().contains("not supported yet"));
@@ -588,6 +676,34 @@ mod tests {
                 .to_string()
                 .contains("regex")
         );
+    }
+
+    #[test]
+    fn windows() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let h = Duration::from_secs(3600);
+        let w = Window {
+            start: t0,
+            end: t0 + 2 * h,
+            allow_partial: false,
+        };
+        assert_eq!(w.check(t0 - h, h), WindowCheck::WaitUntil(t0));
+        assert_eq!(w.check(t0, h), WindowCheck::Open);
+        assert!(
+            matches!(w.check(t0 + h + Duration::from_secs(1), h), WindowCheck::Missed(m) if m.contains("less than max_duration"))
+        );
+        assert!(matches!(w.check(t0 + 3 * h, h), WindowCheck::Missed(m) if m.contains("closed")));
+        // A window shorter than the job can never open for it, unless partial runs are allowed.
+        assert!(matches!(w.check(t0 - h, 3 * h), WindowCheck::Missed(_)));
+        let p = Window {
+            allow_partial: true,
+            ..w
+        };
+        assert_eq!(
+            p.check(t0 + h + Duration::from_secs(1), 3 * h),
+            WindowCheck::Open
+        );
+        assert!(matches!(p.check(t0 + 2 * h, h), WindowCheck::Missed(_)));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub enum Event {
     Recovered,
     /// Its expiry passed before it could start.
     Expired,
+    /// Its maintenance window has not opened yet.
+    WaitWindow,
+    /// Its maintenance window closed (or left too little time) before it could start.
+    WindowMissed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +75,12 @@ impl State {
             (Queued, Event::Cancel) => Cancelled,
             (Queued, Event::Expired) => Failed,
             (Queued, Event::Recovered) => Queued,
+            (Queued, Event::WaitWindow) => WaitingWindow,
+            (Queued | WaitingWindow, Event::WindowMissed) => MissedWindow,
+            (WaitingWindow, Event::Start) => Applying,
+            (WaitingWindow, Event::Cancel) => Cancelled,
+            (WaitingWindow, Event::Expired) => Failed,
+            (WaitingWindow, Event::Recovered) => WaitingWindow,
             (
                 Applying,
                 Event::Applied {
@@ -140,6 +150,19 @@ mod tests {
         let e = State::Succeeded.next(&Event::Start).expect_err("terminal");
         assert_eq!(e.state, State::Succeeded);
         assert!(State::Interrupted.is_terminal() && !State::Applying.is_terminal());
+        assert_eq!(
+            State::Queued.next(&Event::WaitWindow),
+            Ok(State::WaitingWindow)
+        );
+        assert_eq!(
+            State::WaitingWindow.next(&Event::Start),
+            Ok(State::Applying)
+        );
+        assert_eq!(
+            State::WaitingWindow.next(&Event::WindowMissed),
+            Ok(State::MissedWindow)
+        );
+        assert!(State::Applying.next(&Event::WindowMissed).is_err());
         for s in [
             State::Succeeded,
             State::Failed,
