@@ -223,6 +223,12 @@ pub struct JobsSection {
     /// File systems checked before applying; missing paths are skipped. Default:
     /// `["/", "/var", "/boot"]`.
     pub free_space_paths: Vec<PathBuf>,
+    /// Where hooks named by jobs live: root-owned executables, not group/world-writable.
+    /// Default: `/etc/patch-agent/hooks.d`.
+    pub hooks_dir: PathBuf,
+    /// Deadline for one hook; its process group is killed after. Default: `5m`.
+    #[serde(deserialize_with = "duration")]
+    pub hook_timeout: Duration,
 }
 
 impl Default for JobsSection {
@@ -236,6 +242,8 @@ impl Default for JobsSection {
             history_retention: Duration::from_secs(7 * 24 * 3600),
             min_free_mib: 500,
             free_space_paths: vec!["/".into(), "/var".into(), "/boot".into()],
+            hooks_dir: PathBuf::from("/etc/patch-agent/hooks.d"),
+            hook_timeout: Duration::from_secs(300),
         }
     }
 }

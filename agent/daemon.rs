@@ -178,6 +178,7 @@ async fn serve(
         max_lifetime: config.jobs.max_job_lifetime,
         clock_skew: config.jobs.clock_skew,
         max_duration: config.jobs.max_job_duration,
+        hooks_dir: Some(config.jobs.hooks_dir.clone()),
     };
     let engine = Engine::open(
         &config.agent.state_dir,

@@ -61,8 +61,9 @@ impl Fixture {
         let dir = self.tmp.path().join("agent");
         let mut c = config_text(&dir, &self.pki, &packages);
         c.push_str(&format!(
-            "[jobs]\ntrusted_keys_dir = \"{}\"\nmin_free_mib = 1\n",
-            self.trusted.display()
+            "[jobs]\ntrusted_keys_dir = \"{}\"\nmin_free_mib = 1\nhooks_dir = \"{}\"\n",
+            self.trusted.display(),
+            self.tmp.path().join("hooks").display()
         ));
         c
     }
@@ -893,6 +894,135 @@ fn maintenance_windows_wait_run_and_miss() {
     assert!(
         !out.status.success(),
         "watch fails for a missed window: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn hooks_run_around_packages_and_bad_hooks_are_refused_at_admission() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fixture("hooks", "apt", &[]);
+    std::fs::remove_file(f.sandbox.join("root/run/reboot-required")).expect("no reboot flag");
+    let hooks = f.tmp.path().join("hooks");
+    std::fs::create_dir_all(&hooks).expect("hooks dir");
+    let hook = |name: &str, body: &str, mode: u32| {
+        let p = hooks.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("hook");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        p
+    };
+    hook(
+        "drain",
+        "echo \"draining for $PATCH_AGENT_JOB_ID: $PATCH_AGENT_PACKAGES ($PATCH_AGENT_PHASE)\"",
+        0o755,
+    );
+    hook(
+        "enable",
+        "echo \"re-enabled after $PATCH_AGENT_PHASE\"",
+        0o755,
+    );
+    hook(
+        "fail",
+        "echo 'load balancer unreachable' >&2; exit 3",
+        0o755,
+    );
+    hook("loose", "true", 0o777);
+    let theirs = hook("theirs", "true", 0o755);
+    nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    let agent = f.start("apt");
+    let before = f.dpkg_versions();
+
+    // A failing pre-hook stops the job before any package changes.
+    let s = f.run_job(
+        &agent,
+        "hook-fail",
+        &[
+            "--upgrade",
+            "all",
+            "--pre-hook",
+            "fail",
+            "--post-hook",
+            "enable",
+        ],
+    );
+    assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
+    let reason = s["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("pre-hook fail failed") && reason.contains("load balancer unreachable"),
+        "{reason}"
+    );
+    assert_eq!(f.dpkg_versions(), before);
+    let history =
+        std::fs::read_to_string(agent.dir.join("state/jobs/hook-fail.json")).expect("journal");
+    assert!(
+        history.contains("PRE_HOOK") && !history.contains("re-enabled"),
+        "{history}"
+    );
+
+    // Hooks around a real change, with their environment and output in the history.
+    let s = f.run_job(
+        &agent,
+        "hook-ok",
+        &[
+            "--install",
+            "alpha=1.1",
+            "--pre-hook",
+            "drain",
+            "--post-hook",
+            "enable",
+        ],
+    );
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED", "{s:#}");
+    assert!(f.dpkg_versions().contains("alpha=1.1"));
+    let history =
+        std::fs::read_to_string(agent.dir.join("state/jobs/hook-ok.json")).expect("journal");
+    for needle in [
+        "draining for hook-ok: alpha (pre)",
+        "APPLYING: pre-hooks succeeded",
+        "POST_HOOK: packages applied",
+        "re-enabled after post",
+    ] {
+        assert!(history.contains(needle), "{needle:?} missing: {history}");
+    }
+
+    // Refused at admission, nothing run: paths, a world-writable hook, one owned by another user.
+    let forge = Forge {
+        key: SigningKey::read(&f.key()).expect("key"),
+    };
+    for (i, (name, needle)) in [
+        ("../x", "never a path"),
+        ("/bin/sh", "never a path"),
+        ("loose", "writable by group or others"),
+        ("theirs", "owned by uid 65534"),
+        ("missing", "cannot be read"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut j = forge.job(&format!("badhook{i}"));
+        j.pre_hooks = vec![name.to_string()];
+        expect_code(
+            &submit(&agent, &f.pki, "controller", &forge.seal(j.encode_to_vec())),
+            "InvalidArgument",
+            needle,
+        );
+    }
+    // patchctl refuses to sign a path as a hook.
+    let out = run(Command::new(PATCHCTL)
+        .args(["job", "sign", "--signing-key"])
+        .arg(f.key())
+        .args([
+            "-o",
+            "/dev/null",
+            "--target",
+            "test-host",
+            "--scan",
+            "--pre-hook",
+            "../x",
+        ]));
+    assert!(
+        !out.status.success() && text(&out).contains("never a path"),
+        "{}",
         text(&out)
     );
 }

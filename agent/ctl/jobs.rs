@@ -53,6 +53,12 @@ pub struct JobArgs {
     /// the job waits for START and is missed if it cannot start with --max-duration left.
     #[arg(long, value_parser = parse_window)]
     pub window: Option<(SystemTime, SystemTime)>,
+    /// A hook (by name, from the agents' hooks_dir) to run before applying (repeatable).
+    #[arg(long = "pre-hook")]
+    pub pre_hooks: Vec<String>,
+    /// A hook to run after applying (repeatable).
+    #[arg(long = "post-hook")]
+    pub post_hooks: Vec<String>,
     /// Allow starting in the window even with less than max_duration left.
     #[arg(long, requires = "window")]
     pub window_allow_partial: bool,
@@ -143,6 +149,8 @@ pub fn build(a: &JobArgs, now: SystemTime) -> Result<pb::Job> {
         max_duration: a
             .max_duration
             .and_then(|d| prost_types::Duration::try_from(d).ok()),
+        pre_hooks: a.pre_hooks.clone(),
+        post_hooks: a.post_hooks.clone(),
         window: a.window.map(|(start, end)| pb::MaintenanceWindow {
             start: Some(start.into()),
             end: Some(end.into()),
@@ -166,6 +174,7 @@ pub fn sign(a: &JobArgs, key: &Path) -> Result<(pb::SignedJob, pb::Job)> {
             .max_duration
             .unwrap_or(Duration::from_secs(2 * 3600))
             .max(Duration::from_secs(2 * 3600)),
+        hooks_dir: None,
     };
     crate::jobs::validate(job.clone(), &signer.key_id(), &policy, None, now)
         .map_err(|e| anyhow::anyhow!("an agent would refuse this job ({:?}): {e}", e.code()))?;

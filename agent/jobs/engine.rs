@@ -363,7 +363,7 @@ impl Engine {
                 inner.queue.retain(|q| q != id);
                 Ok(record)
             }
-            State::Applying => {
+            State::Applying | State::PreHook => {
                 entry.cancel.store(true, Ordering::SeqCst);
                 let msg = "cancel requested: the job stops before its next package";
                 let (n, ev) = entry.record.event(msg);
@@ -512,7 +512,16 @@ impl Engine {
             );
             return;
         }
-        if let Err(e) = self.step(id, Event::Start, format!("APPLYING: {}", job.summary())) {
+        let start = if !job.pre_hooks.is_empty() && !job.dry_run {
+            self.step(
+                id,
+                Event::StartHooks,
+                format!("PRE_HOOK: {}", job.summary()),
+            )
+        } else {
+            self.step(id, Event::Start, format!("APPLYING: {}", job.summary()))
+        };
+        if let Err(e) = start {
             tracing::error!(job = %id, error = %e, "Cannot start job");
             return;
         }
@@ -687,6 +696,9 @@ impl Engine {
                 }
             ),
         );
+        if job.dry_run && !(job.pre_hooks.is_empty() && job.post_hooks.is_empty()) {
+            self.note(id, "dry run: hooks are not run".into());
+        }
         if job.dry_run {
             let outcomes = ops
                 .iter()
@@ -708,8 +720,23 @@ impl Engine {
             self.note(id, "dry run: nothing was changed".into());
             return Ok(snap.reboot.required);
         }
+        let in_pre_hook = !job.pre_hooks.is_empty();
         if ops.is_empty() {
+            if in_pre_hook {
+                self.step(
+                    id,
+                    Event::HooksDone,
+                    "APPLYING: nothing to apply; hooks not run".into(),
+                )
+                .map_err(Stop::Failed)?;
+            }
             return Ok(snap.reboot.required);
+        }
+        let names: Vec<&str> = ops.iter().map(Op::name).collect();
+        if in_pre_hook {
+            self.run_hooks(id, "pre", &job.pre_hooks, &names).await?;
+            self.step(id, Event::HooksDone, "APPLYING: pre-hooks succeeded".into())
+                .map_err(Stop::Failed)?;
         }
         match backend.repair().await {
             Ok(Some(what)) => self.note(id, what),
@@ -774,7 +801,50 @@ impl Engine {
         if let Some(stop) = failure {
             return Err(stop);
         }
-        Ok(backend.reboot_required(scanner.boot_time()).await.required)
+        let reboot_required = backend.reboot_required(scanner.boot_time()).await.required;
+        if !job.post_hooks.is_empty() {
+            self.step(id, Event::PostHooks, "POST_HOOK: packages applied".into())
+                .map_err(Stop::Failed)?;
+            self.run_hooks(id, "post", &job.post_hooks, &names).await?;
+        }
+        Ok(reboot_required)
+    }
+
+    /// Runs hooks in order, their output into the history; the first failure stops the job.
+    async fn run_hooks(
+        &self,
+        id: &str,
+        phase: &str,
+        hooks: &[String],
+        packages: &[&str],
+    ) -> Result<(), Stop> {
+        for name in hooks {
+            // Checked at admission, and again now: the file may have changed since.
+            let path = super::check_hook(&self.cfg.hooks_dir, name).map_err(Stop::Failed)?;
+            self.note(id, format!("running {phase}-hook {name}"));
+            let cmd = crate::exec::Cmd::new(path, self.cfg.hook_timeout)
+                .env("PATCH_AGENT_JOB_ID", id)
+                .env("PATCH_AGENT_PHASE", phase)
+                .env("PATCH_AGENT_PACKAGES", packages.join(" "));
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let forward = async {
+                let mut n = 0;
+                while let Some(line) = rx.recv().await {
+                    if !line.trim().is_empty() && n < 200 {
+                        n += 1;
+                        self.note(id, format!("  {line}"));
+                    }
+                }
+            };
+            let (out, ()) = tokio::join!(crate::exec::run_streaming(&cmd, Some(tx)), forward);
+            let out = out.map_err(|e| Stop::Failed(format!("{phase}-hook {name}: {e}")))?;
+            if !out.status.success() {
+                let f = crate::exec::Failed::new(&cmd, &out);
+                return Err(Stop::Failed(format!("{phase}-hook {name} failed: {f}")));
+            }
+            self.note(id, format!("{phase}-hook {name} succeeded"));
+        }
+        Ok(())
     }
 }
 

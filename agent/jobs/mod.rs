@@ -102,6 +102,8 @@ pub struct ValidJob {
     pub dry_run: bool,
     pub max_duration: Duration,
     pub window: Option<Window>,
+    pub pre_hooks: Vec<String>,
+    pub post_hooks: Vec<String>,
 }
 
 /// A maintenance window.
@@ -205,6 +207,12 @@ impl ValidJob {
                 }
             ));
         }
+        if !self.pre_hooks.is_empty() {
+            s.push_str(&format!(", pre-hooks {}", self.pre_hooks.join(" ")));
+        }
+        if !self.post_hooks.is_empty() {
+            s.push_str(&format!(", post-hooks {}", self.post_hooks.join(" ")));
+        }
         if self.dry_run {
             s.push_str(" (dry run)");
         }
@@ -220,9 +228,54 @@ pub struct Policy {
     pub max_lifetime: Duration,
     pub clock_skew: Duration,
     pub max_duration: Duration,
+    /// Where hooks live; None skips the file checks (patchctl signing offline).
+    pub hooks_dir: Option<std::path::PathBuf>,
 }
 
-/// A job id: 1–128 of `[A-Za-z0-9._-]`.
+/// A hook name: 1–64 of `[A-Za-z0-9._-]`, not starting with `-` or `.`; never a path.
+pub fn valid_hook_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with(['-', '.'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks that `dir/name` is a hook the agent may run: a regular executable file owned by root
+/// and writable by no one else.
+pub fn check_hook(dir: &std::path::Path, name: &str) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join(name);
+    let meta = std::fs::symlink_metadata(&path)
+        .map_err(|e| format!("hook {name:?}: {} cannot be read ({e})", path.display()))?;
+    if !meta.file_type().is_file() {
+        return Err(format!(
+            "hook {name:?}: {} is not a regular file",
+            path.display()
+        ));
+    }
+    if meta.uid() != 0 {
+        return Err(format!(
+            "hook {name:?}: {} is owned by uid {}, not root",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "hook {name:?}: {} is writable by group or others (mode {:04o})",
+            path.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    if meta.mode() & 0o100 == 0 {
+        return Err(format!(
+            "hook {name:?}: {} is not executable",
+            path.display()
+        ));
+    }
+    Ok(path)
+}
 pub fn valid_job_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
         && id
@@ -288,10 +341,6 @@ pub fn validate(
                 Ok(pb::RebootPolicy::IfRequired | pb::RebootPolicy::Always)
             ),
             "reboot_policy IF_REQUIRED/ALWAYS",
-        ),
-        (
-            !job.pre_hooks.is_empty() || !job.post_hooks.is_empty(),
-            "hooks",
         ),
         (job.checks.is_some(), "post-patch checks"),
     ];
@@ -435,6 +484,16 @@ pub fn validate(
             })
         }
     };
+    for name in job.pre_hooks.iter().chain(&job.post_hooks) {
+        if !valid_hook_name(name) {
+            return Err(invalid(format!(
+                "hook {name:?} must be a name in the hooks directory (1-64 of [A-Za-z0-9._-]), never a path"
+            )));
+        }
+        if let Some(dir) = &policy.hooks_dir {
+            check_hook(dir, name).map_err(invalid)?;
+        }
+    }
     let me = [policy.host_id.as_str(), policy.machine_id.as_str()];
     if !job
         .targets
@@ -483,6 +542,8 @@ pub fn validate(
         dry_run: job.dry_run,
         max_duration,
         window,
+        pre_hooks: job.pre_hooks,
+        post_hooks: job.post_hooks,
     })
 }
 
@@ -535,6 +596,7 @@ mod tests {
             max_lifetime: Duration::from_secs(24 * 3600),
             clock_skew: Duration::from_secs(300),
             max_duration: Duration::from_secs(7200),
+            hooks_dir: None,
         }
     }
 
@@ -626,9 +688,11 @@ mod tests {
         let mut j = job(now);
         j.action = Some(pb::job::Action::Reboot(pb::RebootAction {}));
         assert!(check(j).to_string().contains("not supported yet"));
-        let mut j = job(now);
-        j.pre_hooks = vec!["drain".into()];
-        assert!(check(j).to_string().contains("not supported yet"));
+        for bad in ["../x", "/bin/sh", "a/b", "..", ".", "-x", ""] {
+            let mut j = job(now);
+            j.pre_hooks = vec![bad.to_string()];
+            assert_eq!(check(j).code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
     }
 
     #[test]

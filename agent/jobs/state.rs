@@ -42,6 +42,12 @@ pub enum Event {
     Expired,
     /// Its maintenance window has not opened yet.
     WaitWindow,
+    /// Pre-hooks start (from QUEUED/WAITING_WINDOW, instead of Start).
+    StartHooks,
+    /// Pre-hooks succeeded: apply.
+    HooksDone,
+    /// Packages applied: post-hooks start.
+    PostHooks,
     /// Its maintenance window closed (or left too little time) before it could start.
     WindowMissed,
 }
@@ -75,6 +81,25 @@ impl State {
             (Queued, Event::Cancel) => Cancelled,
             (Queued, Event::Expired) => Failed,
             (Queued, Event::Recovered) => Queued,
+            (Queued | WaitingWindow, Event::StartHooks) => PreHook,
+            (PreHook, Event::HooksDone) => Applying,
+            (Applying, Event::PostHooks) => PostHook,
+            (
+                PostHook,
+                Event::Applied {
+                    reboot_required: false,
+                },
+            ) => Succeeded,
+            (
+                PostHook,
+                Event::Applied {
+                    reboot_required: true,
+                },
+            ) => SucceededRebootRequired,
+            (PreHook | PostHook, Event::Fail(_)) => Failed,
+            (PreHook | PostHook, Event::Timeout) => TimedOut,
+            (PreHook | PostHook, Event::Recovered) => Interrupted,
+            (PreHook, Event::Cancel) => Cancelled,
             (Queued, Event::WaitWindow) => WaitingWindow,
             (Queued | WaitingWindow, Event::WindowMissed) => MissedWindow,
             (WaitingWindow, Event::Start) => Applying,
