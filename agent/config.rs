@@ -229,6 +229,12 @@ pub struct JobsSection {
     /// Deadline for one hook; its process group is killed after. Default: `5m`.
     #[serde(deserialize_with = "duration")]
     pub hook_timeout: Duration,
+    /// Post-patch checks: how long each may keep failing before the job fails. Default: `2m`.
+    #[serde(deserialize_with = "duration")]
+    pub check_timeout: Duration,
+    /// Post-patch checks: the pause between attempts. Default: `2s`.
+    #[serde(deserialize_with = "duration")]
+    pub check_interval: Duration,
 }
 
 impl Default for JobsSection {
@@ -244,6 +250,8 @@ impl Default for JobsSection {
             free_space_paths: vec!["/".into(), "/var".into(), "/boot".into()],
             hooks_dir: PathBuf::from("/etc/patch-agent/hooks.d"),
             hook_timeout: Duration::from_secs(300),
+            check_timeout: Duration::from_secs(120),
+            check_interval: Duration::from_secs(2),
         }
     }
 }

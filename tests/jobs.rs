@@ -61,7 +61,7 @@ impl Fixture {
         let dir = self.tmp.path().join("agent");
         let mut c = config_text(&dir, &self.pki, &packages);
         c.push_str(&format!(
-            "[jobs]\ntrusted_keys_dir = \"{}\"\nmin_free_mib = 1\nhooks_dir = \"{}\"\n",
+            "[jobs]\ntrusted_keys_dir = \"{}\"\nmin_free_mib = 1\nhooks_dir = \"{}\"\ncheck_timeout = \"2s\"\ncheck_interval = \"200ms\"\n",
             self.trusted.display(),
             self.tmp.path().join("hooks").display()
         ));
@@ -1024,5 +1024,87 @@ fn hooks_run_around_packages_and_bad_hooks_are_refused_at_admission() {
         !out.status.success() && text(&out).contains("never a path"),
         "{}",
         text(&out)
+    );
+}
+
+/// A tiny HTTP server: 200 for /ok, 500 for anything else. Returns its port.
+fn http_server() -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let reply = if req.starts_with("GET /ok ") {
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            } else {
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            };
+            let _ = conn.write_all(reply.as_bytes());
+        }
+    });
+    port
+}
+
+#[test]
+fn post_patch_checks_pass_or_fail_the_job_naming_the_check() {
+    let f = fixture("checks", "apt", &[]);
+    std::fs::remove_file(f.sandbox.join("root/run/reboot-required")).expect("no reboot flag");
+    let agent = f.start("apt");
+    let http = http_server();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let ok_url = format!("http://127.0.0.1:{http}/ok");
+    let s = f.run_job(
+        &agent,
+        "check-ok",
+        &[
+            "--install",
+            "alpha=1.1",
+            "--check-port",
+            &http.to_string(),
+            "--check-url",
+            &ok_url,
+        ],
+    );
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED", "{s:#}");
+    let history =
+        std::fs::read_to_string(agent.dir.join("state/jobs/check-ok.json")).expect("journal");
+    assert!(
+        history.contains("VERIFYING: post-patch checks")
+            && history.contains(&format!("check passed: {ok_url} answering 200")),
+        "{history}"
+    );
+
+    let s = f.run_job(
+        &agent,
+        "check-port",
+        &["--upgrade", "security", "--check-port", &closed.to_string()],
+    );
+    assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
+    let reason = s["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains(&format!(
+            "post-patch check failed: tcp port {closed} accepting connections"
+        )),
+        "{reason}"
+    );
+
+    let bad_url = format!("http://127.0.0.1:{http}/bad");
+    let s = f.run_job(
+        &agent,
+        "check-url",
+        &["--install", "slow=1.1", "--check-url", &bad_url],
+    );
+    assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
+    let reason = s["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains(&format!("{bad_url} answering 200"))
+            && reason.contains("500 Internal Server Error"),
+        "{reason}"
     );
 }

@@ -53,6 +53,15 @@ pub struct JobArgs {
     /// the job waits for START and is missed if it cannot start with --max-duration left.
     #[arg(long, value_parser = parse_window)]
     pub window: Option<(SystemTime, SystemTime)>,
+    /// After applying: this systemd unit must be active (repeatable).
+    #[arg(long = "check-unit")]
+    pub check_units: Vec<String>,
+    /// After applying: this local TCP port must accept connections (repeatable).
+    #[arg(long = "check-port")]
+    pub check_ports: Vec<u32>,
+    /// After applying: this http:// URL must answer 200 (repeatable).
+    #[arg(long = "check-url")]
+    pub check_urls: Vec<String>,
     /// A hook (by name, from the agents' hooks_dir) to run before applying (repeatable).
     #[arg(long = "pre-hook")]
     pub pre_hooks: Vec<String>,
@@ -149,6 +158,14 @@ pub fn build(a: &JobArgs, now: SystemTime) -> Result<pb::Job> {
         max_duration: a
             .max_duration
             .and_then(|d| prost_types::Duration::try_from(d).ok()),
+        checks: (!a.check_units.is_empty()
+            || !a.check_ports.is_empty()
+            || !a.check_urls.is_empty())
+        .then(|| pb::PostChecks {
+            units: a.check_units.clone(),
+            tcp_ports: a.check_ports.clone(),
+            http_urls: a.check_urls.clone(),
+        }),
         pre_hooks: a.pre_hooks.clone(),
         post_hooks: a.post_hooks.clone(),
         window: a.window.map(|(start, end)| pb::MaintenanceWindow {
@@ -156,7 +173,6 @@ pub fn build(a: &JobArgs, now: SystemTime) -> Result<pb::Job> {
             end: Some(end.into()),
             allow_partial: a.window_allow_partial,
         }),
-        ..Default::default()
     })
 }
 

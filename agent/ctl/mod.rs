@@ -39,7 +39,7 @@ pub enum Command {
     Keys(KeysCommand),
     /// Jobs: signing (offline).
     #[command(subcommand)]
-    Job(JobCommand),
+    Job(Box<JobCommand>),
     /// Send a signed job file to an agent and print the admission result.
     Submit {
         #[command(flatten)]
@@ -180,11 +180,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Job(JobCommand::Sign {
-            signing_key,
-            output,
-            job,
-        }) => {
+        Command::Job(cmd) => {
+            let JobCommand::Sign {
+                signing_key,
+                output,
+                job,
+            } = *cmd;
             let (env, job) = jobs::sign(&job, &signing_key)?;
             let bytes = prost::Message::encode_to_vec(&env);
             std::fs::write(&output, &bytes)

@@ -802,12 +802,46 @@ impl Engine {
             return Err(stop);
         }
         let reboot_required = backend.reboot_required(scanner.boot_time()).await.required;
+        if !job.checks.is_empty() {
+            self.step(id, Event::Verify, "VERIFYING: post-patch checks".into())
+                .map_err(Stop::Failed)?;
+            self.verify(id, &job.checks).await?;
+        }
         if !job.post_hooks.is_empty() {
             self.step(id, Event::PostHooks, "POST_HOOK: packages applied".into())
                 .map_err(Stop::Failed)?;
             self.run_hooks(id, "post", &job.post_hooks, &names).await?;
         }
         Ok(reboot_required)
+    }
+
+    /// Runs each post-patch check until it passes or `check_timeout` has passed.
+    async fn verify(&self, id: &str, checks: &[super::Check]) -> Result<(), Stop> {
+        let deadline = std::time::Instant::now() + self.cfg.check_timeout;
+        for check in checks {
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                match run_check(check).await {
+                    Ok(()) => {
+                        self.note(id, format!("check passed: {check}"));
+                        break;
+                    }
+                    Err(e) if std::time::Instant::now() + self.cfg.check_interval >= deadline => {
+                        return Err(Stop::Failed(format!(
+                            "post-patch check failed: {check}: {e} (after {attempts} attempts)"
+                        )));
+                    }
+                    Err(e) => {
+                        if attempts == 1 {
+                            self.note(id, format!("check not yet passing: {check}: {e}; retrying"));
+                        }
+                        tokio::time::sleep(self.cfg.check_interval).await;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs hooks in order, their output into the history; the first failure stops the job.
@@ -916,6 +950,74 @@ pub fn select<'a>(
         }
     }
     (chosen, skipped)
+}
+
+/// One attempt at one check.
+async fn run_check(check: &super::Check) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limit = Duration::from_secs(5);
+    match check {
+        super::Check::Unit(unit) => {
+            let cmd = crate::exec::Cmd::new("systemctl", Duration::from_secs(10))
+                .args(["is-active", "--quiet", "--"])
+                .arg(unit.clone());
+            let out = crate::exec::run(&cmd).await.map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("systemctl is-active says no ({})", out.status))
+            }
+        }
+        super::Check::Port(port) => {
+            tokio::time::timeout(limit, tokio::net::TcpStream::connect(("127.0.0.1", *port)))
+                .await
+                .map_err(|_| "connection timed out".to_string())?
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        super::Check::Http {
+            host, port, path, ..
+        } => {
+            let attempt = async {
+                let mut stream = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let request = format!(
+                    "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: patch-agent\r\nConnection: close\r\n\r\n"
+                );
+                stream
+                    .write_all(request.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut head = [0u8; 64];
+                let mut n = 0;
+                while n < head.len() {
+                    let r = stream
+                        .read(&mut head[n..])
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if r == 0 || head[..n + r].contains(&b'\n') {
+                        n += r;
+                        break;
+                    }
+                    n += r;
+                }
+                let line = String::from_utf8_lossy(&head[..n]);
+                let status = line.split_whitespace().nth(1).unwrap_or("");
+                if line.starts_with("HTTP/1.") && status == "200" {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "answered {:?}",
+                        line.lines().next().unwrap_or("").trim()
+                    ))
+                }
+            };
+            tokio::time::timeout(limit, attempt)
+                .await
+                .map_err(|_| "no answer within 5s".to_string())?
+        }
+    }
 }
 
 fn free_space(cfg: &JobsSection) -> Result<(), String> {

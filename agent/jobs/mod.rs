@@ -104,6 +104,76 @@ pub struct ValidJob {
     pub window: Option<Window>,
     pub pre_hooks: Vec<String>,
     pub post_hooks: Vec<String>,
+    pub checks: Vec<Check>,
+}
+
+/// One post-patch check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    Unit(String),
+    Port(u16),
+    Http {
+        host: String,
+        port: u16,
+        path: String,
+        url: String,
+    },
+}
+
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Check::Unit(u) => write!(f, "unit {u} active"),
+            Check::Port(p) => write!(f, "tcp port {p} accepting connections"),
+            Check::Http { url, .. } => write!(f, "{url} answering 200"),
+        }
+    }
+}
+
+/// A systemd unit name.
+pub fn valid_unit(u: &str) -> bool {
+    (1..=256).contains(&u.len())
+        && !u.starts_with('-')
+        && u.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'@' | b'.' | b'_' | b'-' | b':' | b'\\')
+        })
+}
+
+/// Parses an `http://host[:port][/path]` URL (no userinfo, no fragment).
+pub fn parse_http_url(url: &str) -> Result<Check, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?}: only http:// URLs can be checked"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') || path.contains(['#', ' ', '\r', '\n']) {
+        return Err(format!(
+            "{url:?} is not a plain http://host[:port]/path URL"
+        ));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h.trim_matches(['[', ']']),
+            p.parse::<u16>().map_err(|_| format!("{url:?}: bad port"))?,
+        ),
+        _ => (authority.trim_matches(['[', ']']), 80),
+    };
+    if host.is_empty()
+        || port == 0
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+    {
+        return Err(format!("{url:?}: bad host or port"));
+    }
+    Ok(Check::Http {
+        host: host.to_string(),
+        port,
+        path: path.to_string(),
+        url: url.to_string(),
+    })
 }
 
 /// A maintenance window.
@@ -342,7 +412,6 @@ pub fn validate(
             ),
             "reboot_policy IF_REQUIRED/ALWAYS",
         ),
-        (job.checks.is_some(), "post-patch checks"),
     ];
     for (set, what) in unsupported {
         if set {
@@ -494,6 +563,25 @@ pub fn validate(
             check_hook(dir, name).map_err(invalid)?;
         }
     }
+    let mut checks = Vec::new();
+    if let Some(c) = &job.checks {
+        for u in &c.units {
+            if !valid_unit(u) {
+                return Err(invalid(format!("{u:?} is not a systemd unit name")));
+            }
+            checks.push(Check::Unit(u.clone()));
+        }
+        for p in &c.tcp_ports {
+            let port = u16::try_from(*p)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| invalid(format!("{p} is not a TCP port")))?;
+            checks.push(Check::Port(port));
+        }
+        for url in &c.http_urls {
+            checks.push(parse_http_url(url).map_err(invalid)?);
+        }
+    }
     let me = [policy.host_id.as_str(), policy.machine_id.as_str()];
     if !job
         .targets
@@ -544,6 +632,7 @@ pub fn validate(
         window,
         pre_hooks: job.pre_hooks,
         post_hooks: job.post_hooks,
+        checks,
     })
 }
 
@@ -768,6 +857,36 @@ mod tests {
             WindowCheck::Open
         );
         assert!(matches!(p.check(t0 + 2 * h, h), WindowCheck::Missed(_)));
+    }
+
+    #[test]
+    fn check_inputs() {
+        assert_eq!(
+            parse_http_url("http://127.0.0.1:8080/health").expect("url"),
+            Check::Http {
+                host: "127.0.0.1".into(),
+                port: 8080,
+                path: "/health".into(),
+                url: "http://127.0.0.1:8080/health".into()
+            }
+        );
+        assert!(matches!(
+            parse_http_url("http://localhost").expect("url"),
+            Check::Http { port: 80, .. }
+        ));
+        for bad in [
+            "https://x/",
+            "http://",
+            "http://u@x/",
+            "http://x:0/",
+            "http://x/a b",
+            "ftp://x",
+            "http://x:99999/",
+        ] {
+            assert!(parse_http_url(bad).is_err(), "{bad}");
+        }
+        assert!(valid_unit("nginx.service") && valid_unit("getty@tty1.service"));
+        assert!(!valid_unit("-x") && !valid_unit("a b") && !valid_unit("$(id)"));
     }
 
     #[test]

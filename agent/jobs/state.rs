@@ -48,6 +48,8 @@ pub enum Event {
     HooksDone,
     /// Packages applied: post-hooks start.
     PostHooks,
+    /// Packages applied: post-patch checks start.
+    Verify,
     /// Its maintenance window closed (or left too little time) before it could start.
     WindowMissed,
 }
@@ -84,6 +86,23 @@ impl State {
             (Queued | WaitingWindow, Event::StartHooks) => PreHook,
             (PreHook, Event::HooksDone) => Applying,
             (Applying, Event::PostHooks) => PostHook,
+            (Applying, Event::Verify) => Verifying,
+            (Verifying, Event::PostHooks) => PostHook,
+            (
+                Verifying,
+                Event::Applied {
+                    reboot_required: false,
+                },
+            ) => Succeeded,
+            (
+                Verifying,
+                Event::Applied {
+                    reboot_required: true,
+                },
+            ) => SucceededRebootRequired,
+            (Verifying, Event::Fail(_)) => Failed,
+            (Verifying, Event::Timeout) => TimedOut,
+            (Verifying, Event::Recovered) => Interrupted,
             (
                 PostHook,
                 Event::Applied {
