@@ -34,6 +34,9 @@ pub struct AgentSection {
     pub host_id: String,
     /// Directory for the agent's durable state, created 0700. Default: `/var/lib/patch-agent`.
     pub state_dir: PathBuf,
+    /// Where the current boot id is read (it changes at every boot; reboots are confirmed by
+    /// it). Default: `/proc/sys/kernel/random/boot_id`.
+    pub boot_id_path: PathBuf,
 }
 
 impl Default for AgentSection {
@@ -41,6 +44,7 @@ impl Default for AgentSection {
         Self {
             host_id: String::new(),
             state_dir: PathBuf::from("/var/lib/patch-agent"),
+            boot_id_path: PathBuf::from("/proc/sys/kernel/random/boot_id"),
         }
     }
 }
@@ -235,6 +239,12 @@ pub struct JobsSection {
     /// Post-patch checks: the pause between attempts. Default: `2s`.
     #[serde(deserialize_with = "duration")]
     pub check_interval: Duration,
+    /// The command that reboots the host (argv, no shell). Default: `["systemctl", "reboot"]`.
+    pub reboot_command: Vec<String>,
+    /// After the reboot command, how long until a job whose boot id has not changed fails with
+    /// "reboot did not happen". Default: `10m`.
+    #[serde(deserialize_with = "duration")]
+    pub reboot_grace: Duration,
 }
 
 impl Default for JobsSection {
@@ -252,6 +262,8 @@ impl Default for JobsSection {
             hook_timeout: Duration::from_secs(300),
             check_timeout: Duration::from_secs(120),
             check_interval: Duration::from_secs(2),
+            reboot_command: vec!["systemctl".into(), "reboot".into()],
+            reboot_grace: Duration::from_secs(600),
         }
     }
 }
@@ -568,6 +580,12 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
                 "`{}` must be an absolute path",
                 j.trusted_keys_dir.display()
             ),
+        );
+    }
+    if j.reboot_command.is_empty() || j.reboot_command[0].is_empty() {
+        bad(
+            "jobs.reboot_command",
+            "must name a program, e.g. [\"systemctl\", \"reboot\"]".into(),
         );
     }
     if j.queue_size == 0 {

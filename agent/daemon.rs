@@ -139,7 +139,11 @@ async fn serve(
     } = checked;
     let notifier = Notifier::from_env();
     prepare_state_dir(&config.agent.state_dir)?;
-    let facts = Arc::new(HostFacts::read(&Sources::default(), &config.agent.host_id)?);
+    let sources = Sources {
+        boot_id: config.agent.boot_id_path.clone(),
+        ..Sources::default()
+    };
+    let facts = Arc::new(HostFacts::read(&sources, &config.agent.host_id)?);
     tracing::info!(
         version = crate::VERSION,
         host_id = %facts.host_id,
@@ -181,6 +185,7 @@ async fn serve(
         hooks_dir: Some(config.jobs.hooks_dir.clone()),
     };
     let engine = Engine::open(
+        &config.agent.boot_id_path,
         &config.agent.state_dir,
         trust,
         policy,

@@ -38,6 +38,22 @@ fn fixture(name: &str, kind: &str, args: &[&str]) -> Fixture {
     let trusted = tmp.path().join("trusted");
     std::fs::create_dir_all(&trusted).expect("trusted");
     std::fs::copy(keys.join("signing.pem"), trusted.join("signing.pem")).expect("copy key");
+    // A simulated reboot: a new boot id, then SIGTERM to the agent (the script's parent); with
+    // a `noop` file present it does nothing, like a reboot that never happens.
+    let d = tmp.path().display();
+    std::fs::write(tmp.path().join("boot_id"), "boot-1\n").expect("boot id");
+    let script = format!(
+        "#!/bin/sh\n[ -e {d}/noop ] && exit 0\nn=$(cat {d}/reboots 2>/dev/null || echo 0)\nn=$((n+1))\necho $n > {d}/reboots\necho boot-after-$n > {d}/boot_id\nkill -TERM $PPID\n"
+    );
+    std::fs::write(tmp.path().join("reboot.sh"), script).expect("reboot script");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            tmp.path().join("reboot.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+    }
     Fixture {
         tmp,
         pki,
@@ -59,11 +75,19 @@ impl Fixture {
             ),
         };
         let dir = self.tmp.path().join("agent");
-        let mut c = config_text(&dir, &self.pki, &packages);
+        let mut c = config_text(&dir, &self.pki, &packages).replacen(
+            "[agent]\n",
+            &format!(
+                "[agent]\nboot_id_path = \"{}\"\n",
+                self.tmp.path().join("boot_id").display()
+            ),
+            1,
+        );
         c.push_str(&format!(
-            "[jobs]\ntrusted_keys_dir = \"{}\"\nmin_free_mib = 1\nhooks_dir = \"{}\"\ncheck_timeout = \"2s\"\ncheck_interval = \"200ms\"\n",
+            "[jobs]\ntrusted_keys_dir = \"{}\"\nmin_free_mib = 1\nhooks_dir = \"{}\"\ncheck_timeout = \"2s\"\ncheck_interval = \"200ms\"\nreboot_command = [\"{}\"]\nreboot_grace = \"3s\"\n",
             self.trusted.display(),
-            self.tmp.path().join("hooks").display()
+            self.tmp.path().join("hooks").display(),
+            self.tmp.path().join("reboot.sh").display()
         ));
         c
     }
@@ -1107,4 +1131,142 @@ fn post_patch_checks_pass_or_fail_the_job_naming_the_check() {
             && reason.contains("500 Internal Server Error"),
         "{reason}"
     );
+}
+
+fn history(agent: &Agent, id: &str) -> String {
+    std::fs::read_to_string(agent.dir.join(format!("state/jobs/{id}.json"))).expect("journal")
+}
+
+#[test]
+fn reboots_are_recorded_verified_after_restart_and_happen_at_most_once() {
+    let f = fixture("reboot", "apt", &[]);
+    let reboots = || {
+        std::fs::read_to_string(f.tmp.path().join("reboots"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let http = http_server();
+
+    // ALWAYS: the agent records REBOOTING with the boot id, runs the command, and is stopped.
+    let mut agent = f.start("apt");
+    let file = f.sign(
+        "reboot-always",
+        &[
+            "--install",
+            "alpha=1.1",
+            "--reboot",
+            "always",
+            "--check-port",
+            &http.to_string(),
+        ],
+    );
+    assert!(
+        f.patchctl(&agent, &["submit", file.to_str().expect("path")])
+            .status
+            .success()
+    );
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        agent.log_text()
+    );
+    let h = history(&agent, "reboot-always");
+    assert!(
+        h.contains("\"state\":\"REBOOTING\"") && h.contains("boot id boot-1"),
+        "{h}"
+    );
+    drop(agent);
+    // The restarted agent sees a new boot id, verifies, and completes the job.
+    let agent = f.start("apt");
+    let s = wait_state(
+        &agent,
+        "reboot-always",
+        "JOB_STATE_SUCCEEDED_REBOOT_REQUIRED",
+    );
+    let h = history(&agent, "reboot-always");
+    for needle in [
+        "VERIFYING: the host rebooted (boot id boot-1 -> boot-after-1)",
+        "after the reboot: reboot required",
+        "check passed: tcp port",
+    ] {
+        assert!(h.contains(needle), "{needle:?} missing: {h}");
+    }
+    assert_eq!(outcome(&s, "alpha").expect("alpha")["toVersion"], "1.1");
+    assert_eq!(reboots(), "1");
+
+    // IF_REQUIRED with the flag set: one reboot; the flag is still set afterwards, and the job
+    // does not reboot a second time.
+    let mut agent = agent;
+    let file = f.sign(
+        "reboot-if",
+        &["--upgrade", "security", "--reboot", "if-required"],
+    );
+    assert!(
+        f.patchctl(&agent, &["submit", file.to_str().expect("path")])
+            .status
+            .success()
+    );
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        agent.log_text()
+    );
+    drop(agent);
+    let mut agent = f.start("apt");
+    wait_state(&agent, "reboot-if", "JOB_STATE_SUCCEEDED_REBOOT_REQUIRED");
+    assert!(history(&agent, "reboot-if").contains("a job reboots at most once"));
+    assert_eq!(reboots(), "2");
+
+    // IF_REQUIRED without the flag: no reboot.
+    std::fs::remove_file(f.sandbox.join("root/run/reboot-required")).expect("rm flag");
+    let s = f.run_job(
+        &agent,
+        "reboot-not-needed",
+        &[
+            "--upgrade",
+            "all",
+            "--exclude",
+            "slow",
+            "--reboot",
+            "if-required",
+        ],
+    );
+    assert_eq!(s["state"], "JOB_STATE_SUCCEEDED", "{s:#}");
+    assert_eq!(reboots(), "2");
+
+    // A reboot command that does nothing: FAILED "reboot did not happen" after the grace period.
+    std::fs::write(f.tmp.path().join("noop"), "").expect("noop");
+    let s = f.run_job(&agent, "reboot-noop", &["--reboot-action"]);
+    assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("reboot did not happen"),
+        "{s:#}"
+    );
+    // The same verdict when the agent restarts with the boot id unchanged.
+    let file = f.sign("reboot-noop-2", &["--reboot-action"]);
+    assert!(
+        f.patchctl(&agent, &["submit", file.to_str().expect("path")])
+            .status
+            .success()
+    );
+    wait_state(&agent, "reboot-noop-2", "JOB_STATE_REBOOTING");
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    agent.wait_exit(Duration::from_secs(20));
+    drop(agent);
+    let agent = f.start("apt");
+    let s = wait_state(&agent, "reboot-noop-2", "JOB_STATE_FAILED");
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("reboot did not happen"),
+        "{s:#}"
+    );
+    assert_eq!(reboots(), "2");
 }

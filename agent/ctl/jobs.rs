@@ -34,7 +34,10 @@ pub struct JobArgs {
     /// Refresh metadata and rescan; change nothing.
     #[arg(long)]
     pub scan: bool,
-    /// Reboot policy: never (supported), if-required, always (not supported yet by agents).
+    /// The reboot action: reboot the host and verify it came back (no package changes).
+    #[arg(long)]
+    pub reboot_action: bool,
+    /// Reboot policy after applying: never, if-required (uses reboot-required detection), always.
     #[arg(long, default_value = "never", value_parser = ["never", "if-required", "always"])]
     pub reboot: String,
     /// How long the job stays valid, e.g. 2h.
@@ -98,13 +101,18 @@ fn fresh_id() -> String {
 /// Builds the Job message from flags.
 pub fn build(a: &JobArgs, now: SystemTime) -> Result<pb::Job> {
     let actions = usize::from(a.scan)
+        + usize::from(a.reboot_action)
         + usize::from(a.upgrade.is_some() || a.min_severity.is_some())
         + usize::from(!a.install.is_empty());
     if actions != 1 {
-        bail!("choose exactly one action: --scan, --upgrade/--min-severity, or --install");
+        bail!(
+            "choose exactly one action: --scan, --upgrade/--min-severity, --install or --reboot-action"
+        );
     }
     let action = if a.scan {
         pb::job::Action::Scan(pb::ScanAction {})
+    } else if a.reboot_action {
+        pb::job::Action::Reboot(pb::RebootAction {})
     } else if !a.install.is_empty() {
         pb::job::Action::Install(pb::InstallAction {
             packages: a

@@ -40,6 +40,14 @@ struct Entry {
 struct Inner {
     jobs: HashMap<String, Entry>,
     queue: VecDeque<String>,
+    /// Jobs found REBOOTING at start: continued before anything else.
+    resume: VecDeque<String>,
+}
+
+/// What the engine does next.
+enum Work {
+    Run(String, ValidJob, Arc<AtomicBool>),
+    Resume(String, ValidJob),
 }
 
 /// A refused submission: why, and the stored record when the job id was seen before.
@@ -55,6 +63,7 @@ pub struct Engine {
     policy: Policy,
     cfg: JobsSection,
     scanner: Option<Arc<Scanner>>,
+    boot_id_path: std::path::PathBuf,
     inner: Mutex<Inner>,
     wake: Notify,
     rejected: Mutex<Rejections>,
@@ -73,6 +82,7 @@ impl Engine {
     /// Opens the journal and recovers: APPLYING jobs become INTERRUPTED (after repairing the
     /// package database), QUEUED ones are queued again unless they expired meanwhile.
     pub async fn open(
+        boot_id_path: &std::path::Path,
         state_dir: &std::path::Path,
         trust: TrustStore,
         policy: Policy,
@@ -98,6 +108,7 @@ impl Engine {
             policy,
             cfg,
             scanner,
+            boot_id_path: boot_id_path.to_path_buf(),
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),
             rejected: Mutex::new(Rejections::new()),
@@ -107,7 +118,20 @@ impl Engine {
         let mut interrupted = false;
         for mut r in records.into_iter().filter(|r| !removed.contains(&r.job_id)) {
             let mut job = None;
+            let mut resume = false;
             match r.state {
+                State::Rebooting => match engine.requeue(&r) {
+                    Ok(j) => {
+                        job = Some(j);
+                        resume = true;
+                    }
+                    Err(why) => {
+                        r.state = State::Failed;
+                        r.reason = format!("cannot be resumed after the reboot: {why}");
+                        r.finished_ms = Some(journal::now_ms());
+                        r.event(format!("FAILED: {}", r.reason));
+                    }
+                },
                 State::Applying => {
                     r.state = State::Interrupted;
                     r.reason = "the agent stopped while the job was applying".into();
@@ -148,7 +172,9 @@ impl Engine {
                     tx,
                 },
             );
-            if queued {
+            if resume {
+                inner.resume.push_back(id);
+            } else if queued {
                 inner.queue.push_back(id);
             }
         }
@@ -271,6 +297,8 @@ impl Engine {
             events: Vec::new(),
             packages: Vec::new(),
             event_count: 0,
+            reboot_boot_id: None,
+            reboot_ms: None,
         };
         record.event(format!(
             "QUEUED: {} (signed by key {})",
@@ -428,7 +456,8 @@ impl Engine {
             let now = SystemTime::now();
             let (picked, wake_at) = self.pick(now);
             match (picked, wake_at) {
-                (Some((id, job, cancel)), _) => self.run_job(&id, &job, &cancel).await,
+                (Some(Work::Run(id, job, cancel)), _) => self.run_job(&id, &job, &cancel).await,
+                (Some(Work::Resume(id, job)), _) => self.resume_job(&id, &job).await,
                 (None, Some(t)) => {
                     let d = t.duration_since(now).unwrap_or_default();
                     tokio::select! {
@@ -442,16 +471,14 @@ impl Engine {
     }
 
     /// The first queued job that may start now, and when to look again if none may.
-    #[allow(clippy::type_complexity)]
-    fn pick(
-        &self,
-        now: SystemTime,
-    ) -> (
-        Option<(String, ValidJob, Arc<AtomicBool>)>,
-        Option<SystemTime>,
-    ) {
+    fn pick(&self, now: SystemTime) -> (Option<Work>, Option<SystemTime>) {
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
+        while let Some(id) = inner.resume.pop_front() {
+            if let Some(job) = inner.jobs.get(&id).and_then(|e| e.job.clone()) {
+                return (Some(Work::Resume(id, job)), None);
+            }
+        }
         let mut wake_at: Option<SystemTime> = None;
         let mut i = 0;
         while i < inner.queue.len() {
@@ -467,7 +494,7 @@ impl Engine {
             match job.window.map(|w| w.check(now, job.max_duration)) {
                 None | Some(WindowCheck::Open) => {
                     inner.queue.remove(i);
-                    return (Some((id, job, entry.cancel.clone())), None);
+                    return (Some(Work::Run(id, job, entry.cancel.clone())), None);
                 }
                 Some(WindowCheck::WaitUntil(t)) => {
                     if entry.record.state == State::Queued {
@@ -609,6 +636,7 @@ impl Engine {
             );
         }
         let ops: Vec<Op> = match &job.action {
+            Action::Reboot => return Err(self.reboot(id, "the job is a reboot").await),
             Action::Scan => {
                 self.note(
                     id,
@@ -801,7 +829,23 @@ impl Engine {
         if let Some(stop) = failure {
             return Err(stop);
         }
-        let reboot_required = backend.reboot_required(scanner.boot_time()).await.required;
+        let reboot_state = backend.reboot_required(scanner.boot_time()).await;
+        let reboot_required = reboot_state.required;
+        let reboot = match job.reboot_policy {
+            super::RebootPolicy::Never => false,
+            super::RebootPolicy::IfRequired => reboot_required,
+            super::RebootPolicy::Always => true,
+        };
+        if reboot {
+            let why = format!(
+                "reboot policy {:?}; reboot required: {} by {} ({})",
+                job.reboot_policy,
+                reboot_required,
+                reboot_state.method,
+                reboot_state.evidence.join("; ")
+            );
+            return Err(self.reboot(id, &why).await);
+        }
         if !job.checks.is_empty() {
             self.step(id, Event::Verify, "VERIFYING: post-patch checks".into())
                 .map_err(Stop::Failed)?;
@@ -813,6 +857,142 @@ impl Engine {
             self.run_hooks(id, "post", &job.post_hooks, &names).await?;
         }
         Ok(reboot_required)
+    }
+
+    /// Records REBOOTING with the current boot id, then runs the reboot command. Returns only if
+    /// the host did not go down within the grace period (or the command failed).
+    async fn reboot(&self, id: &str, why: &str) -> Stop {
+        let boot_id = read_boot_id(&self.boot_id_path);
+        let cmd = match self.cfg.reboot_command.split_first() {
+            Some((program, args)) => {
+                crate::exec::Cmd::new(program, Duration::from_secs(120)).args(args.iter().cloned())
+            }
+            None => return Stop::Failed("[jobs] reboot_command is empty".into()),
+        };
+        {
+            let mut inner = lock(&self.inner);
+            let Some(entry) = inner.jobs.get_mut(id) else {
+                return Stop::Failed("job vanished".into());
+            };
+            entry.record.reboot_boot_id = Some(boot_id.clone());
+            entry.record.reboot_ms = Some(journal::now_ms());
+            let msg = format!(
+                "REBOOTING: {why}; boot id {boot_id}; running `{}`",
+                cmd.display()
+            );
+            if let Err(e) = self.transition(entry, &Event::Reboot, &msg) {
+                return Stop::Failed(e);
+            }
+            // Durable before the command runs: the next agent process decides from this record.
+            self.persist(entry);
+        }
+        match crate::exec::run(&cmd).await {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => {
+                return Stop::Failed(format!(
+                    "reboot command failed: {}",
+                    crate::exec::Failed::new(&cmd, &out)
+                ));
+            }
+            Err(e) => return Stop::Failed(format!("reboot command failed: {e}")),
+        }
+        tokio::time::sleep(self.cfg.reboot_grace).await;
+        Stop::Failed(format!(
+            "reboot did not happen: the boot id is still {} {:?} after the reboot command",
+            read_boot_id(&self.boot_id_path),
+            self.cfg.reboot_grace
+        ))
+    }
+
+    /// Continues a job found REBOOTING at start: verifies the reboot happened (a new boot id),
+    /// then runs the checks and post-hooks. Never reboots a second time.
+    async fn resume_job(&self, id: &str, job: &ValidJob) {
+        let (before, at, packages) = {
+            let inner = lock(&self.inner);
+            let Some(e) = inner.jobs.get(id) else { return };
+            (
+                e.record.reboot_boot_id.clone().unwrap_or_default(),
+                e.record.reboot_ms.unwrap_or(0),
+                e.record
+                    .packages
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let now_id = read_boot_id(&self.boot_id_path);
+        if now_id == before {
+            let grace = self.cfg.reboot_grace.as_millis() as u64;
+            let elapsed = journal::now_ms().saturating_sub(at);
+            if elapsed < grace {
+                tokio::time::sleep(Duration::from_millis(grace - elapsed)).await;
+            }
+            let why = format!(
+                "reboot did not happen: the boot id is still {before} {:?} after the reboot command",
+                self.cfg.reboot_grace
+            );
+            let _ = self.step(id, Event::Fail(why.clone()), format!("FAILED: {why}"));
+            return;
+        }
+        let msg = format!("VERIFYING: the host rebooted (boot id {before} -> {now_id})");
+        if let Err(e) = self.step(id, Event::Rebooted, msg) {
+            tracing::error!(job = %id, error = %e, "Cannot resume job");
+            return;
+        }
+        let names: Vec<&str> = packages.iter().map(String::as_str).collect();
+        let outcome = tokio::time::timeout(job.max_duration, async {
+            let required = match &self.scanner {
+                Some(s) => {
+                    let snap = s.scan(false).await;
+                    self.note(
+                        id,
+                        format!(
+                            "after the reboot: reboot required {} by {} ({})",
+                            snap.reboot.required,
+                            snap.reboot.method,
+                            snap.reboot.evidence.join("; ")
+                        ),
+                    );
+                    snap.reboot.required
+                }
+                None => false,
+            };
+            self.verify(id, &job.checks).await?;
+            if !job.post_hooks.is_empty() {
+                self.step(id, Event::PostHooks, "POST_HOOK: the host is back".into())
+                    .map_err(Stop::Failed)?;
+                self.run_hooks(id, "post", &job.post_hooks, &names).await?;
+            }
+            Ok::<bool, Stop>(required)
+        })
+        .await;
+        let (event, message) = match outcome {
+            Err(_) => (
+                Event::Timeout,
+                format!("TIMED_OUT: still verifying after {:?}", job.max_duration),
+            ),
+            Ok(Err(Stop::Failed(why))) => (Event::Fail(why.clone()), format!("FAILED: {why}")),
+            Ok(Err(Stop::Cancelled)) => {
+                (Event::Fail("cancelled".into()), "FAILED: cancelled".into())
+            }
+            Ok(Ok(true)) => (
+                Event::Applied {
+                    reboot_required: true,
+                },
+                "SUCCEEDED_REBOOT_REQUIRED: still needs a reboot; a job reboots at most once"
+                    .into(),
+            ),
+            Ok(Ok(false)) => (
+                Event::Applied {
+                    reboot_required: false,
+                },
+                "SUCCEEDED: verified after the reboot".into(),
+            ),
+        };
+        if let Err(e) = self.step(id, event, message) {
+            tracing::error!(job = %id, error = %e, "Cannot finish job");
+        }
+        self.collect_garbage();
     }
 
     /// Runs each post-patch check until it passes or `check_timeout` has passed.
@@ -950,6 +1130,12 @@ pub fn select<'a>(
         }
     }
     (chosen, skipped)
+}
+
+fn read_boot_id(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("(unreadable: {e})"))
 }
 
 /// One attempt at one check.

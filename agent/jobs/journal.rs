@@ -49,6 +49,12 @@ pub struct Record {
     /// Events ever recorded, including any beyond the kept history: the next event's number.
     #[serde(default)]
     pub event_count: u64,
+    /// The boot id recorded just before the reboot command ran (at most one reboot per job).
+    #[serde(default)]
+    pub reboot_boot_id: Option<String>,
+    /// When the reboot command ran (unix ms).
+    #[serde(default)]
+    pub reboot_ms: Option<u64>,
 }
 
 pub fn now_ms() -> u64 {
@@ -228,6 +234,8 @@ mod tests {
             events: vec![],
             packages: vec![],
             event_count: 0,
+            reboot_boot_id: None,
+            reboot_ms: None,
         }
     }
 

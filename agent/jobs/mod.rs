@@ -88,6 +88,16 @@ pub enum Action {
         approve_after_days: u32,
     },
     Install(Vec<(String, Option<String>)>),
+    /// Reboot the host (and verify it came back); no package changes.
+    Reboot,
+}
+
+/// When a job reboots the host after applying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebootPolicy {
+    Never,
+    IfRequired,
+    Always,
 }
 
 /// A job that passed admission.
@@ -105,6 +115,7 @@ pub struct ValidJob {
     pub pre_hooks: Vec<String>,
     pub post_hooks: Vec<String>,
     pub checks: Vec<Check>,
+    pub reboot_policy: RebootPolicy,
 }
 
 /// One post-patch check.
@@ -257,6 +268,7 @@ impl ValidJob {
                 }
                 s
             }
+            Action::Reboot => "reboot".to_string(),
             Action::Install(specs) => {
                 let names: Vec<String> = specs
                     .iter()
@@ -282,6 +294,11 @@ impl ValidJob {
         }
         if !self.post_hooks.is_empty() {
             s.push_str(&format!(", post-hooks {}", self.post_hooks.join(" ")));
+        }
+        match self.reboot_policy {
+            RebootPolicy::Never => {}
+            RebootPolicy::IfRequired => s.push_str(", reboot if required"),
+            RebootPolicy::Always => s.push_str(", reboot always"),
         }
         if self.dry_run {
             s.push_str(" (dry run)");
@@ -399,25 +416,6 @@ pub fn validate(
             job.job_id
         )));
     }
-    // Fields whose behaviour belongs to the job-policies work: refuse, never ignore.
-    let unsupported = [
-        (
-            matches!(job.action, Some(pb::job::Action::Reboot(_))),
-            "the reboot action",
-        ),
-        (
-            matches!(
-                pb::RebootPolicy::try_from(job.reboot_policy),
-                Ok(pb::RebootPolicy::IfRequired | pb::RebootPolicy::Always)
-            ),
-            "reboot_policy IF_REQUIRED/ALWAYS",
-        ),
-    ];
-    for (set, what) in unsupported {
-        if set {
-            return Err(invalid(format!("{what}: not supported yet by this agent")));
-        }
-    }
     if pb::RebootPolicy::try_from(job.reboot_policy).is_err() {
         return Err(invalid(format!(
             "unknown reboot_policy {}",
@@ -500,7 +498,7 @@ pub fn validate(
             }
             Action::Install(specs)
         }
-        Some(pb::job::Action::Reboot(_)) => reboot_not_supported()?,
+        Some(pb::job::Action::Reboot(_)) => Action::Reboot,
     };
     for t in &job.targets {
         if t.is_empty() || t.len() > 253 {
@@ -633,13 +631,12 @@ pub fn validate(
         pre_hooks: job.pre_hooks,
         post_hooks: job.post_hooks,
         checks,
+        reboot_policy: match pb::RebootPolicy::try_from(job.reboot_policy) {
+            Ok(pb::RebootPolicy::IfRequired) => RebootPolicy::IfRequired,
+            Ok(pb::RebootPolicy::Always) => RebootPolicy::Always,
+            _ => RebootPolicy::Never,
+        },
     })
-}
-
-fn reboot_not_supported() -> Result<Action, Rejection> {
-    Err(Rejection::Invalid(
-        "the reboot action: not supported yet by this agent".into(),
-    ))
 }
 
 /// Verifies and decodes an envelope: size, signature over the exact payload bytes, strict
@@ -772,11 +769,8 @@ mod tests {
         });
         assert!(check(j).to_string().contains("after the job expires"));
         let mut j = job(now);
-        j.reboot_policy = pb::RebootPolicy::Always as i32;
-        assert!(check(j).to_string().contains("not supported yet"));
-        let mut j = job(now);
-        j.action = Some(pb::job::Action::Reboot(pb::RebootAction {}));
-        assert!(check(j).to_string().contains("not supported yet"));
+        j.reboot_policy = 7;
+        assert!(check(j).to_string().contains("unknown reboot_policy"));
         for bad in ["../x", "/bin/sh", "a/b", "..", ".", "-x", ""] {
             let mut j = job(now);
             j.pre_hooks = vec![bad.to_string()];

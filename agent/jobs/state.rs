@@ -50,6 +50,10 @@ pub enum Event {
     PostHooks,
     /// Packages applied: post-patch checks start.
     Verify,
+    /// The reboot command is about to run.
+    Reboot,
+    /// The host came back with a new boot id.
+    Rebooted,
     /// Its maintenance window closed (or left too little time) before it could start.
     WindowMissed,
 }
@@ -87,6 +91,10 @@ impl State {
             (PreHook, Event::HooksDone) => Applying,
             (Applying, Event::PostHooks) => PostHook,
             (Applying, Event::Verify) => Verifying,
+            (Applying, Event::Reboot) => Rebooting,
+            (Rebooting, Event::Rebooted) => Verifying,
+            (Rebooting, Event::Fail(_)) => Failed,
+            (Rebooting, Event::Timeout) => TimedOut,
             (Verifying, Event::PostHooks) => PostHook,
             (
                 Verifying,
