@@ -616,42 +616,96 @@ fn hostile_envelopes_are_refused_with_the_right_code_and_nothing_runs() {
 fn sigkill_during_applying_is_interrupted_after_restart_and_dpkg_is_consistent() {
     let f = fixture("sigkill", "apt", &[]);
     let mut agent = f.start("apt");
-    let file = f.sign("slow-kill", &["--upgrade", "all", "--exclude", "alpha"]);
+    // slow first: the kill lands while its postinst runs; alpha is never reached.
+    let file = f.sign(
+        "slow-kill",
+        &["--install", "slow=1.1", "--install", "alpha=1.1"],
+    );
     let out = f.patchctl(&agent, &["submit", file.to_str().expect("path")]);
     assert!(out.status.success(), "{}", text(&out));
-    // Wait until the slow package is being configured, then kill the agent outright.
     let journal = agent.dir.join("state/jobs/slow-kill.json");
     wait_for_history(&journal, "applying slow");
     let history = std::fs::read_to_string(&journal).expect("journal");
     assert!(
-        history.contains("\"state\":\"APPLYING\""),
-        "APPLYING recorded before acting: {history}"
+        history.contains("\"state\":\"APPLYING\"") && history.contains("\"plan\":[{"),
+        "APPLYING and the plan recorded before acting: {history}"
     );
     std::thread::sleep(Duration::from_millis(500));
     agent.signal(Signal::SIGKILL);
     agent.wait_exit(Duration::from_secs(5));
     drop(agent);
 
+    // The package manager was not killed with the agent (its own process group); the new agent
+    // waits for it, then reads what happened.
     let agent = f.start("apt");
-    let s = get_job(&agent, "slow-kill");
-    assert_eq!(s["state"], "JOB_STATE_INTERRUPTED", "{s:#}");
+    let s = wait_state(&agent, "slow-kill", "JOB_STATE_INTERRUPTED");
     assert!(
         s["reason"]
             .as_str()
             .unwrap_or("")
-            .contains("stopped while the job was applying")
+            .contains("not every planned package was applied"),
+        "{s:#}"
     );
-    // The package manager ran in its own process group and was not killed with the agent;
-    // once it is done, dpkg's database is consistent.
-    let lock = f.sandbox.join("root/var/lib/dpkg/lock-frontend");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while patch_agent::pkg::lock::holder(&lock)
-        .expect("lock")
-        .is_some()
-    {
-        assert!(Instant::now() < deadline, "dpkg never finished");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert_eq!(
+        outcome(&s, "slow").expect("slow")["outcome"],
+        "changed",
+        "{s:#}"
+    );
+    assert_eq!(
+        outcome(&s, "alpha").expect("alpha")["outcome"],
+        "unchanged",
+        "{s:#}"
+    );
+    assert!(f.dpkg_versions().contains("slow=1.1") && f.dpkg_versions().contains("alpha=1.0"));
+    let audit = run(Command::new("dpkg")
+        .arg(format!(
+            "--admindir={}/root/var/lib/dpkg",
+            f.sandbox.display()
+        ))
+        .arg("--audit"));
+    assert!(audit.stdout.is_empty(), "dpkg --audit: {}", text(&audit));
+}
+
+#[test]
+fn sigterm_during_applying_lets_dpkg_finish_and_the_restarted_agent_completes_the_job() {
+    let f = fixture("sigterm", "apt", &[]);
+    std::fs::remove_file(f.sandbox.join("root/run/reboot-required")).expect("no reboot flag");
+    let mut agent = f.start("apt");
+    // slow last: SIGTERM lands while its postinst sleeps; everything planned still completes.
+    let file = f.sign(
+        "term-1",
+        &["--install", "alpha=1.1", "--install", "slow=1.1"],
+    );
+    assert!(
+        f.patchctl(&agent, &["submit", file.to_str().expect("path")])
+            .status
+            .success()
+    );
+    wait_for_history(&agent.dir.join("state/jobs/term-1.json"), "applying slow");
+    std::thread::sleep(Duration::from_millis(300));
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        agent.log_text()
+    );
+    drop(agent);
+    let agent = f.start("apt");
+    let s = wait_state(&agent, "term-1", "JOB_STATE_SUCCEEDED");
+    assert_eq!(
+        outcome(&s, "slow").expect("slow")["toVersion"],
+        "1.1",
+        "{s:#}"
+    );
+    assert_eq!(
+        outcome(&s, "alpha").expect("alpha")["toVersion"],
+        "1.1",
+        "{s:#}"
+    );
+    assert!(f.dpkg_versions().contains("slow=1.1") && f.dpkg_versions().contains("alpha=1.1"));
+    let h = history(&agent, "term-1");
+    assert!(h.contains("completed after an agent restart"), "{h}");
     let audit = run(Command::new("dpkg")
         .arg(format!(
             "--admindir={}/root/var/lib/dpkg",

@@ -42,12 +42,15 @@ struct Inner {
     queue: VecDeque<String>,
     /// Jobs found REBOOTING at start: continued before anything else.
     resume: VecDeque<String>,
+    /// Jobs found APPLYING at start: completed from what the package manager did.
+    recover: VecDeque<String>,
 }
 
 /// What the engine does next.
 enum Work {
     Run(String, ValidJob, Arc<AtomicBool>),
     Resume(String, ValidJob),
+    Recover(String, ValidJob),
 }
 
 /// A refused submission: why, and the stored record when the job id was seen before.
@@ -119,6 +122,7 @@ impl Engine {
         for mut r in records.into_iter().filter(|r| !removed.contains(&r.job_id)) {
             let mut job = None;
             let mut resume = false;
+            let mut recover = false;
             match r.state {
                 State::Rebooting => match engine.requeue(&r) {
                     Ok(j) => {
@@ -130,6 +134,20 @@ impl Engine {
                         r.reason = format!("cannot be resumed after the reboot: {why}");
                         r.finished_ms = Some(journal::now_ms());
                         r.event(format!("FAILED: {}", r.reason));
+                    }
+                },
+                State::Applying if !r.plan.is_empty() => match engine.requeue(&r) {
+                    Ok(j) => {
+                        job = Some(j);
+                        recover = true;
+                    }
+                    Err(why) => {
+                        r.state = State::Interrupted;
+                        r.reason =
+                            format!("the agent stopped while applying; cannot resume: {why}");
+                        r.finished_ms = Some(journal::now_ms());
+                        r.event(format!("INTERRUPTED: {}", r.reason));
+                        interrupted = true;
                     }
                 },
                 State::Applying => {
@@ -174,6 +192,8 @@ impl Engine {
             );
             if resume {
                 inner.resume.push_back(id);
+            } else if recover {
+                inner.recover.push_back(id);
             } else if queued {
                 inner.queue.push_back(id);
             }
@@ -299,6 +319,7 @@ impl Engine {
             event_count: 0,
             reboot_boot_id: None,
             reboot_ms: None,
+            plan: Vec::new(),
         };
         record.event(format!(
             "QUEUED: {} (signed by key {})",
@@ -458,6 +479,7 @@ impl Engine {
             match (picked, wake_at) {
                 (Some(Work::Run(id, job, cancel)), _) => self.run_job(&id, &job, &cancel).await,
                 (Some(Work::Resume(id, job)), _) => self.resume_job(&id, &job).await,
+                (Some(Work::Recover(id, job)), _) => self.recover_job(&id, &job).await,
                 (None, Some(t)) => {
                     let d = t.duration_since(now).unwrap_or_default();
                     tokio::select! {
@@ -477,6 +499,11 @@ impl Engine {
         while let Some(id) = inner.resume.pop_front() {
             if let Some(job) = inner.jobs.get(&id).and_then(|e| e.job.clone()) {
                 return (Some(Work::Resume(id, job)), None);
+            }
+        }
+        while let Some(id) = inner.recover.pop_front() {
+            if let Some(job) = inner.jobs.get(&id).and_then(|e| e.job.clone()) {
+                return (Some(Work::Recover(id, job)), None);
             }
         }
         let mut wake_at: Option<SystemTime> = None;
@@ -724,6 +751,29 @@ impl Engine {
                 }
             ),
         );
+        {
+            let planned: Vec<PackageOutcome> = ops
+                .iter()
+                .map(|op| PackageOutcome {
+                    name: op.name().to_string(),
+                    from: before.get(op.name()).cloned().unwrap_or_default(),
+                    to: match op {
+                        Op::Install {
+                            version: Some(v), ..
+                        } => v.clone(),
+                        _ => candidate
+                            .get(op.name())
+                            .map_or(String::new(), |c| c.to_string()),
+                    },
+                    outcome: "planned".into(),
+                })
+                .collect();
+            let mut inner = lock(&self.inner);
+            if let Some(e) = inner.jobs.get_mut(id) {
+                e.record.plan = planned;
+                self.persist(e);
+            }
+        }
         if job.dry_run && !(job.pre_hooks.is_empty() && job.post_hooks.is_empty()) {
             self.note(id, "dry run: hooks are not run".into());
         }
@@ -829,7 +879,16 @@ impl Engine {
         if let Some(stop) = failure {
             return Err(stop);
         }
-        let reboot_state = backend.reboot_required(scanner.boot_time()).await;
+        self.after_apply(id, job, &names).await
+    }
+
+    /// After the packages: the reboot policy, post-patch checks, post-hooks. Ok(reboot needed).
+    async fn after_apply(&self, id: &str, job: &ValidJob, names: &[&str]) -> Result<bool, Stop> {
+        let scanner = self
+            .scanner
+            .clone()
+            .ok_or_else(|| Stop::Failed("no supported package manager on this host".into()))?;
+        let reboot_state = scanner.backend().reboot_required(scanner.boot_time()).await;
         let reboot_required = reboot_state.required;
         let reboot = match job.reboot_policy {
             super::RebootPolicy::Never => false,
@@ -854,9 +913,107 @@ impl Engine {
         if !job.post_hooks.is_empty() {
             self.step(id, Event::PostHooks, "POST_HOOK: packages applied".into())
                 .map_err(Stop::Failed)?;
-            self.run_hooks(id, "post", &job.post_hooks, &names).await?;
+            self.run_hooks(id, "post", &job.post_hooks, names).await?;
         }
         Ok(reboot_required)
+    }
+
+    /// Completes a job found APPLYING at start. Its package manager ran in its own process group
+    /// and may still be running: wait for its lock, repair an interrupted dpkg, then read what
+    /// happened from a fresh inventory. Every planned package at its target: the job continues
+    /// (reboot policy, checks, post-hooks) and can succeed; otherwise it is INTERRUPTED.
+    async fn recover_job(&self, id: &str, job: &ValidJob) {
+        let Some(scanner) = self.scanner.clone() else {
+            return;
+        };
+        let backend = scanner.backend().clone();
+        self.note(
+            id,
+            "the agent restarted while this job was applying; waiting for the package manager"
+                .into(),
+        );
+        if let Err(e) = crate::pkg::lock::wait_free(&backend.lock_files(), job.max_duration).await {
+            self.note(id, e);
+        }
+        match backend.repair().await {
+            Ok(Some(what)) => self.note(id, what),
+            Ok(None) => {}
+            Err(e) => self.note(id, format!("package database repair failed: {e}")),
+        }
+        let plan = lock(&self.inner)
+            .jobs
+            .get(id)
+            .map(|e| e.record.plan.clone())
+            .unwrap_or_default();
+        let mut after: HashMap<String, String> = HashMap::new();
+        if let Err(e) = backend
+            .inventory(&mut |p| {
+                after.insert(p.name.clone(), p.full_version());
+            })
+            .await
+        {
+            self.note(id, format!("cannot read the inventory: {e}"));
+        }
+        let outcomes: Vec<PackageOutcome> = plan
+            .iter()
+            .map(|p| {
+                let now = after.get(&p.name).cloned().unwrap_or_default();
+                PackageOutcome {
+                    name: p.name.clone(),
+                    from: p.from.clone(),
+                    outcome: if !p.to.is_empty() && now == p.to {
+                        "changed".into()
+                    } else if now == p.from {
+                        "unchanged".into()
+                    } else {
+                        "changed (not to the planned version)".into()
+                    },
+                    to: now,
+                }
+            })
+            .collect();
+        let complete = outcomes.iter().all(|o| o.outcome == "changed");
+        self.set_packages(id, outcomes);
+        let names: Vec<String> = plan.iter().map(|p| p.name.clone()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (event, message) = if !complete {
+            let why = "the agent stopped while applying; not every planned package was applied"
+                .to_string();
+            {
+                let mut inner = lock(&self.inner);
+                if let Some(e) = inner.jobs.get_mut(id) {
+                    e.record.reason = why.clone();
+                }
+            }
+            (Event::Recovered, format!("INTERRUPTED: {why}"))
+        } else {
+            self.note(
+                id,
+                "every planned package was applied; completing the job".into(),
+            );
+            match tokio::time::timeout(job.max_duration, self.after_apply(id, job, &names)).await {
+                Err(_) => (
+                    Event::Timeout,
+                    format!("TIMED_OUT: still running after {:?}", job.max_duration),
+                ),
+                Ok(Err(Stop::Failed(why))) => (Event::Fail(why.clone()), format!("FAILED: {why}")),
+                Ok(Err(Stop::Cancelled)) => (Event::Cancel, "CANCELLED".into()),
+                Ok(Ok(rr)) => (
+                    Event::Applied {
+                        reboot_required: rr,
+                    },
+                    if rr {
+                        "SUCCEEDED_REBOOT_REQUIRED: completed after an agent restart".into()
+                    } else {
+                        "SUCCEEDED: completed after an agent restart".into()
+                    },
+                ),
+            }
+        };
+        if let Err(e) = self.step(id, event, message) {
+            tracing::error!(job = %id, error = %e, "Cannot finish recovered job");
+        }
+        self.collect_garbage();
     }
 
     /// Records REBOOTING with the current boot id, then runs the reboot command. Returns only if

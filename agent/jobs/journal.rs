@@ -55,6 +55,10 @@ pub struct Record {
     /// When the reboot command ran (unix ms).
     #[serde(default)]
     pub reboot_ms: Option<u64>,
+    /// The packages the job set out to change and their target versions, recorded before the
+    /// first change, so a restarted agent can tell what happened.
+    #[serde(default)]
+    pub plan: Vec<PackageOutcome>,
 }
 
 pub fn now_ms() -> u64 {
@@ -236,6 +240,7 @@ mod tests {
             event_count: 0,
             reboot_boot_id: None,
             reboot_ms: None,
+            plan: vec![],
         }
     }
 

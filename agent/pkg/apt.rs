@@ -481,6 +481,10 @@ impl PackageManager for Apt {
         super::reboot::debian(&self.config.reboot_required_file)
     }
 
+    fn lock_files(&self) -> Vec<PathBuf> {
+        self.config.lock_files()
+    }
+
     async fn repair(&self) -> Result<Option<String>, PkgError> {
         lock::wait_free(&self.config.lock_files(), self.config.lock_timeout)
             .await

@@ -424,6 +424,10 @@ impl PackageManager for Dnf {
         Ok(scan)
     }
 
+    fn lock_files(&self) -> Vec<PathBuf> {
+        self.config.lock_files()
+    }
+
     async fn apply(
         &self,
         op: &super::Op,

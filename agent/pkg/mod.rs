@@ -251,6 +251,8 @@ pub trait PackageManager: Send + Sync {
     async fn repair(&self) -> Result<Option<String>, PkgError> {
         Ok(None)
     }
+    /// The package manager's lock files (held while it runs).
+    fn lock_files(&self) -> Vec<std::path::PathBuf>;
     /// Applies one operation, sending its output lines to `lines` as they are printed.
     async fn apply(
         &self,

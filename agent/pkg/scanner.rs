@@ -283,6 +283,9 @@ mod tests {
         async fn reboot_required(&self, _: SystemTime) -> RebootState {
             RebootState::default()
         }
+        fn lock_files(&self) -> Vec<PathBuf> {
+            Vec::new()
+        }
         async fn apply(
             &self,
             _: &crate::pkg::Op,
