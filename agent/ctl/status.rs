@@ -38,6 +38,10 @@ pub struct StatusJson {
     pub reboot_required: bool,
     pub reboot_method: String,
     pub reboot_evidence: Vec<String>,
+    pub trusted_keys: u32,
+    pub jobs_queued: u32,
+    pub job_running: String,
+    pub jobs_rejected: u64,
 }
 
 /// Fetches the status from a connected agent.
@@ -87,7 +91,12 @@ pub fn to_json(s: &pb::GetStatusResponse) -> StatusJson {
     let caller = s.caller.clone().unwrap_or_default();
     let p = s.packages.clone().unwrap_or_default();
     let r = s.reboot.clone().unwrap_or_default();
+    let jobs = s.jobs.clone().unwrap_or_default();
     StatusJson {
+        trusted_keys: jobs.trusted_keys,
+        jobs_queued: jobs.queued,
+        job_running: jobs.running_job_id,
+        jobs_rejected: jobs.rejected,
         package_manager: p.manager,
         packages_installed: p.installed,
         pending_critical: p.pending_critical,
@@ -158,6 +167,17 @@ pub fn render(s: &pb::GetStatusResponse) -> String {
             format!(": {}", j.reboot_evidence.join("; "))
         }
     );
+    let jobs = format!(
+        "{} trusted key(s), {} queued, running {}, {} refused since start",
+        j.trusted_keys,
+        j.jobs_queued,
+        if j.job_running.is_empty() {
+            "none"
+        } else {
+            &j.job_running
+        },
+        j.jobs_rejected
+    );
     format!(
         "Host       {host} (hostname {hn})\n\
          OS         {pretty} [{id} {ver}]\n\
@@ -168,7 +188,9 @@ pub fn render(s: &pb::GetStatusResponse) -> String {
          You        {who} as {role} over {tr} from {peer}\n\
          Packages   {pkgs}\n\
          Pending    {pending}\n\
-         Reboot     {reboot}\n",
+         Reboot     {reboot}\n\
+         Jobs       {jobs}\n",
+        jobs = jobs,
         pending = pending,
         reboot = reboot,
         pkgs = if j.package_manager.is_empty() {
