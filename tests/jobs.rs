@@ -929,8 +929,8 @@ fn maintenance_windows_wait_run_and_miss() {
     // A window in the future: the job waits, then runs.
     let soon = format!(
         "{}/{}",
-        rfc3339(now + Duration::from_secs(4)),
-        rfc3339(now + Duration::from_secs(1800))
+        rfc3339(SystemTime::now() + Duration::from_secs(6)),
+        rfc3339(SystemTime::now() + Duration::from_secs(1800))
     );
     submit(
         "win-future",
