@@ -9,7 +9,7 @@
 
 use super::{
     Classification, HeldUpdate, Package, PackageManager, PkgError, RebootState, RepoError,
-    Severity, SlaClass, Update, UpdateScan, dpkg, lock,
+    Severity, SlaClass, Update, UpdateScan, dpkg,
 };
 use crate::exec::{self, Cmd, Failed};
 use std::path::PathBuf;
@@ -393,14 +393,6 @@ pub struct Apt {
 }
 
 impl Apt {
-    async fn run_ok(&self, cmd: &Cmd) -> Result<exec::Output, PkgError> {
-        let out = exec::run(cmd).await?;
-        if !out.status.success() {
-            return Err(Failed::new(cmd, &out).into());
-        }
-        Ok(out)
-    }
-
     /// dpkg holds that have a newer candidate.
     async fn held_updates(&self) -> Result<Vec<HeldUpdate>, PkgError> {
         let path = self.config.dpkg_status.clone();
@@ -415,7 +407,7 @@ impl Apt {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let out = self.run_ok(&self.config.policy_command(&names)).await?;
+        let out = super::run_checked(&self.config.policy_command(&names), None).await?;
         Ok(parse_policy(&out.stdout)
             .into_iter()
             .filter(|(_, installed, candidate)| {
@@ -438,9 +430,7 @@ impl PackageManager for Apt {
     }
 
     async fn inventory(&self, f: &mut (dyn FnMut(Package) + Send)) -> Result<(), PkgError> {
-        lock::wait_free(&self.config.lock_files(), self.config.lock_timeout)
-            .await
-            .map_err(PkgError::Lock)?;
+        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
         // Parse on this task: the file is read in 64 KiB blocks and each package handed out at
         // once, so a blocking read here is short and bounded.
         dpkg::read_status(&self.config.dpkg_status, &mut |p| f(p)).map_err(|source| {
@@ -466,13 +456,11 @@ impl PackageManager for Apt {
     }
 
     async fn updates(&self) -> Result<UpdateScan, PkgError> {
-        lock::wait_free(&self.config.lock_files(), self.config.lock_timeout)
-            .await
-            .map_err(PkgError::Lock)?;
+        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
         // The hold query is independent of the simulation: run them side by side so the scan
         // costs little more than the bare simulation.
         let simulate = self.config.simulate_command();
-        let (out, held) = tokio::join!(self.run_ok(&simulate), self.held_updates());
+        let (out, held) = tokio::join!(super::run_checked(&simulate, None), self.held_updates());
         let sim = parse_simulation(&out?.stdout);
         Ok(classify(&sim, &held?))
     }
@@ -486,16 +474,14 @@ impl PackageManager for Apt {
     }
 
     async fn repair(&self) -> Result<Option<String>, PkgError> {
-        lock::wait_free(&self.config.lock_files(), self.config.lock_timeout)
-            .await
-            .map_err(PkgError::Lock)?;
+        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
         let audit = exec::run(&self.config.audit_command()).await?;
         let findings = format!("{}{}", audit.stdout, audit.stderr);
         if audit.status.success() && findings.trim().is_empty() {
             return Ok(None);
         }
         let cmd = self.config.configure_pending_command();
-        let out = self.run_ok(&cmd).await?;
+        let out = super::run_checked(&cmd, None).await?;
         let _ = out;
         Ok(Some(format!(
             "dpkg --audit reported an interrupted run; ran `{}`",
@@ -509,10 +495,7 @@ impl PackageManager for Apt {
         lines: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<(), PkgError> {
         let cmd = self.config.apply_command(op);
-        let out = exec::run_streaming(&cmd, Some(lines)).await?;
-        if !out.status.success() {
-            return Err(Failed::new(&cmd, &out).into());
-        }
+        super::run_checked(&cmd, Some(lines)).await?;
         Ok(())
     }
 }

@@ -9,7 +9,7 @@
 use super::rpm::{self, RpmRecord};
 use super::{
     Classification, Package, PackageManager, PkgError, RebootState, RepoError, Severity, SlaClass,
-    Update, UpdateScan, lock, reboot,
+    Update, UpdateScan, reboot,
 };
 use crate::exec::{self, Cmd, Failed};
 use std::collections::{BTreeSet, HashMap};
@@ -321,16 +321,8 @@ pub struct Dnf {
 }
 
 impl Dnf {
-    async fn run_ok(&self, cmd: &Cmd) -> Result<exec::Output, PkgError> {
-        let out = exec::run(cmd).await?;
-        if !out.status.success() {
-            return Err(Failed::new(cmd, &out).into());
-        }
-        Ok(out)
-    }
-
     async fn installed(&self) -> Result<Vec<RpmRecord>, PkgError> {
-        let out = self.run_ok(&self.config.rpm_query_command()).await?;
+        let out = super::run_checked(&self.config.rpm_query_command(), None).await?;
         let (records, skipped) = rpm::parse_all(&out.stdout);
         if skipped > 0 {
             tracing::warn!(skipped, "Skipped unparsable rpm query lines");
@@ -346,11 +338,9 @@ impl PackageManager for Dnf {
     }
 
     async fn inventory(&self, f: &mut (dyn FnMut(Package) + Send)) -> Result<(), PkgError> {
-        lock::wait_free(&self.config.lock_files(), self.config.lock_timeout)
-            .await
-            .map_err(PkgError::Lock)?;
+        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
         for r in self.installed().await? {
-            f(r.into_package());
+            f(r.package);
         }
         Ok(())
     }
@@ -366,9 +356,7 @@ impl PackageManager for Dnf {
     }
 
     async fn updates(&self) -> Result<UpdateScan, PkgError> {
-        lock::wait_free(&self.config.lock_files(), self.config.lock_timeout)
-            .await
-            .map_err(PkgError::Lock)?;
+        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
         let cmd = self.config.check_update_command();
         let mut out = exec::run(&cmd).await?;
         if parse_repo_errors(&out.stderr)
@@ -392,26 +380,30 @@ impl PackageManager for Dnf {
         if available.is_empty() {
             return Ok(scan);
         }
-        let list = self
-            .run_ok(&self.config.updateinfo_command(&["list", "--updates"]))
-            .await?;
-        let cves = self
-            .run_ok(
-                &self
-                    .config
-                    .updateinfo_command(&["list", "--updates", "--with-cve"]),
-            )
-            .await?;
-        let info = self
-            .run_ok(&self.config.updateinfo_command(&["info", "--updates"]))
-            .await?;
+        let list = super::run_checked(
+            &self.config.updateinfo_command(&["list", "--updates"]),
+            None,
+        )
+        .await?;
+        let cves = super::run_checked(
+            &self
+                .config
+                .updateinfo_command(&["list", "--updates", "--with-cve"]),
+            None,
+        )
+        .await?;
+        let info = super::run_checked(
+            &self.config.updateinfo_command(&["info", "--updates"]),
+            None,
+        )
+        .await?;
         let installed: HashMap<(String, String), String> = self
             .installed()
             .await?
             .into_iter()
             .map(|r| {
-                let v = r.clone().into_package().full_version();
-                ((r.name, r.arch), v)
+                let v = r.package.full_version();
+                ((r.package.name, r.package.arch), v)
             })
             .collect();
         scan.updates = assemble(
@@ -433,14 +425,9 @@ impl PackageManager for Dnf {
         op: &super::Op,
         lines: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<(), PkgError> {
-        lock::wait_free(&self.config.lock_files(), self.config.lock_timeout)
-            .await
-            .map_err(PkgError::Lock)?;
+        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
         let cmd = self.config.apply_command(op);
-        let out = exec::run_streaming(&cmd, Some(lines)).await?;
-        if !out.status.success() {
-            return Err(Failed::new(&cmd, &out).into());
-        }
+        super::run_checked(&cmd, Some(lines)).await?;
         Ok(())
     }
 

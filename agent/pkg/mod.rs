@@ -311,6 +311,29 @@ mod tests {
     }
 }
 
+/// Runs a package-manager command; a non-zero exit is an error carrying argv, status and the
+/// stderr tail. With `lines`, stdout lines are sent as they are printed.
+pub async fn run_checked(
+    cmd: &crate::exec::Cmd,
+    lines: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) -> Result<crate::exec::Output, PkgError> {
+    let out = crate::exec::run_streaming(cmd, lines).await?;
+    if !out.status.success() {
+        return Err(crate::exec::Failed::new(cmd, &out).into());
+    }
+    Ok(out)
+}
+
+/// Waits for a package manager's locks, or fails naming the holder.
+pub async fn wait_for_locks(
+    files: &[std::path::PathBuf],
+    timeout: Duration,
+) -> Result<(), PkgError> {
+    lock::wait_free(files, timeout)
+        .await
+        .map_err(PkgError::Lock)
+}
+
 /// Which backend `[packages] manager` and the host call for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

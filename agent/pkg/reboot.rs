@@ -78,11 +78,14 @@ pub fn rhel_fallback(
     let mut required = false;
     let newest_kernel = installed
         .iter()
-        .filter(|r| KERNEL_PACKAGES.contains(&r.name.as_str()))
+        .filter(|r| KERNEL_PACKAGES.contains(&r.package.name.as_str()))
         .max_by_key(|r| r.install_time);
     match newest_kernel {
         Some(k) => {
-            let kver = format!("{}-{}.{}", k.version, k.release, k.arch);
+            let kver = format!(
+                "{}-{}.{}",
+                k.package.version, k.package.release, k.package.arch
+            );
             if kver == running_kernel {
                 evidence.push(format!(
                     "running kernel {running_kernel} is the newest installed"
@@ -91,7 +94,7 @@ pub fn rhel_fallback(
                 required = true;
                 evidence.push(format!(
                     "running kernel {running_kernel}, newest installed kernel {} {kver}",
-                    k.name
+                    k.package.name
                 ));
             }
         }
@@ -99,14 +102,14 @@ pub fn rhel_fallback(
     }
     let boot = secs(boot_time);
     for r in installed {
-        if CORE_PACKAGES.contains(&r.name.as_str()) && r.install_time > boot {
+        if CORE_PACKAGES.contains(&r.package.name.as_str()) && r.install_time > boot {
             required = true;
             evidence.push(format!(
                 "{}-{}-{}.{} installed at {}, after boot at {}",
-                r.name,
-                r.version,
-                r.release,
-                r.arch,
+                r.package.name,
+                r.package.version,
+                r.package.release,
+                r.package.arch,
                 rfc3339(r.install_time),
                 rfc3339(boot)
             ));
@@ -133,12 +136,16 @@ mod tests {
 
     fn rec(name: &str, version: &str, t: u64) -> RpmRecord {
         RpmRecord {
-            name: name.into(),
-            epoch: 0,
-            version: version.into(),
-            release: "1.el9".into(),
-            arch: "x86_64".into(),
-            source: String::new(),
+            package: crate::pkg::Package {
+                name: name.into(),
+                epoch: 0,
+                version: version.into(),
+                release: "1.el9".into(),
+                arch: "x86_64".into(),
+                source: String::new(),
+                state: "installed",
+                held: false,
+            },
             install_time: t,
         }
     }

@@ -12,33 +12,12 @@ use std::time::Duration;
 pub const QUERY_FORMAT: &str =
     "%{NAME}\\t%{EPOCHNUM}\\t%{VERSION}\\t%{RELEASE}\\t%{ARCH}\\t%{SOURCERPM}\\t%{INSTALLTIME}\\n";
 
-/// One installed rpm.
+/// One installed rpm: the package, and when it was installed (for reboot detection).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RpmRecord {
-    pub name: String,
-    pub epoch: u32,
-    pub version: String,
-    pub release: String,
-    pub arch: String,
-    /// Source package name (from SOURCERPM, without version).
-    pub source: String,
+    pub package: Package,
     /// Seconds since the epoch.
     pub install_time: u64,
-}
-
-impl RpmRecord {
-    pub fn into_package(self) -> Package {
-        Package {
-            name: self.name,
-            epoch: self.epoch,
-            version: self.version,
-            release: self.release,
-            arch: self.arch,
-            source: self.source,
-            state: "installed",
-            held: false,
-        }
-    }
 }
 
 /// `rpm [--root ROOT] -qa --qf FORMAT`.
@@ -71,13 +50,17 @@ pub fn parse_line(line: &str) -> Option<RpmRecord> {
         }
     };
     Some(RpmRecord {
-        name: name.to_string(),
-        epoch: epoch.parse().unwrap_or(0),
-        version: version.to_string(),
-        release: none(release),
-        arch: none(arch),
-        source: source_name(srpm),
         install_time: time.trim().parse().ok()?,
+        package: Package {
+            name: name.to_string(),
+            epoch: epoch.parse().unwrap_or(0),
+            version: version.to_string(),
+            release: none(release),
+            arch: none(arch),
+            source: source_name(srpm),
+            state: "installed",
+            held: false,
+        },
     })
 }
 
@@ -130,19 +113,26 @@ mod tests {
         .expect("line");
         assert_eq!(
             (
-                r.name.as_str(),
-                r.epoch,
-                r.version.as_str(),
-                r.release.as_str()
+                r.package.name.as_str(),
+                r.package.epoch,
+                r.package.version.as_str(),
+                r.package.release.as_str()
             ),
             ("openssl-libs", 1, "3.0.7", "2.el9")
         );
         assert_eq!(
-            (r.arch.as_str(), r.source.as_str(), r.install_time),
+            (
+                r.package.arch.as_str(),
+                r.package.source.as_str(),
+                r.install_time
+            ),
             ("x86_64", "openssl", 1_700_000_000)
         );
         let k = parse_line("gpg-pubkey\t0\tabc\tdef\t(none)\t(none)\t1").expect("pubkey");
-        assert_eq!((k.arch.as_str(), k.source.as_str()), ("", ""));
+        assert_eq!(
+            (k.package.arch.as_str(), k.package.source.as_str()),
+            ("", "")
+        );
         assert!(parse_line("a\tb").is_none());
         assert!(parse_line("a\t0\t1\t1\tx\ts\t1\textra").is_none());
         assert!(parse_line("a\t0\t1\t1\tx\ts\tnot-a-time").is_none());
