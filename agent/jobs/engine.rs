@@ -580,25 +580,12 @@ impl Engine {
             return;
         }
         let outcome = tokio::time::timeout(job.max_duration, self.execute(id, job, cancel)).await;
-        let (event, message) = match outcome {
-            Err(_) => (
-                Event::Timeout,
-                format!("TIMED_OUT: still running after {:?}", job.max_duration),
-            ),
-            Ok(Err(Stop::Cancelled)) => (
-                Event::Cancel,
-                "CANCELLED: stopped between packages".to_string(),
-            ),
-            Ok(Err(Stop::Failed(why))) => (Event::Fail(why.clone()), format!("FAILED: {why}")),
-            Ok(Ok(reboot_required)) => (
-                Event::Applied { reboot_required },
-                if reboot_required {
-                    "SUCCEEDED_REBOOT_REQUIRED: done; the host needs a reboot and reboot_policy is NEVER".to_string()
-                } else {
-                    "SUCCEEDED".to_string()
-                },
-            ),
-        };
+        let (event, message) = conclude(
+            outcome,
+            format!("TIMED_OUT: still running after {:?}", job.max_duration),
+            "SUCCEEDED",
+            "SUCCEEDED_REBOOT_REQUIRED: done; the host needs a reboot and reboot_policy is NEVER",
+        );
         if matches!(event, Event::Cancel) {
             let mut inner = lock(&self.inner);
             if let Some(e) = inner.jobs.get_mut(id) {
@@ -619,16 +606,31 @@ impl Engine {
         }
     }
 
+    /// Puts a running command's output into the job's history as it comes (live for watchers),
+    /// keeping at most `limit` non-empty lines.
+    async fn forward_lines(
+        &self,
+        id: &str,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+        limit: usize,
+    ) {
+        let mut kept = 0;
+        while let Some(line) = rx.recv().await {
+            if !line.trim().is_empty() && kept < limit {
+                kept += 1;
+                self.note(id, format!("  {line}"));
+            }
+        }
+    }
+
     /// Forgets finished jobs past their expiry and the history retention (journal and memory).
     fn collect_garbage(&self) {
         let mut inner = lock(&self.inner);
-        let records: Vec<Record> = inner
-            .jobs
-            .values()
-            .filter(|e| e.record.state.is_terminal())
-            .map(|e| e.record.clone())
-            .collect();
-        for id in self.journal.gc(&records, self.cfg.history_retention) {
+        let removed = self.journal.gc(
+            inner.jobs.values().map(|e| &e.record),
+            self.cfg.history_retention,
+        );
+        for id in removed {
             inner.jobs.remove(&id);
         }
     }
@@ -722,22 +724,34 @@ impl Engine {
             .iter()
             .map(|u| (u.name.as_str(), u.candidate_version.as_str()))
             .collect();
-        let plan: Vec<String> = ops
+        // What the job sets out to do, computed once: the history line, the journaled plan (what
+        // a restarted agent checks against) and the dry-run results all come from it.
+        let planned: Vec<PackageOutcome> = ops
             .iter()
-            .map(|op| {
-                let from = before
-                    .get(op.name())
-                    .cloned()
-                    .unwrap_or_else(|| "(not installed)".into());
-                let to = match op {
+            .map(|op| PackageOutcome {
+                name: op.name().to_string(),
+                from: before.get(op.name()).cloned().unwrap_or_default(),
+                to: match op {
                     Op::Install {
                         version: Some(v), ..
                     } => v.clone(),
                     _ => candidate
                         .get(op.name())
-                        .map_or("candidate".into(), |c| c.to_string()),
+                        .map_or(String::new(), |c| c.to_string()),
+                },
+                outcome: "planned".into(),
+            })
+            .collect();
+        let plan: Vec<String> = planned
+            .iter()
+            .map(|p| {
+                let from = if p.from.is_empty() {
+                    "(not installed)"
+                } else {
+                    &p.from
                 };
-                format!("{} {from} -> {to}", op.name())
+                let to = if p.to.is_empty() { "candidate" } else { &p.to };
+                format!("{} {from} -> {to}", p.name)
             })
             .collect();
         self.note(
@@ -752,25 +766,9 @@ impl Engine {
             ),
         );
         {
-            let planned: Vec<PackageOutcome> = ops
-                .iter()
-                .map(|op| PackageOutcome {
-                    name: op.name().to_string(),
-                    from: before.get(op.name()).cloned().unwrap_or_default(),
-                    to: match op {
-                        Op::Install {
-                            version: Some(v), ..
-                        } => v.clone(),
-                        _ => candidate
-                            .get(op.name())
-                            .map_or(String::new(), |c| c.to_string()),
-                    },
-                    outcome: "planned".into(),
-                })
-                .collect();
             let mut inner = lock(&self.inner);
             if let Some(e) = inner.jobs.get_mut(id) {
-                e.record.plan = planned;
+                e.record.plan = planned.clone();
                 self.persist(e);
             }
         }
@@ -778,20 +776,11 @@ impl Engine {
             self.note(id, "dry run: hooks are not run".into());
         }
         if job.dry_run {
-            let outcomes = ops
-                .iter()
-                .map(|op| PackageOutcome {
-                    name: op.name().to_string(),
-                    from: before.get(op.name()).cloned().unwrap_or_default(),
-                    to: match op {
-                        Op::Install {
-                            version: Some(v), ..
-                        } => v.clone(),
-                        _ => candidate
-                            .get(op.name())
-                            .map_or(String::new(), |c| c.to_string()),
-                    },
+            let outcomes = planned
+                .into_iter()
+                .map(|p| PackageOutcome {
                     outcome: "would change (dry run)".into(),
+                    ..p
                 })
                 .collect();
             self.set_packages(id, outcomes);
@@ -829,33 +818,20 @@ impl Engine {
                 break;
             }
             self.note(id, format!("applying {}", op.name()));
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-            let forward = async {
-                let mut n = 0;
-                while let Some(line) = rx.recv().await {
-                    // Live output for watchers; the first 500 lines of each command are kept.
-                    if !line.trim().is_empty() && n < 500 {
-                        n += 1;
-                        self.note(id, format!("  {line}"));
-                    }
-                }
-            };
-            let (result, ()) = tokio::join!(backend.apply(op, tx), forward);
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let (result, ()) = tokio::join!(backend.apply(op, tx), self.forward_lines(id, rx, 500));
             if let Err(e) = result {
                 failure = Some(Stop::Failed(format!("{} failed: {e}", op.name())));
                 break;
             }
         }
         // Results from a fresh inventory, whatever happened.
-        let mut after: HashMap<String, String> = HashMap::new();
-        let inventory = backend
-            .inventory(&mut |p| {
-                after.insert(p.name.clone(), p.full_version());
-            })
-            .await;
-        if let Err(e) = inventory {
-            self.note(id, format!("cannot read the inventory after applying: {e}"));
-        }
+        let after = installed_versions(backend.as_ref())
+            .await
+            .unwrap_or_else(|e| {
+                self.note(id, format!("cannot read the inventory after applying: {e}"));
+                HashMap::new()
+            });
         let outcomes = ops
             .iter()
             .map(|op| {
@@ -945,15 +921,12 @@ impl Engine {
             .get(id)
             .map(|e| e.record.plan.clone())
             .unwrap_or_default();
-        let mut after: HashMap<String, String> = HashMap::new();
-        if let Err(e) = backend
-            .inventory(&mut |p| {
-                after.insert(p.name.clone(), p.full_version());
-            })
+        let after = installed_versions(backend.as_ref())
             .await
-        {
-            self.note(id, format!("cannot read the inventory: {e}"));
-        }
+            .unwrap_or_else(|e| {
+                self.note(id, format!("cannot read the inventory: {e}"));
+                HashMap::new()
+            });
         let outcomes: Vec<PackageOutcome> = plan
             .iter()
             .map(|p| {
@@ -991,24 +964,12 @@ impl Engine {
                 id,
                 "every planned package was applied; completing the job".into(),
             );
-            match tokio::time::timeout(job.max_duration, self.after_apply(id, job, &names)).await {
-                Err(_) => (
-                    Event::Timeout,
-                    format!("TIMED_OUT: still running after {:?}", job.max_duration),
-                ),
-                Ok(Err(Stop::Failed(why))) => (Event::Fail(why.clone()), format!("FAILED: {why}")),
-                Ok(Err(Stop::Cancelled)) => (Event::Cancel, "CANCELLED".into()),
-                Ok(Ok(rr)) => (
-                    Event::Applied {
-                        reboot_required: rr,
-                    },
-                    if rr {
-                        "SUCCEEDED_REBOOT_REQUIRED: completed after an agent restart".into()
-                    } else {
-                        "SUCCEEDED: completed after an agent restart".into()
-                    },
-                ),
-            }
+            conclude(
+                tokio::time::timeout(job.max_duration, self.after_apply(id, job, &names)).await,
+                format!("TIMED_OUT: still running after {:?}", job.max_duration),
+                "SUCCEEDED: completed after an agent restart",
+                "SUCCEEDED_REBOOT_REQUIRED: completed after an agent restart",
+            )
         };
         if let Err(e) = self.step(id, event, message) {
             tracing::error!(job = %id, error = %e, "Cannot finish recovered job");
@@ -1123,29 +1084,12 @@ impl Engine {
             Ok::<bool, Stop>(required)
         })
         .await;
-        let (event, message) = match outcome {
-            Err(_) => (
-                Event::Timeout,
-                format!("TIMED_OUT: still verifying after {:?}", job.max_duration),
-            ),
-            Ok(Err(Stop::Failed(why))) => (Event::Fail(why.clone()), format!("FAILED: {why}")),
-            Ok(Err(Stop::Cancelled)) => {
-                (Event::Fail("cancelled".into()), "FAILED: cancelled".into())
-            }
-            Ok(Ok(true)) => (
-                Event::Applied {
-                    reboot_required: true,
-                },
-                "SUCCEEDED_REBOOT_REQUIRED: still needs a reboot; a job reboots at most once"
-                    .into(),
-            ),
-            Ok(Ok(false)) => (
-                Event::Applied {
-                    reboot_required: false,
-                },
-                "SUCCEEDED: verified after the reboot".into(),
-            ),
-        };
+        let (event, message) = conclude(
+            outcome,
+            format!("TIMED_OUT: still verifying after {:?}", job.max_duration),
+            "SUCCEEDED: verified after the reboot",
+            "SUCCEEDED_REBOOT_REQUIRED: still needs a reboot; a job reboots at most once",
+        );
         if let Err(e) = self.step(id, event, message) {
             tracing::error!(job = %id, error = %e, "Cannot finish job");
         }
@@ -1197,17 +1141,11 @@ impl Engine {
                 .env("PATCH_AGENT_JOB_ID", id)
                 .env("PATCH_AGENT_PHASE", phase)
                 .env("PATCH_AGENT_PACKAGES", packages.join(" "));
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-            let forward = async {
-                let mut n = 0;
-                while let Some(line) = rx.recv().await {
-                    if !line.trim().is_empty() && n < 200 {
-                        n += 1;
-                        self.note(id, format!("  {line}"));
-                    }
-                }
-            };
-            let (out, ()) = tokio::join!(crate::exec::run_streaming(&cmd, Some(tx)), forward);
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let (out, ()) = tokio::join!(
+                crate::exec::run_streaming(&cmd, Some(tx)),
+                self.forward_lines(id, rx, 200)
+            );
             let out = out.map_err(|e| Stop::Failed(format!("{phase}-hook {name}: {e}")))?;
             if !out.status.success() {
                 let f = crate::exec::Failed::new(&cmd, &out);
@@ -1287,6 +1225,46 @@ pub fn select<'a>(
         }
     }
     (chosen, skipped)
+}
+
+/// The last transition of a job's work: timed out, stopped, or done (with the host needing a
+/// reboot or not), with the history line for each.
+fn conclude(
+    outcome: Result<Result<bool, Stop>, tokio::time::error::Elapsed>,
+    timed_out: String,
+    succeeded: &str,
+    succeeded_reboot_required: &str,
+) -> (Event, String) {
+    match outcome {
+        Err(_) => (Event::Timeout, timed_out),
+        Ok(Err(Stop::Cancelled)) => (
+            Event::Cancel,
+            "CANCELLED: stopped between packages".to_string(),
+        ),
+        Ok(Err(Stop::Failed(why))) => (Event::Fail(why.clone()), format!("FAILED: {why}")),
+        Ok(Ok(reboot_required)) => (
+            Event::Applied { reboot_required },
+            if reboot_required {
+                succeeded_reboot_required
+            } else {
+                succeeded
+            }
+            .to_string(),
+        ),
+    }
+}
+
+/// Installed versions by package name, from a fresh inventory.
+async fn installed_versions(
+    backend: &dyn crate::pkg::PackageManager,
+) -> Result<HashMap<String, String>, crate::pkg::PkgError> {
+    let mut out = HashMap::new();
+    backend
+        .inventory(&mut |p| {
+            out.insert(p.name.clone(), p.full_version());
+        })
+        .await?;
+    Ok(out)
 }
 
 fn read_boot_id(path: &std::path::Path) -> String {

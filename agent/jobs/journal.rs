@@ -200,7 +200,11 @@ impl Journal {
     }
 
     /// Removes finished records past both their expiry and the retention; returns their ids.
-    pub fn gc(&self, records: &[Record], retention: Duration) -> Vec<String> {
+    pub fn gc<'a>(
+        &self,
+        records: impl IntoIterator<Item = &'a Record>,
+        retention: Duration,
+    ) -> Vec<String> {
         let now = now_ms();
         let keep_ms = retention.as_millis() as u64;
         let mut removed = Vec::new();
