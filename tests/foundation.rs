@@ -12,15 +12,6 @@ fn json(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(out)))
 }
 
-fn setup(name: &str) -> (tempfile::TempDir, Pki) {
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("pa-{name}-"))
-        .tempdir()
-        .expect("tempdir");
-    let pki = Pki::new(tmp.path(), "pki");
-    (tmp, pki)
-}
-
 #[test]
 fn grpcurl_lists_describes_and_gets_real_host_facts_over_mtls() {
     let (tmp, pki) = setup("mtls");

@@ -22,11 +22,7 @@ struct Fixture {
 }
 
 fn fixture(name: &str, kind: &str, args: &[&str]) -> Fixture {
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("pa-{name}-"))
-        .tempdir()
-        .expect("tempdir");
-    let pki = Pki::new(tmp.path(), "pki");
+    let (tmp, pki) = setup(name);
     let sandbox = tmp.path().join(kind);
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{kind}-sandbox.sh"));
@@ -137,6 +133,17 @@ impl Fixture {
             text(&out)
         );
         status
+    }
+
+    /// `dpkg --audit` on the sandbox reports nothing half-installed or half-configured.
+    fn assert_dpkg_consistent(&self) {
+        let audit = run(Command::new("dpkg")
+            .arg(format!(
+                "--admindir={}/root/var/lib/dpkg",
+                self.sandbox.display()
+            ))
+            .arg("--audit"));
+        assert!(audit.stdout.is_empty(), "dpkg --audit: {}", text(&audit));
     }
 
     fn dpkg_versions(&self) -> String {
@@ -288,13 +295,7 @@ fn apt_jobs_upgrade_security_exclude_install_dry_run_scan_and_approval() {
     let jobs: Value = serde_json::from_slice(&out.stdout).expect("jobs json");
     assert_eq!(jobs[0]["job_id"], "slow-1");
     assert_eq!(jobs.as_array().map(Vec::len), Some(8));
-    let audit = run(Command::new("dpkg")
-        .arg(format!(
-            "--admindir={}/root/var/lib/dpkg",
-            f.sandbox.display()
-        ))
-        .arg("--audit"));
-    assert!(audit.stdout.is_empty(), "dpkg --audit: {}", text(&audit));
+    f.assert_dpkg_consistent();
 }
 
 /// Builds and signs envelopes by hand, for inputs patchctl refuses to make.
@@ -657,13 +658,7 @@ fn sigkill_during_applying_is_interrupted_after_restart_and_dpkg_is_consistent()
         "{s:#}"
     );
     assert!(f.dpkg_versions().contains("slow=1.1") && f.dpkg_versions().contains("alpha=1.0"));
-    let audit = run(Command::new("dpkg")
-        .arg(format!(
-            "--admindir={}/root/var/lib/dpkg",
-            f.sandbox.display()
-        ))
-        .arg("--audit"));
-    assert!(audit.stdout.is_empty(), "dpkg --audit: {}", text(&audit));
+    f.assert_dpkg_consistent();
 }
 
 #[test]
@@ -706,13 +701,7 @@ fn sigterm_during_applying_lets_dpkg_finish_and_the_restarted_agent_completes_th
     assert!(f.dpkg_versions().contains("slow=1.1") && f.dpkg_versions().contains("alpha=1.1"));
     let h = history(&agent, "term-1");
     assert!(h.contains("completed after an agent restart"), "{h}");
-    let audit = run(Command::new("dpkg")
-        .arg(format!(
-            "--admindir={}/root/var/lib/dpkg",
-            f.sandbox.display()
-        ))
-        .arg("--audit"));
-    assert!(audit.stdout.is_empty(), "dpkg --audit: {}", text(&audit));
+    f.assert_dpkg_consistent();
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn fixture(script: &str, dir: &Path, args: &[&str]) {
@@ -42,15 +42,6 @@ fn dnf_packages(s: &Path, extra: &str) -> String {
         "[packages]\nmanager = \"dnf\"\nrpm_root = \"{s}/root\"\ndnf_args = [\"-c\", \"{s}/dnf.conf\", \"--installroot={s}/root\", \"--releasever=1\", \"--setopt=reposdir={s}/repos.d\", \"--setopt=cachedir={s}/cache\"]\n{extra}",
         s = s.display()
     )
-}
-
-fn setup(name: &str) -> (tempfile::TempDir, Pki) {
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("pa-{name}-"))
-        .tempdir()
-        .expect("tempdir");
-    let pki = Pki::new(tmp.path(), "pki");
-    (tmp, pki)
 }
 
 /// Calls an RPC over the local socket with default values emitted; returns the JSON documents
@@ -277,21 +268,7 @@ fn apt_scan_waits_for_a_held_dpkg_lock_then_fails_naming_the_pid() {
         ),
     );
     let lock = s.join("root/var/lib/dpkg/lock-frontend");
-    let script = format!(
-        "import fcntl,time\nf=open('{}','w')\nfcntl.lockf(f,fcntl.LOCK_EX)\nprint('locked',flush=True)\ntime.sleep(60)",
-        lock.display()
-    );
-    let mut holder = Command::new("python3")
-        .args(["-c", &script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.as_mut().expect("stdout")),
-        &mut line,
-    )
-    .expect("locked");
+    let mut holder = hold_lock(&lock);
 
     let started = Instant::now();
     let list = one(

