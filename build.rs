@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let protos = [
         "proto/patchagent/v1/agent.proto",
+        "proto/patchagent/v1/controller.proto",
         "proto/patchagent/v1/jobs.proto",
         "proto/patchagent/v1/packages.proto",
     ];

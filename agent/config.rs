@@ -24,6 +24,7 @@ pub struct Config {
     pub log: LogSection,
     pub packages: PackagesSection,
     pub jobs: JobsSection,
+    pub report: ReportSection,
 }
 
 /// `[agent]`: who this host is and where the agent keeps its state.
@@ -37,6 +38,10 @@ pub struct AgentSection {
     /// Where the current boot id is read (it changes at every boot; reboots are confirmed by
     /// it). Default: `/proc/sys/kernel/random/boot_id`.
     pub boot_id_path: PathBuf,
+    /// Labels that travel with every report to the controller, e.g.
+    /// `labels = { environment = "production", team = "web" }`. Keys: 1-63 of `[a-z0-9_.-]`;
+    /// values: up to 256 printable characters. Default: none.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for AgentSection {
@@ -45,6 +50,7 @@ impl Default for AgentSection {
             host_id: String::new(),
             state_dir: PathBuf::from("/var/lib/patch-agent"),
             boot_id_path: PathBuf::from("/proc/sys/kernel/random/boot_id"),
+            labels: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -266,6 +272,89 @@ impl Default for JobsSection {
             reboot_grace: Duration::from_secs(600),
         }
     }
+}
+
+/// `[report]`: where the agent reports job results and inventory. Unset `controller` means no
+/// reporting. Reports wait in a durable outbox in `state_dir` until the controller has them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportSection {
+    /// The controller, `HOST:PORT`, reached over mutual TLS with the `[tls]` certificate and key.
+    /// Default: unset (reports are not sent).
+    pub controller: String,
+    /// The name to verify in the controller's certificate. Default: the host part of
+    /// `controller`.
+    pub server_name: String,
+    /// The CA the controller's certificate must chain to. Default: `[tls] ca`.
+    pub ca: Option<PathBuf>,
+    /// Reports kept while the controller cannot be reached. When full, intermediate progress
+    /// is dropped first, then the oldest results; drops are counted and reported. Default:
+    /// `1000`.
+    pub outbox_size: usize,
+    /// First pause after a failed send; it doubles (with jitter) up to `retry_max`.
+    /// Default: `1s`.
+    #[serde(deserialize_with = "duration")]
+    pub retry_initial: Duration,
+    /// Longest pause between attempts. Default: `5m`.
+    #[serde(deserialize_with = "duration")]
+    pub retry_max: Duration,
+    /// Deadline for one call to the controller. Default: `15s`.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for ReportSection {
+    fn default() -> Self {
+        Self {
+            controller: String::new(),
+            server_name: String::new(),
+            ca: None,
+            outbox_size: 1000,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl ReportSection {
+    /// The name to verify in the controller's certificate.
+    pub fn server_name(&self) -> &str {
+        if !self.server_name.is_empty() {
+            return &self.server_name;
+        }
+        host_part(&self.controller).unwrap_or_default()
+    }
+}
+
+/// The host part of `HOST:PORT` or `[V6]:PORT`.
+pub fn host_part(addr: &str) -> Option<&str> {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split_once(']').map(|(h, _)| h);
+    }
+    addr.rsplit_once(':')
+        .map(|(h, _)| h)
+        .filter(|h| !h.is_empty())
+}
+
+/// Checks one `[agent] labels` entry.
+pub fn check_label(key: &str, value: &str) -> Result<(), String> {
+    let key_ok = !key.is_empty()
+        && key.len() <= 63
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+    if !key_ok {
+        return Err(format!(
+            "label key {key:?} must be 1-63 characters of [a-z0-9_.-]"
+        ));
+    }
+    if value.chars().count() > 256 || value.chars().any(char::is_control) {
+        return Err(format!(
+            "label {key:?}: the value must be at most 256 printable characters"
+        ));
+    }
+    Ok(())
 }
 
 /// `[packages] manager`.
@@ -571,6 +660,45 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
                 );
             }
         }
+    }
+    for (k, v) in &config.agent.labels {
+        if let Err(e) = check_label(k, v) {
+            bad(&format!("agent.labels.{k}"), e);
+        }
+    }
+    let r = &config.report;
+    if !r.controller.is_empty() {
+        let port_ok = r
+            .controller
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok_and(|p| p > 0));
+        if host_part(&r.controller).is_none() || !port_ok {
+            bad(
+                "report.controller",
+                format!(
+                    "`{}` is not HOST:PORT; use e.g. \"controller.example:7000\"",
+                    r.controller
+                ),
+            );
+        }
+    } else if !r.server_name.is_empty() || r.ca.is_some() {
+        bad(
+            "report.controller",
+            "server_name and ca are set but controller is not; set controller = \"HOST:PORT\""
+                .into(),
+        );
+    }
+    if r.outbox_size < 2 {
+        bad("report.outbox_size", "must be at least 2".into());
+    }
+    if r.retry_initial.is_zero() || r.retry_max < r.retry_initial {
+        bad(
+            "report.retry_initial",
+            "must be greater than 0 and at most report.retry_max".into(),
+        );
+    }
+    if r.timeout.is_zero() {
+        bad("report.timeout", "must be greater than 0".into());
     }
     let j = &config.jobs;
     if !j.trusted_keys_dir.is_absolute() {

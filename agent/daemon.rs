@@ -8,6 +8,7 @@ use crate::jobs::engine::Engine;
 use crate::jobs::trust::TrustStore;
 use crate::listener::{self, TlsAccept};
 use crate::notify::{self, Notifier};
+use crate::report::{self, outbox::Outbox};
 use crate::server::{self, AgentService, Health};
 use crate::telemetry::{self, FilterHandle};
 use crate::tls;
@@ -193,6 +194,34 @@ async fn serve(
         scanner.clone(),
     )
     .await?;
+    let reporter = if config.report.controller.is_empty() {
+        tracing::info!("No [report] controller: job results and inventory are not reported");
+        None
+    } else {
+        let outbox = Arc::new(Outbox::open(
+            &config.agent.state_dir.join("outbox"),
+            config.report.outbox_size,
+        )?);
+        let origin = report::Origin {
+            host_id: facts.host_id.clone(),
+            labels: config.agent.labels.clone(),
+        };
+        engine.set_report_sink(Arc::new(report::JobSink {
+            origin: origin.clone(),
+            outbox: outbox.clone(),
+        }));
+        // The controller may have lost it, or never had it: the checksum alone settles that.
+        outbox.want_inventory();
+        tracing::info!(controller = %config.report.controller, pending = outbox.len(), "Reporting to the controller");
+        Some(Arc::new(report::Reporter {
+            cfg: config.report.clone(),
+            tls: config.tls.clone(),
+            facts: facts.clone(),
+            origin,
+            scanner: scanner.clone(),
+            outbox,
+        }))
+    };
     let (routes, health) = server::routes(AgentService::new(
         facts.clone(),
         scanner.clone(),
@@ -242,6 +271,9 @@ async fn serve(
         tokio::spawn(scanner.run());
     }
     tokio::spawn(engine.clone().run());
+    if let Some(r) = reporter {
+        tokio::spawn(r.run());
+    }
     health.set(true).await;
     notifier.notify(&format!(
         "READY=1\nSTATUS={status}\nMAINPID={}",
@@ -357,6 +389,7 @@ fn reload(
     let restart_needed: Vec<&str> = [
         ("server", new.server != running.server),
         ("agent", new.agent != running.agent),
+        ("report", new.report != running.report),
         ("log.format", new.log.format != running.log.format),
     ]
     .into_iter()
@@ -373,9 +406,11 @@ fn reload(
     );
     let keep_server = running.server.clone();
     let keep_agent = running.agent.clone();
+    let keep_report = running.report.clone();
     let keep_format = running.log.format;
     *running = new;
     running.server = keep_server;
     running.agent = keep_agent;
+    running.report = keep_report;
     running.log.format = keep_format;
 }

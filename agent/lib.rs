@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod controller;
 pub mod ctl;
 pub mod daemon;
 pub mod exec;
@@ -18,6 +19,7 @@ pub mod listener;
 pub mod notify;
 pub mod pkg;
 pub mod proto;
+pub mod report;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -14,3 +14,9 @@ pub const AGENT_SERVICE: &str = "patchagent.v1.Agent";
 
 pub use v1::agent_client::AgentClient;
 pub use v1::agent_server::{Agent, AgentServer};
+
+/// Fully-qualified name of the controller service.
+pub const CONTROLLER_SERVICE: &str = "patchagent.v1.Controller";
+
+pub use v1::controller_client::ControllerClient;
+pub use v1::controller_server::{Controller, ControllerServer};

@@ -51,7 +51,7 @@ fn ts(t: Option<SystemTime>) -> Option<prost_types::Timestamp> {
     t.map(Into::into)
 }
 
-fn package(p: &pkg::Package) -> pb::Package {
+pub(crate) fn package(p: &pkg::Package) -> pb::Package {
     pb::Package {
         name: p.name.clone(),
         epoch: p.epoch,
@@ -65,7 +65,7 @@ fn package(p: &pkg::Package) -> pb::Package {
     }
 }
 
-fn update(u: &pkg::Update) -> pb::Update {
+pub(crate) fn update(u: &pkg::Update) -> pb::Update {
     let classification = match u.classification {
         Classification::Security => pb::Classification::Security,
         Classification::Bugfix => pb::Classification::Bugfix,
@@ -91,7 +91,30 @@ fn update(u: &pkg::Update) -> pb::Update {
         cve_ids: u.cves.clone(),
         issued: ts(u.issued),
         sla_class: sla(u.sla) as i32,
+        first_seen: ts(u.first_seen),
     }
+}
+
+pub(crate) fn held(u: &pkg::UpdateScan) -> Vec<pb::HeldUpdate> {
+    u.held
+        .iter()
+        .map(|h| pb::HeldUpdate {
+            name: h.name.clone(),
+            installed_version: h.installed_version.clone(),
+            candidate_version: h.candidate_version.clone(),
+            reason: h.reason.clone(),
+        })
+        .collect()
+}
+
+pub(crate) fn repo_errors(u: &pkg::UpdateScan) -> Vec<pb::RepoError> {
+    u.repo_errors
+        .iter()
+        .map(|e| pb::RepoError {
+            repo: e.repo.clone(),
+            error: e.error.clone(),
+        })
+        .collect()
 }
 
 fn sla(s: SlaClass) -> pb::SlaClass {
@@ -103,7 +126,7 @@ fn sla(s: SlaClass) -> pb::SlaClass {
     }
 }
 
-fn summary(manager: &str, s: &Snapshot) -> (pb::PackageSummary, pb::RebootStatus) {
+pub(crate) fn summary(manager: &str, s: &Snapshot) -> (pb::PackageSummary, pb::RebootStatus) {
     let count = |c: SlaClass| s.updates.updates.iter().filter(|u| u.sla == c).count() as u32;
     let summary = pb::PackageSummary {
         manager: manager.to_string(),
@@ -395,24 +418,8 @@ impl proto::Agent for AgentService {
         Ok(Response::new(pb::ListUpdatesResponse {
             manager: scanner.manager().to_string(),
             updates: u.updates.iter().map(update).collect(),
-            held: u
-                .held
-                .iter()
-                .map(|h| pb::HeldUpdate {
-                    name: h.name.clone(),
-                    installed_version: h.installed_version.clone(),
-                    candidate_version: h.candidate_version.clone(),
-                    reason: h.reason.clone(),
-                })
-                .collect(),
-            repo_errors: u
-                .repo_errors
-                .iter()
-                .map(|e| pb::RepoError {
-                    repo: e.repo.clone(),
-                    error: e.error.clone(),
-                })
-                .collect(),
+            held: held(u),
+            repo_errors: repo_errors(u),
             scanned_at: ts(snap.updates_at),
             metadata_refreshed_at: ts(snap.refreshed_at),
             scan_errors: snap.errors.clone(),

@@ -1,5 +1,6 @@
 //! Connecting `patchctl` to an agent: `HOST:PORT` over mutual TLS, or `unix:PATH`.
 
+use crate::config::host_part;
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -74,15 +75,6 @@ impl AgentArgs {
     }
 }
 
-fn host_part(addr: &str) -> Option<&str> {
-    if let Some(rest) = addr.strip_prefix('[') {
-        return rest.split_once(']').map(|(h, _)| h);
-    }
-    addr.rsplit_once(':')
-        .map(|(h, _)| h)
-        .filter(|h| !h.is_empty())
-}
-
 async fn connect_unix(path: PathBuf, timeout: Duration) -> Result<Channel> {
     let shown = path.display().to_string();
     // The URI is required by the API but unused: the connector below decides where to go.
@@ -103,10 +95,10 @@ async fn connect_unix(path: PathBuf, timeout: Duration) -> Result<Channel> {
 mod tests {
     #[test]
     fn host_part() {
-        assert_eq!(super::host_part("agent1:7443"), Some("agent1"));
-        assert_eq!(super::host_part("[::1]:7443"), Some("::1"));
-        assert_eq!(super::host_part("127.0.0.1:1"), Some("127.0.0.1"));
-        assert_eq!(super::host_part(":1"), None);
-        assert_eq!(super::host_part("nohost"), None);
+        assert_eq!(crate::config::host_part("agent1:7443"), Some("agent1"));
+        assert_eq!(crate::config::host_part("[::1]:7443"), Some("::1"));
+        assert_eq!(crate::config::host_part("127.0.0.1:1"), Some("127.0.0.1"));
+        assert_eq!(crate::config::host_part(":1"), None);
+        assert_eq!(crate::config::host_part("nohost"), None);
     }
 }

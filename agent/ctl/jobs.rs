@@ -16,9 +16,6 @@ pub struct JobArgs {
     /// Job id (1-128 of [A-Za-z0-9._-]). Default: a fresh unique id.
     #[arg(long)]
     pub id: Option<String>,
-    /// A host_id or machine_id the job may run on (repeatable).
-    #[arg(long = "target", required = true)]
-    pub targets: Vec<String>,
     /// Upgrade every pending update (all) or only security updates (security).
     #[arg(long, value_parser = ["all", "security"])]
     pub upgrade: Option<String>,
@@ -88,7 +85,7 @@ fn parse_window(s: &str) -> Result<(SystemTime, SystemTime), String> {
     Ok((parse(a)?, parse(b)?))
 }
 
-fn fresh_id() -> String {
+pub fn fresh_id() -> String {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 4];
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
@@ -98,8 +95,8 @@ fn fresh_id() -> String {
     format!("job-{secs}-{}", crate::jobs::journal::to_hex(&b))
 }
 
-/// Builds the Job message from flags.
-pub fn build(a: &JobArgs, now: SystemTime) -> Result<pb::Job> {
+/// Builds the Job message from flags, for `targets`, with `id`.
+pub fn build(a: &JobArgs, id: String, targets: &[String], now: SystemTime) -> Result<pb::Job> {
     let actions = usize::from(a.scan)
         + usize::from(a.reboot_action)
         + usize::from(a.upgrade.is_some() || a.min_severity.is_some())
@@ -156,8 +153,8 @@ pub fn build(a: &JobArgs, now: SystemTime) -> Result<pb::Job> {
         _ => pb::RebootPolicy::Never,
     };
     Ok(pb::Job {
-        job_id: a.id.clone().unwrap_or_else(fresh_id),
-        targets: a.targets.clone(),
+        job_id: id,
+        targets: targets.to_vec(),
         not_before: None,
         expires_at: Some((now + a.expires).into()),
         action: Some(action),
@@ -185,12 +182,26 @@ pub fn build(a: &JobArgs, now: SystemTime) -> Result<pb::Job> {
 }
 
 /// Signs a job after checking it exactly as an agent would (for its first target).
-pub fn sign(a: &JobArgs, key: &Path) -> Result<(pb::SignedJob, pb::Job)> {
+pub fn sign(a: &JobArgs, targets: &[String], key: &Path) -> Result<(pb::SignedJob, pb::Job)> {
     let signer = SigningKey::read(key).map_err(anyhow::Error::msg)?;
-    let now = SystemTime::now();
-    let job = build(a, now)?;
+    let id = a.id.clone().unwrap_or_else(fresh_id);
+    sign_with(&signer, a, id, targets, SystemTime::now())
+}
+
+/// [`sign`] with a loaded key and a chosen id.
+pub fn sign_with(
+    signer: &SigningKey,
+    a: &JobArgs,
+    id: String,
+    targets: &[String],
+    now: SystemTime,
+) -> Result<(pb::SignedJob, pb::Job)> {
+    let Some(first) = targets.first() else {
+        bail!("a job needs at least one target");
+    };
+    let job = build(a, id, targets, now)?;
     let policy = crate::jobs::Policy {
-        host_id: a.targets[0].clone(),
+        host_id: first.clone(),
         machine_id: String::new(),
         max_lifetime: a.max_lifetime,
         clock_skew: Duration::from_secs(300),
@@ -296,8 +307,31 @@ pub async fn submit(channel: tonic::transport::Channel, file: &Path) -> Result<p
         .context("the agent returned no status")
 }
 
-/// Follows a job to its end; returns its final status.
+/// Prints one event as `patchctl watch` shows it.
+pub fn event_line(e: &pb::JobEvent) -> String {
+    let t = e.at.as_ref().map(|t| {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.seconds.max(0) as u64))
+            .to_string()
+    });
+    format!(
+        "{} {:<10} {}",
+        t.unwrap_or_default(),
+        state_name(e.state),
+        e.message
+    )
+}
+
+/// Follows a job to its end, printing each event; returns its final status.
 pub async fn watch(channel: tonic::transport::Channel, id: &str) -> Result<pb::JobStatus> {
+    watch_with(channel, id, |e| println!("{}", event_line(e))).await
+}
+
+/// Follows a job to its end, handing each event to `on_event`; returns its final status.
+pub async fn watch_with(
+    channel: tonic::transport::Channel,
+    id: &str,
+    mut on_event: impl FnMut(&pb::JobEvent),
+) -> Result<pb::JobStatus> {
     let mut stream = AgentClient::new(channel)
         .watch_job(pb::WatchJobRequest {
             job_id: id.to_string(),
@@ -311,20 +345,7 @@ pub async fn watch(channel: tonic::transport::Channel, id: &str) -> Result<pb::J
         .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
     {
         match u.update {
-            Some(pb::job_update::Update::Event(e)) => {
-                let t = e.at.as_ref().map(|t| {
-                    humantime::format_rfc3339_seconds(
-                        UNIX_EPOCH + Duration::from_secs(t.seconds.max(0) as u64),
-                    )
-                    .to_string()
-                });
-                println!(
-                    "{} {:<10} {}",
-                    t.unwrap_or_default(),
-                    state_name(e.state),
-                    e.message
-                );
-            }
+            Some(pb::job_update::Update::Event(e)) => on_event(&e),
             Some(pb::job_update::Update::Status(s)) => return Ok(s),
             None => {}
         }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod client;
 pub mod jobs;
 pub mod pki;
+pub mod rollout;
 pub mod status;
 
 use anyhow::{Context, Result, bail};
@@ -67,6 +68,31 @@ pub enum Command {
         agent: client::AgentArgs,
         job_id: String,
     },
+    /// Run the reference controller: receive agents' reports over mutual TLS into SQLite.
+    Serve(crate::controller::ServeArgs),
+    /// Sign and push a job to a fleet in batches, stopping at a failure threshold.
+    Rollout(Box<rollout::RolloutArgs>),
+    /// Stored job results per host, with per-package outcomes.
+    History {
+        /// The controller's database (patchctl serve --db).
+        #[arg(long)]
+        db: PathBuf,
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only this job.
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The compliance dashboard from stored reports.
+    Compliance {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,6 +115,9 @@ pub enum JobCommand {
         signing_key: PathBuf,
         #[arg(long, short = 'o')]
         output: PathBuf,
+        /// A host_id or machine_id the job may run on (repeatable).
+        #[arg(long = "target", required = true)]
+        targets: Vec<String>,
         #[command(flatten)]
         job: jobs::JobArgs,
     },
@@ -184,9 +213,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             let JobCommand::Sign {
                 signing_key,
                 output,
+                targets,
                 job,
             } = *cmd;
-            let (env, job) = jobs::sign(&job, &signing_key)?;
+            let (env, job) = jobs::sign(&job, &targets, &signing_key)?;
             let bytes = prost::Message::encode_to_vec(&env);
             std::fs::write(&output, &bytes)
                 .with_context(|| format!("cannot write {}", output.display()))?;
@@ -230,6 +260,66 @@ pub async fn run(cli: Cli) -> Result<()> {
                         j.summary
                     );
                 }
+            }
+            Ok(())
+        }
+        Command::Serve(args) => {
+            crate::telemetry::init(crate::config::LogFormat::Plain, "info");
+            crate::controller::serve(args).await
+        }
+        Command::Rollout(args) => {
+            let json = args.json;
+            let summary = rollout::run(*args).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", rollout::render(&summary));
+            }
+            if summary.succeeded != summary.hosts.len() {
+                bail!(
+                    "the rollout did not succeed on every host ({} failed, {} skipped)",
+                    summary.failed,
+                    summary.skipped
+                );
+            }
+            Ok(())
+        }
+        Command::History {
+            db,
+            host,
+            job,
+            json,
+        } => {
+            use crate::controller::store::{SqliteStore, Store};
+            let rows = SqliteStore::open_reader(&db)
+                .map_err(anyhow::Error::msg)?
+                .history(host, job)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no job reports match");
+            } else {
+                print!("{}", status::render_history(&rows));
+            }
+            Ok(())
+        }
+        Command::Compliance { db, json } => {
+            use crate::controller::store::{SqliteStore, Store};
+            let snap = SqliteStore::open_reader(&db)
+                .map_err(anyhow::Error::msg)?
+                .snapshot()
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let d = crate::controller::compliance::compute(&snap, now);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print!("{}", crate::controller::compliance::render(&d));
             }
             Ok(())
         }

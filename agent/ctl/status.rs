@@ -223,3 +223,53 @@ pub fn render(s: &pb::GetStatusResponse) -> String {
         peer = caller.peer,
     )
 }
+
+fn when_secs(t: Option<i64>) -> String {
+    t.and_then(|t| u64::try_from(t).ok())
+        .map(|s| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+            )
+            .to_string()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+/// `patchctl history`: one block per job and host.
+pub fn render_history(rows: &[crate::controller::store::JobRow]) -> String {
+    let mut out = String::new();
+    for r in rows {
+        out.push_str(&format!(
+            "{} {}: {}{}{}\n  {}\n  submitted {}, started {}, finished {}{}\n",
+            r.host_id,
+            r.job_id,
+            r.state,
+            if r.r#final { "" } else { " (in progress)" },
+            if r.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.reason)
+            },
+            r.summary,
+            when_secs(r.submitted_at),
+            when_secs(r.started_at),
+            when_secs(r.finished_at),
+            if r.reboot_attempted {
+                if r.reboot_succeeded {
+                    ", rebooted"
+                } else {
+                    ", reboot failed"
+                }
+            } else {
+                ""
+            }
+        ));
+        for p in &r.packages {
+            out.push_str(&format!(
+                "    {:<30} {:>20} -> {:<20} {}\n",
+                p.name, p.from_version, p.to_version, p.outcome
+            ));
+        }
+    }
+    out
+}

@@ -31,6 +31,8 @@ pub enum Notice {
 
 struct Entry {
     record: Record,
+    /// The state last sent to the report sink (progress is reported once per state).
+    reported_state: Option<State>,
     job: Option<ValidJob>,
     cancel: Arc<AtomicBool>,
     tx: broadcast::Sender<Notice>,
@@ -56,6 +58,12 @@ enum Work {
 /// A refused submission: why, and the stored record when the job id was seen before.
 pub type Refused = Box<(Rejection, Option<Record>)>;
 
+/// Where job reports go (the durable outbox; see `crate::report`).
+pub trait ReportSink: Send + Sync {
+    /// Commits a report of `record` durably; false when it could not be committed.
+    fn job(&self, record: &Record) -> bool;
+}
+
 /// Counts of refused submissions by reason.
 pub type Rejections = BTreeMap<&'static str, u64>;
 
@@ -75,6 +83,7 @@ pub struct Engine {
     /// Admission is CPU work (signature, schema); one at a time leaves the other workers free
     /// for everything else when someone floods the agent.
     admission: tokio::sync::Semaphore,
+    sink: std::sync::OnceLock<Arc<dyn ReportSink>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -117,6 +126,7 @@ impl Engine {
             rejected: Mutex::new(Rejections::new()),
             log_limiter: Mutex::new((std::time::Instant::now(), 0, 0)),
             admission: tokio::sync::Semaphore::new(1),
+            sink: std::sync::OnceLock::new(),
         });
         let mut interrupted = false;
         for mut r in records.into_iter().filter(|r| !removed.contains(&r.job_id)) {
@@ -185,6 +195,7 @@ impl Engine {
                 id.clone(),
                 Entry {
                     record: r,
+                    reported_state: None,
                     job,
                     cancel: Arc::default(),
                     tx,
@@ -320,6 +331,8 @@ impl Engine {
             reboot_boot_id: None,
             reboot_ms: None,
             plan: Vec::new(),
+            reboot_verified: false,
+            reported: false,
         };
         record.event(format!(
             "QUEUED: {} (signed by key {})",
@@ -335,6 +348,11 @@ impl Engine {
         inner.jobs.insert(
             job.id.clone(),
             Entry {
+                reported_state: self
+                    .sink
+                    .get()
+                    .is_some_and(|sink| sink.job(&record))
+                    .then_some(State::Queued),
                 record: record.clone(),
                 job: Some(job.clone()),
                 cancel: Arc::default(),
@@ -432,7 +450,37 @@ impl Engine {
         Ok(())
     }
 
-    fn persist(&self, entry: &Entry) {
+    /// Attaches the report sink, and hands it every ended job whose result it has not had
+    /// (jobs that ended in crash recovery, or before reporting was configured).
+    pub fn set_report_sink(&self, sink: Arc<dyn ReportSink>) {
+        if self.sink.set(sink).is_err() {
+            return;
+        }
+        let mut inner = lock(&self.inner);
+        let mut unreported: Vec<&mut Entry> = inner
+            .jobs
+            .values_mut()
+            .filter(|e| !e.record.reported)
+            .collect();
+        unreported.sort_by_key(|e| e.record.submitted_ms);
+        for entry in unreported {
+            self.persist(entry);
+        }
+    }
+
+    /// Writes the journal; first reports the record when its state is new to the sink, and
+    /// commits a final result to the sink before the journal says it was reported.
+    fn persist(&self, entry: &mut Entry) {
+        if let Some(sink) = self.sink.get() {
+            let state = entry.record.state;
+            if state.is_terminal() {
+                if !entry.record.reported && sink.job(&entry.record) {
+                    entry.record.reported = true;
+                }
+            } else if entry.reported_state != Some(state) && sink.job(&entry.record) {
+                entry.reported_state = Some(state);
+            }
+        }
         if let Err(e) = self.journal.write(&entry.record) {
             tracing::error!(job = %entry.record.job_id, error = %e, "Cannot write the journal");
         }
@@ -1051,6 +1099,9 @@ impl Engine {
             );
             let _ = self.step(id, Event::Fail(why.clone()), format!("FAILED: {why}"));
             return;
+        }
+        if let Some(e) = lock(&self.inner).jobs.get_mut(id) {
+            e.record.reboot_verified = true;
         }
         let msg = format!("VERIFYING: the host rebooted (boot id {before} -> {now_id})");
         if let Err(e) = self.step(id, Event::Rebooted, msg) {

@@ -59,6 +59,12 @@ pub struct Record {
     /// first change, so a restarted agent can tell what happened.
     #[serde(default)]
     pub plan: Vec<PackageOutcome>,
+    /// The host came back from the job's reboot (a new boot id).
+    #[serde(default)]
+    pub reboot_verified: bool,
+    /// The final result was committed to the report outbox.
+    #[serde(default)]
+    pub reported: bool,
 }
 
 pub fn now_ms() -> u64 {
@@ -245,6 +251,8 @@ mod tests {
             reboot_boot_id: None,
             reboot_ms: None,
             plan: vec![],
+            reboot_verified: false,
+            reported: false,
         }
     }
 

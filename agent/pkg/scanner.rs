@@ -49,6 +49,8 @@ pub struct Scanner {
     first_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     snapshot: RwLock<Arc<Snapshot>>,
     running: Mutex<()>,
+    /// Completed scans, for whoever wants to know when one ends (the reporter).
+    scans: tokio::sync::watch::Sender<u64>,
 }
 
 impl Scanner {
@@ -80,6 +82,7 @@ impl Scanner {
                 ..Snapshot::default()
             })),
             running: Mutex::new(()),
+            scans: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -203,7 +206,13 @@ impl Scanner {
         }
         let next = Arc::new(next);
         *self.snapshot.write().await = next.clone();
+        self.scans.send_replace(next.scans);
         next
+    }
+
+    /// Changes whenever a scan ends.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.scans.subscribe()
     }
 
     /// Scans at start (if configured) and then on the schedule, forever.
@@ -227,7 +236,7 @@ pub fn with_jitter(interval: Duration, r: u64) -> Duration {
     interval + Duration::from_millis(r % (max + 1))
 }
 
-fn random_u64() -> u64 {
+pub fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // RandomState is seeded from the OS per instance: enough for jitter, no extra dependency.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
