@@ -231,12 +231,23 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .await;
     let service = ControllerServer::new(ControllerService::new(store))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    // Reflection, so admins can use grpcurl without the .proto files.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection().build_v1()?;
+    let v1alpha = reflection().build_v1alpha()?;
     let mut stop = shutdown_rx.clone();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(256))
             .add_service(service)
             .add_service(health_service)
+            .add_service(v1)
+            .add_service(v1alpha)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
             }),

@@ -452,7 +452,7 @@ async fn run_host(
                 let changed = status
                     .packages
                     .iter()
-                    .filter(|p| matches!(p.outcome.as_str(), "upgraded" | "installed"))
+                    .filter(|p| p.outcome.starts_with("changed") || p.outcome == "installed")
                     .count();
                 let state = jobs::state_name(status.state);
                 let result = if jobs::succeeded(status.state) {

@@ -181,7 +181,12 @@ impl Agent {
     }
 
     pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Self {
-        let (child, notify, log, cfg) = Self::spawn(dir, config, env);
+        Self::start_in(dir, config, env, None)
+    }
+
+    /// Starts the agent inside network namespace `netns` (`ip netns exec`) when given.
+    pub fn start_in(dir: &Path, config: &str, env: &[(&str, &str)], netns: Option<&str>) -> Self {
+        let (child, notify, log, cfg) = Self::spawn_in(dir, config, env, netns);
         let started = Instant::now();
         let mut agent = Agent {
             child,
@@ -213,6 +218,15 @@ impl Agent {
         config: &str,
         env: &[(&str, &str)],
     ) -> (Child, UnixDatagram, PathBuf, PathBuf) {
+        Self::spawn_in(dir, config, env, None)
+    }
+
+    fn spawn_in(
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+        netns: Option<&str>,
+    ) -> (Child, UnixDatagram, PathBuf, PathBuf) {
         std::fs::create_dir_all(dir).expect("test dir");
         let cfg = dir.join("agent.toml");
         std::fs::write(&cfg, config).expect("write config");
@@ -224,7 +238,15 @@ impl Agent {
             .expect("timeout");
         let log = dir.join("agent.log");
         let logf = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(AGENT);
+        // `ip netns exec` execs the agent itself, so the child's pid is the agent's.
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, AGENT]);
+                c
+            }
+            None => Command::new(AGENT),
+        };
         cmd.args(["run", "--config"])
             .arg(&cfg)
             .env("NOTIFY_SOCKET", &notify_path)
