@@ -834,6 +834,42 @@ mod tests {
         assert!(p.is_empty(), "{p:?}");
         let c = c.expect("parses");
         assert!(validate(&c).is_empty());
+        // The packaged file shows the defaults, and turns the local socket on.
+        let mut expected = Config::default();
+        expected.server.local_socket = Some("/run/patch-agent/agent.sock".into());
+        assert_eq!(c, expected);
+    }
+
+    #[test]
+    fn report_and_labels_are_checked() {
+        let text = "[agent]\nlabels = { Environment = \"x\", ok = \"a\\u0007b\" }\n\
+                    [report]\ncontroller = \"nohost\"\noutbox_size = 1\nretry_initial = \"10m\"\n";
+        let (c, p) = parse(text);
+        assert!(p.is_empty(), "{p:?}");
+        let keys: Vec<String> = validate(&c.expect("parses"))
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        for k in [
+            "agent.labels.Environment",
+            "agent.labels.ok",
+            "report.controller",
+            "report.outbox_size",
+            "report.retry_initial",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} not in {keys:?}");
+        }
+        let (c, _) = parse("[report]\nserver_name = \"ctl\"\n");
+        assert!(
+            validate(&c.expect("parses"))
+                .iter()
+                .any(|(k, m)| k == "report.controller" && m.contains("HOST:PORT"))
+        );
+        let r = ReportSection {
+            controller: "[::1]:7000".into(),
+            ..ReportSection::default()
+        };
+        assert_eq!(r.server_name(), "::1");
     }
 
     #[test]

@@ -188,6 +188,8 @@ pub struct HostOutcome {
     pub state: String,
     pub reason: String,
     pub duration_ms: u64,
+    /// How long the job ran on the host (started to finished, by the agent's clock).
+    pub job_ms: Option<u64>,
     pub packages_changed: usize,
 }
 
@@ -370,6 +372,7 @@ fn skipped(h: &Host, id: &str, batch: usize) -> HostOutcome {
         state: "-".into(),
         reason: "not attempted: the rollout stopped".into(),
         duration_ms: 0,
+        job_ms: None,
         packages_changed: 0,
     }
 }
@@ -386,7 +389,7 @@ async fn run_host(
     timeout: Duration,
 ) -> HostOutcome {
     let started = Instant::now();
-    let outcome = |result, state: &str, reason: String, packages| HostOutcome {
+    let outcome = |result, state: &str, reason: String, packages, job_ms| HostOutcome {
         host: h.id.clone(),
         address: h.address.clone(),
         job_id: id.to_string(),
@@ -395,6 +398,7 @@ async fn run_host(
         state: state.to_string(),
         reason,
         duration_ms: started.elapsed().as_millis() as u64,
+        job_ms,
         packages_changed: packages,
     };
     let channel = match agent.connect().await {
@@ -402,7 +406,7 @@ async fn run_host(
         Err(e) => {
             let why = format!("{e:#}");
             say(json, &format!("[{}] UNREACHABLE {why}", h.id));
-            return outcome(HostResult::Unreachable, "-", why, 0);
+            return outcome(HostResult::Unreachable, "-", why, 0, None);
         }
     };
     match crate::proto::AgentClient::new(channel.clone())
@@ -420,7 +424,7 @@ async fn run_host(
         Err(s) => {
             let why = format!("refused: {:?}: {}", s.code(), s.message());
             say(json, &format!("[{}] {why}", h.id));
-            return outcome(HostResult::Failed, "REFUSED", why, 0);
+            return outcome(HostResult::Failed, "REFUSED", why, 0, None);
         }
     }
     let deadline = started + timeout;
@@ -460,7 +464,14 @@ async fn run_host(
                 } else {
                     HostResult::Failed
                 };
-                return outcome(result, state, status.reason, changed);
+                let ms = |t: &prost_types::Timestamp| {
+                    t.seconds as i128 * 1000 + i128::from(t.nanos / 1_000_000)
+                };
+                let job_ms = match (&status.started_at, &status.finished_at) {
+                    (Some(a), Some(b)) => u64::try_from(ms(b) - ms(a)).ok(),
+                    _ => None,
+                };
+                return outcome(result, state, status.reason, changed, job_ms);
             }
             Ok(Err(e)) => {
                 last_error = format!("{e:#}");
@@ -485,7 +496,7 @@ async fn run_host(
             format!(" (last error: {last_error})")
         }
     );
-    outcome(HostResult::Failed, "UNKNOWN", why, 0)
+    outcome(HostResult::Failed, "UNKNOWN", why, 0, None)
 }
 
 /// The summary table.
