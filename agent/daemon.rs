@@ -61,6 +61,24 @@ pub fn check(path: &Path) -> Result<Checked, Vec<String>> {
     }
 }
 
+/// What is allowed but probably not meant: printed by `check-config`, logged at start.
+pub fn warnings(c: &Checked) -> Vec<String> {
+    let mut out = Vec::new();
+    if c.trust.is_empty() {
+        out.push(format!(
+            "jobs.trusted_keys_dir {} holds no key (*.pem): every job will be refused until one is added",
+            c.config.jobs.trusted_keys_dir.display()
+        ));
+    }
+    if c.config.auth.controllers.is_empty() && c.config.auth.viewers.is_empty() {
+        out.push(
+            "auth: no controllers or viewers: only root on the local socket can call the agent"
+                .into(),
+        );
+    }
+    out
+}
+
 /// Runs the agent until SIGTERM or SIGINT. Returns the process exit code.
 pub fn run(config_path: PathBuf, log_format: Option<LogFormat>) -> i32 {
     let started = Instant::now();
@@ -82,6 +100,9 @@ pub fn run(config_path: PathBuf, log_format: Option<LogFormat>) -> i32 {
         log_format.unwrap_or(checked.config.log.format),
         &checked.config.log.level,
     );
+    for w in warnings(&checked) {
+        tracing::warn!("{w}");
+    }
     // Two workers at most: the agent serves a handful of admins and one controller, and every
     // thread costs resident memory on every host of the fleet.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));

@@ -11,7 +11,6 @@ use std::fmt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bytes of stderr kept for error messages.
 const STDERR_TAIL: usize = 4096;
@@ -168,16 +167,26 @@ pub async fn run(cmd: &Cmd) -> Result<Output, ExecError> {
 }
 
 /// Like [`run`], and also sends each stdout line to `lines` as it is printed.
+///
+/// Output goes to unlinked temporary files, not pipes: a package manager whose parent (the
+/// agent) stops mid-run, as it does when a job upgrades the agent's own package and systemd
+/// restarts it, keeps writing to a file instead of dying of SIGPIPE half-way through dpkg.
 pub async fn run_streaming(
     cmd: &Cmd,
     lines: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 ) -> Result<Output, ExecError> {
     let started = Instant::now();
+    let io_err = |source| ExecError::Io {
+        cmd: cmd.display(),
+        source,
+    };
+    let (out_file, out_child) = capture_file().map_err(io_err)?;
+    let (err_file, err_child) = capture_file().map_err(io_err)?;
     let mut c = tokio::process::Command::new(&cmd.program);
     c.args(&cmd.args)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::from(out_child))
+        .stderr(Stdio::from(err_child))
         .env("LC_ALL", "C")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .env("NEEDRESTART_MODE", "l")
@@ -196,46 +205,44 @@ pub async fn run_streaming(
         cmd: cmd.display(),
         source,
     })?;
+    // The child holds its own copies of the files now.
+    drop(c);
     let pgid = child.id();
-    let stdout_task = match lines {
-        None => tokio::spawn(read_capped(child.stdout.take())),
-        Some(tx) => tokio::spawn(read_lines(child.stdout.take(), tx)),
-    };
-    let stderr_task = tokio::spawn(read_capped(child.stderr.take()));
-    let status = match tokio::time::timeout(cmd.timeout, child.wait()).await {
-        Ok(Ok(status)) => status,
-        Ok(Err(source)) => {
-            return Err(ExecError::Io {
-                cmd: cmd.display(),
-                source,
-            });
-        }
-        Err(_) => {
-            if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
-                // The whole group: package managers fork helpers (methods, maintainer scripts).
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+    let mut stdout = Capture::new(out_file);
+    let mut stderr = Capture::new(err_file);
+    let deadline = tokio::time::sleep(cmd.timeout);
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.map_err(io_err)?,
+            () = &mut deadline => {
+                if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
+                    // The whole group: package managers fork helpers (methods, maintainer scripts).
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = child.wait().await;
+                stderr.pump(None);
+                return Err(ExecError::Timeout {
+                    cmd: cmd.display(),
+                    timeout: cmd.timeout,
+                    stderr_tail: tail(&stderr.all, STDERR_TAIL).trim().to_string(),
+                });
             }
-            let _ = child.wait().await;
-            let stderr = drain(stderr_task).await;
-            stdout_task.abort();
-            return Err(ExecError::Timeout {
-                cmd: cmd.display(),
-                timeout: cmd.timeout,
-                stderr_tail: tail(&stderr, STDERR_TAIL).trim().to_string(),
-            });
+            _ = tick.tick(), if lines.is_some() => stdout.pump(lines.as_ref()),
         }
     };
-    // A daemon started by a maintainer script may keep our pipes open: once the command itself
-    // has exited, give the pipes a moment to drain, then stop waiting for them.
-    let stdout = drain(stdout_task).await;
-    let stderr = drain(stderr_task).await;
+    stdout.pump(lines.as_ref());
+    stdout.finish(lines.as_ref());
+    stderr.pump(None);
+    stderr.finish(None);
     Ok(Output {
         status,
-        stdout,
-        stderr,
+        stdout: stdout.all,
+        stderr: stderr.all,
         elapsed: started.elapsed(),
     })
 }
@@ -243,43 +250,83 @@ pub async fn run_streaming(
 /// Most output kept from one stream; package lists of very large hosts fit many times over.
 const MAX_CAPTURE: u64 = 64 * 1024 * 1024;
 
-async fn read_capped<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
-    let mut buf = Vec::new();
-    if let Some(p) = pipe {
-        let _ = p.take(MAX_CAPTURE).read_to_end(&mut buf).await;
-    }
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-async fn read_lines<R: AsyncRead + Unpin>(
-    pipe: Option<R>,
-    tx: tokio::sync::mpsc::UnboundedSender<String>,
-) -> String {
-    use tokio::io::AsyncBufReadExt;
-    let mut all = String::new();
-    let Some(p) = pipe else { return all };
-    let mut reader = tokio::io::BufReader::new(p.take(MAX_CAPTURE));
-    let mut line = Vec::new();
+/// An unlinked file opened for appending (the child's copy) and reading (ours, by offset).
+fn capture_file() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir();
     loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return all,
-            Ok(_) => {
-                let text = String::from_utf8_lossy(&line);
-                all.push_str(&text);
-                let _ = tx.send(text.trim_end().to_string());
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!(".patch-agent-out-{}-{n}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => {
+                let _ = std::fs::remove_file(&path);
+                let child = f.try_clone()?;
+                return Ok((f, child));
             }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
         }
     }
 }
 
-async fn drain(task: tokio::task::JoinHandle<String>) -> String {
-    let abort = task.abort_handle();
-    match tokio::time::timeout(Duration::from_secs(2), task).await {
-        Ok(Ok(s)) => s,
-        _ => {
-            abort.abort();
-            String::new()
+/// Reads what a child appended to its capture file so far.
+struct Capture {
+    file: std::fs::File,
+    offset: u64,
+    all: String,
+    /// Bytes after the last complete line, not yet sent.
+    partial: Vec<u8>,
+}
+
+impl Capture {
+    fn new(file: std::fs::File) -> Self {
+        Self {
+            file,
+            offset: 0,
+            all: String::new(),
+            partial: Vec::new(),
+        }
+    }
+
+    /// Reads new output; sends each complete line.
+    fn pump(&mut self, lines: Option<&tokio::sync::mpsc::UnboundedSender<String>>) {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        while self.offset < MAX_CAPTURE {
+            let n = match self.file.read_at(&mut buf, self.offset) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            self.offset += n as u64;
+            self.partial.extend_from_slice(&buf[..n]);
+            while let Some(i) = memchr::memchr(b'\n', &self.partial) {
+                let line: Vec<u8> = self.partial.drain(..=i).collect();
+                let text = String::from_utf8_lossy(&line);
+                self.all.push_str(&text);
+                if let Some(tx) = lines {
+                    let _ = tx.send(text.trim_end().to_string());
+                }
+            }
+        }
+    }
+
+    /// The last line, if it had no newline.
+    fn finish(&mut self, lines: Option<&tokio::sync::mpsc::UnboundedSender<String>>) {
+        if !self.partial.is_empty() {
+            let text = String::from_utf8_lossy(&self.partial).into_owned();
+            self.partial.clear();
+            self.all.push_str(&text);
+            if let Some(tx) = lines {
+                let _ = tx.send(text.trim_end().to_string());
+            }
         }
     }
 }
@@ -343,6 +390,23 @@ mod tests {
         assert_eq!(rx.recv().await.as_deref(), Some("two"));
         let out = run.await.expect("join").expect("run");
         assert_eq!(out.stdout, "one\ntwo\n");
+    }
+
+    #[tokio::test]
+    async fn large_output_and_a_last_line_without_newline_are_kept() {
+        let cmd = Cmd::new("/bin/sh", Duration::from_secs(10))
+            .args(["-c", "seq 1 200000; printf tail; echo err >&2"]);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let out = run_streaming(&cmd, Some(tx)).await.expect("run");
+        assert!(out.stdout.starts_with("1\n2\n") && out.stdout.ends_with("200000\ntail"));
+        assert_eq!(out.stderr, "err\n");
+        let mut n = 0;
+        let mut last = String::new();
+        while let Ok(l) = rx.try_recv() {
+            n += 1;
+            last = l;
+        }
+        assert_eq!((n, last.as_str()), (200_001, "tail"));
     }
 
     #[tokio::test]

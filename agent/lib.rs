@@ -25,5 +25,9 @@ pub mod telemetry;
 pub mod tls;
 pub mod uds_authority;
 
-/// The agent's version, as `patch-agent --version` prints it.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The agent's version, as `patch-agent --version` prints it: Cargo.toml's, unless the build
+/// set `PATCH_AGENT_VERSION` (`packaging/build.sh` does, to build another package version).
+pub const VERSION: &str = match option_env!("PATCH_AGENT_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(
     name = "patch-agent",
-    version,
+    version = patch_agent::VERSION,
     about = "Patch agent daemon: host facts and signed patch jobs over mTLS gRPC"
 )]
 struct Cli {
@@ -40,7 +40,10 @@ fn main() {
         Command::CheckConfig { config } => {
             patch_agent::tls::install_default_provider();
             match daemon::check(&config) {
-                Ok(_) => {
+                Ok(checked) => {
+                    for w in daemon::warnings(&checked) {
+                        println!("warning: {w}");
+                    }
                     println!("{}: OK", config.display());
                     0
                 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "patchctl", version, about = "Controller CLI for patch-agent")]
+#[command(name = "patchctl", version = crate::VERSION, about = "Controller CLI for patch-agent")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -1,0 +1,648 @@
+//! Packaging, proven with the real tools: the .deb through lintian and a real boot (a Debian
+//! rootfs made with debootstrap, booted with `systemd-nspawn -b`, systemd as PID 1, the
+//! package installed, restarted, upgraded, upgraded again by a signed job of its own, purged);
+//! the .rpm through rpm and rpmlint and a scratch-root install whose scriptlets run.
+//!
+//! The packages come from `packaging/build.sh` (built here when missing): the version in
+//! Cargo.toml, and two newer builds (PATCH_AGENT_VERSION) for the upgrades. The rootfs is
+//! cached in /var/tmp between runs on one machine; CI makes it from nothing.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const V1: &str = env!("CARGO_PKG_VERSION");
+const V2: &str = "0.1.1";
+const V3: &str = "0.1.2";
+const ROOTFS_CACHE: &str = "/var/tmp/patch-agent-test-rootfs";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn arch() -> String {
+    let out = run(Command::new("dpkg").arg("--print-architecture"));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// target/packages/patch-agent_VERSION_ARCH.deb, built by packaging/build.sh if missing.
+fn deb(version: &str) -> PathBuf {
+    let p = root().join(format!(
+        "target/packages/patch-agent_{version}_{}.deb",
+        arch()
+    ));
+    if !p.exists() {
+        build(version);
+    }
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+fn rpm_file(version: &str) -> PathBuf {
+    let dir = root().join("target/packages");
+    let find = || {
+        std::fs::read_dir(&dir).ok().and_then(|d| {
+            d.flatten().map(|e| e.path()).find(|p| {
+                let n = p.file_name().unwrap_or_default().to_string_lossy();
+                n.starts_with(&format!("patch-agent-{version}-")) && n.ends_with(".rpm")
+            })
+        })
+    };
+    if find().is_none() {
+        build(version);
+    }
+    find().expect("rpm built")
+}
+
+/// One build at a time (tests run in parallel; each build rewrites target/release).
+fn build(version: &str) {
+    let out = run(Command::new("flock")
+        .arg(root().join("target/.packaging.lock"))
+        .arg(root().join("packaging/build.sh"))
+        .env("PATCH_AGENT_VERSION", version)
+        .current_dir(root()));
+    assert!(out.status.success(), "packaging/build.sh: {}", text(&out));
+}
+
+/// A fresh copy of the cached Debian rootfs (made with debootstrap on first use).
+fn rootfs(dest: &Path) {
+    let cache = Path::new(ROOTFS_CACHE);
+    let script = format!(
+        "[ -e {c}/.complete ] || {{ rm -rf {c} && debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus bookworm {c} http://deb.debian.org/debian && touch {c}/.complete; }}",
+        c = cache.display()
+    );
+    let out = run(Command::new("flock")
+        .arg(format!("{ROOTFS_CACHE}.lock"))
+        .args(["sh", "-c", &script]));
+    assert!(out.status.success(), "debootstrap: {}", text(&out));
+    let out = run(Command::new("cp").arg("-a").arg(cache).arg(dest));
+    assert!(out.status.success(), "copy rootfs: {}", text(&out));
+    let _ = std::fs::remove_file(dest.join(".complete"));
+}
+
+/// A rootfs booted with systemd-nspawn; commands run in it with nsenter.
+struct Container {
+    nspawn: Child,
+    leader: u32,
+    root: PathBuf,
+    log: PathBuf,
+}
+
+impl Container {
+    fn boot(root: &Path, name: &str) -> Self {
+        let log = root.with_extension("console.log");
+        let nspawn = Command::new("systemd-nspawn")
+            .arg("-D")
+            .arg(root)
+            .args([
+                "-b",
+                "--register=no",
+                "--keep-unit",
+                "--console=pipe",
+                "-M",
+                name,
+            ])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(Stdio::from(
+                std::fs::File::create(log.with_extension("err")).expect("log"),
+            ))
+            .spawn()
+            .expect("systemd-nspawn");
+        let pid = nspawn.id();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut leader = None;
+        while leader.is_none() && Instant::now() < deadline {
+            let out = run(Command::new("pgrep").args(["-P", &pid.to_string()]));
+            leader = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse().ok());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let c = Container {
+            nspawn,
+            leader: leader.expect("the container's init"),
+            root: root.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let state = c.sh("systemctl is-system-running 2>/dev/null || true");
+            let s = String::from_utf8_lossy(&state.stdout).trim().to_string();
+            if s == "running" || s == "degraded" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the container did not boot ({s}): {}",
+                c.console()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c
+    }
+
+    fn console(&self) -> String {
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+            std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default()
+        )
+    }
+
+    /// Runs a shell command inside the container (all its namespaces).
+    fn sh(&self, script: &str) -> Output {
+        run(Command::new("nsenter")
+            .args([
+                "-t",
+                &self.leader.to_string(),
+                "-m",
+                "-u",
+                "-i",
+                "-n",
+                "-p",
+                "--",
+            ])
+            .args(["/bin/sh", "-c", script])
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
+    }
+
+    fn sh_ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        assert!(out.status.success(), "{script}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The agent's local socket, seen from outside.
+    fn socket(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/root/run/patch-agent/agent.sock",
+            self.leader
+        ))
+    }
+
+    fn main_pid(&self) -> String {
+        self.sh_ok("systemctl show -p MainPID --value patch-agent")
+    }
+
+    fn grpc(&self, method: &str) -> Output {
+        grpcurl(&strings(&[
+            "-plaintext",
+            "-unix",
+            &self.socket().display().to_string(),
+            method,
+        ]))
+    }
+
+    fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.grpc("grpc.health.v1.Health/Check");
+            if text(&out).contains("SERVING") && !text(&out).contains("NOT_SERVING") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "health is not SERVING: {}\n{}",
+                text(&out),
+                text(&self.sh("journalctl -u patch-agent --no-pager | tail -40"))
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn status(&self) -> Value {
+        let out = self.grpc("patchagent.v1.Agent/GetStatus");
+        assert!(out.status.success(), "GetStatus: {}", text(&out));
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+
+    fn install(&self, deb: &Path) -> String {
+        let name = deb.file_name().expect("name").to_string_lossy().to_string();
+        std::fs::copy(deb, self.root.join("tmp").join(&name)).expect("copy deb");
+        let out = self.sh(&format!("dpkg -i /tmp/{name} 2>&1"));
+        assert!(out.status.success(), "dpkg -i {name}: {}", text(&out));
+        text(&out)
+    }
+
+    /// Every path on the root file system, but those that change by themselves.
+    fn files(&self) -> std::collections::BTreeSet<String> {
+        let out = self.sh(
+            "find / -xdev \\( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp -o -path /var/tmp \
+             -o -path /var/log -o -path /var/cache -o -path /var/lib/apt -o -path /var/lib/dpkg -o -path /srv \
+             -o -path /var/lib/systemd/timers -o -path /var/lib/systemd/catalog -o -path /etc/apt \
+             -o -path /var/lib/systemd/random-seed -o -path /var/lib/systemd/timesync \\) -prune -o -print",
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = self.sh("systemctl poweroff --no-block");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+    }
+}
+
+fn mode_of(listing: &str, path: &str) -> Option<String> {
+    listing
+        .lines()
+        .find(|l| l.ends_with(&format!(".{path}")) || l.ends_with(&format!(".{path}/")))
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+}
+
+#[test]
+fn deb_has_the_files_modes_conffile_and_scripts_and_lintian_finds_no_error() {
+    let deb = deb(V1);
+    let size = std::fs::metadata(&deb).expect("deb").len();
+    assert!(
+        size <= 6 * 1024 * 1024,
+        "{} is {size} bytes (> 6 MiB)",
+        deb.display()
+    );
+    let out = run(Command::new("dpkg-deb").arg("-c").arg(&deb));
+    let list = text(&out);
+    for (path, mode) in [
+        ("/usr/bin/patch-agent", "-rwxr-xr-x"),
+        ("/usr/bin/patchctl", "-rwxr-xr-x"),
+        ("/lib/systemd/system/patch-agent.service", "-rw-r--r--"),
+        ("/etc/patch-agent/agent.toml", "-rw-r--r--"),
+        ("/etc/patch-agent/tls/README", "-rw-r--r--"),
+        ("/etc/patch-agent/trusted-keys/README", "-rw-r--r--"),
+        ("/etc/patch-agent/hooks.d/README", "-rw-r--r--"),
+        ("/usr/share/doc/patch-agent/README.md", "-rw-r--r--"),
+        (
+            "/usr/share/doc/patch-agent/changelog.Debian.gz",
+            "-rw-r--r--",
+        ),
+        ("/usr/share/doc/patch-agent/copyright", "-rw-r--r--"),
+    ] {
+        assert_eq!(
+            mode_of(&list, path).as_deref(),
+            Some(mode),
+            "{path} in {list}"
+        );
+    }
+    let info = text(&run(Command::new("dpkg-deb").arg("-I").arg(&deb)));
+    assert!(
+        info.contains("Depends:") && info.contains("init-system-helpers"),
+        "{info}"
+    );
+    let version = text(&run(Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(&deb)
+        .arg("Version")));
+    assert_eq!(version.trim(), V1);
+    let ctl = tempfile::tempdir().expect("tmp");
+    let out = run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(ctl.path()));
+    assert!(out.status.success(), "{}", text(&out));
+    let conf = std::fs::read_to_string(ctl.path().join("conffiles")).expect("conffiles");
+    assert!(
+        conf.lines().any(|l| l == "/etc/patch-agent/agent.toml"),
+        "{conf}"
+    );
+    for script in ["postinst", "prerm", "postrm"] {
+        let meta = std::fs::metadata(ctl.path().join(script)).expect(script);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o755, "{script}");
+    }
+    let lintian = run(Command::new("lintian")
+        .args(["--no-tag-display-limit", "--display-info"])
+        .arg(&deb));
+    let report = text(&lintian);
+    let errors: Vec<&str> = report.lines().filter(|l| l.starts_with("E:")).collect();
+    assert!(errors.is_empty(), "lintian errors:\n{report}");
+    eprintln!("lintian:\n{report}");
+}
+
+#[test]
+fn rpm_has_the_files_modes_and_scriptlets_and_installs_into_a_scratch_root() {
+    let rpm = rpm_file(V1);
+    let size = std::fs::metadata(&rpm).expect("rpm").len();
+    assert!(
+        size <= 7 * 1024 * 1024,
+        "{} is {size} bytes (> 7 MiB)",
+        rpm.display()
+    );
+    let q = |args: &[&str]| {
+        let out = run(Command::new("rpm").args(args).arg(&rpm));
+        assert!(out.status.success(), "rpm {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let files = q(&["-qpl"]);
+    for f in [
+        "/usr/bin/patch-agent",
+        "/usr/bin/patchctl",
+        "/usr/lib/systemd/system/patch-agent.service",
+        "/etc/patch-agent/agent.toml",
+        "/etc/patch-agent/tls/README",
+    ] {
+        assert!(files.lines().any(|l| l == f), "{f} not in {files}");
+    }
+    // --dump: path size mtime digest mode owner group isconfig isdoc rdev symlink
+    let dump = q(&["-qp", "--dump"]);
+    let mode = |path: &str| {
+        dump.lines()
+            .find(|l| l.starts_with(&format!("{path} ")))
+            .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+    };
+    assert_eq!(mode("/usr/bin/patch-agent").as_deref(), Some("0100755"));
+    assert_eq!(
+        mode("/etc/patch-agent/agent.toml").as_deref(),
+        Some("0100644")
+    );
+    assert_eq!(
+        mode("/usr/lib/systemd/system/patch-agent.service").as_deref(),
+        Some("0100644")
+    );
+    assert!(
+        q(&["-qpc"])
+            .lines()
+            .any(|l| l == "/etc/patch-agent/agent.toml")
+    );
+    let scripts = q(&["-qp", "--scripts"]);
+    for want in [
+        "postinstall scriptlet",
+        "systemctl --no-reload enable patch-agent.service",
+        "patch-agent check-config",
+        "preuninstall scriptlet",
+        "systemctl --no-reload disable --now patch-agent.service",
+        "postuninstall scriptlet",
+        "systemctl try-restart patch-agent.service",
+    ] {
+        assert!(scripts.contains(want), "{want:?} not in:\n{scripts}");
+    }
+    let requires = q(&["-qpR"]);
+    assert!(
+        requires.lines().any(|l| l.starts_with("systemd")),
+        "{requires}"
+    );
+
+    // rpmlint, with the exceptions in packaging/rpmlint.toml (each justified there).
+    let lint = run(Command::new("rpmlint")
+        .arg("-c")
+        .arg(root().join("packaging/rpmlint.toml"))
+        .arg(&rpm));
+    assert!(lint.status.success(), "rpmlint:\n{}", text(&lint));
+    eprintln!("rpmlint:\n{}", text(&lint));
+
+    // A scratch root with a shell and systemctl (the Debian rootfs), so the scriptlets run.
+    let tmp = tempfile::Builder::new()
+        .prefix("pa-rpm-")
+        .tempdir_in("/var/tmp")
+        .expect("tmp");
+    let scratch = tmp.path().join("root");
+    rootfs(&scratch);
+    let out = run(Command::new("rpm")
+        .arg("--root")
+        .arg(&scratch)
+        .args(["--dbpath", "/var/lib/rpm", "-i", "--nodeps"])
+        .arg(&rpm));
+    assert!(out.status.success(), "rpm -i: {}", text(&out));
+    assert!(
+        !text(&out).contains("scriptlet failed"),
+        "scriptlets ran cleanly: {}",
+        text(&out)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    for d in [
+        "etc/patch-agent/tls",
+        "etc/patch-agent/trusted-keys",
+        "etc/patch-agent/hooks.d",
+        "var/lib/patch-agent",
+    ] {
+        let m = std::fs::metadata(scratch.join(d))
+            .expect(d)
+            .permissions()
+            .mode();
+        assert_eq!(m & 0o777, 0o700, "{d}");
+    }
+    let m = std::fs::metadata(scratch.join("usr/bin/patch-agent"))
+        .expect("bin")
+        .permissions()
+        .mode();
+    assert_eq!(m & 0o777, 0o755);
+    let wants = scratch.join("etc/systemd/system/multi-user.target.wants/patch-agent.service");
+    assert!(wants.symlink_metadata().is_ok(), "%post enabled the unit");
+    // A modified config survives an erase as .rpmsave; the unit is disabled; state is kept.
+    std::fs::write(
+        scratch.join("etc/patch-agent/agent.toml"),
+        "[agent]\nhost_id = \"x\"\n",
+    )
+    .expect("edit");
+    let out = run(Command::new("rpm").arg("--root").arg(&scratch).args([
+        "--dbpath",
+        "/var/lib/rpm",
+        "-e",
+        "patch-agent",
+    ]));
+    assert!(out.status.success(), "rpm -e: {}", text(&out));
+    assert!(!scratch.join("usr/bin/patch-agent").exists());
+    assert!(
+        wants.symlink_metadata().is_err(),
+        "%preun disabled the unit"
+    );
+    assert!(scratch.join("etc/patch-agent/agent.toml.rpmsave").exists());
+    assert!(scratch.join("var/lib/patch-agent").exists());
+}
+
+#[test]
+fn deb_in_a_booted_systemd_installs_restarts_upgrades_itself_by_a_signed_job_and_purges_clean() {
+    let (v1, v2, v3) = (deb(V1), deb(V2), deb(V3));
+    let tmp = tempfile::Builder::new()
+        .prefix("pa-boot-")
+        .tempdir_in("/var/tmp")
+        .expect("tmp");
+    let fs = tmp.path().join("root");
+    rootfs(&fs);
+    // Hermetic apt: only a local repository, where the newer package will be.
+    std::fs::create_dir_all(fs.join("srv/repo")).expect("repo");
+    std::fs::write(
+        fs.join("etc/apt/sources.list"),
+        "deb [trusted=yes] file:/srv/repo ./\n",
+    )
+    .expect("sources");
+    let name = format!("pa-boot-{}", std::process::id());
+    let c = Container::boot(&fs, &name);
+    let before = c.files();
+
+    // 1. Install without certificates: enabled, not started, and told what is missing.
+    let said = c.install(&v1);
+    assert!(
+        said.contains("not (re)started: the configuration check failed")
+            && said.contains("/etc/patch-agent/tls/ca.pem"),
+        "{said}"
+    );
+    assert_eq!(c.sh_ok("systemctl is-enabled patch-agent"), "enabled");
+    assert_ne!(
+        String::from_utf8_lossy(&c.sh("systemctl is-active patch-agent").stdout).trim(),
+        "active"
+    );
+    let ls = c.sh_ok("stat -c '%a %n' /etc/patch-agent/tls /etc/patch-agent/trusted-keys /etc/patch-agent/hooks.d /var/lib/patch-agent");
+    assert!(ls.lines().all(|l| l.starts_with("700 ")), "{ls}");
+
+    // 2. Enroll: certificates and a trusted key, made outside with patchctl; start.
+    let pki = Pki::new(tmp.path(), "pki");
+    let keys = tmp.path().join("keys");
+    assert!(
+        run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys))
+            .status
+            .success()
+    );
+    for f in ["ca.pem", "agent.pem", "agent.key"] {
+        std::fs::copy(pki.path(f), fs.join("etc/patch-agent/tls").join(f)).expect("cert");
+    }
+    std::fs::copy(
+        keys.join("signing.pem"),
+        fs.join("etc/patch-agent/trusted-keys/signing.pem"),
+    )
+    .expect("key");
+    let conf = std::fs::read_to_string(fs.join("etc/patch-agent/agent.toml")).expect("conf");
+    std::fs::write(
+        fs.join("etc/patch-agent/agent.toml"),
+        conf.replacen("host_id = \"\"", "host_id = \"boot-test\"", 1)
+            .replacen("listen = \"0.0.0.0:7443\"", "listen = \"127.0.0.1:0\"", 1),
+    )
+    .expect("conf");
+    c.sh_ok("patch-agent check-config");
+    c.sh_ok("systemctl start patch-agent");
+    assert_eq!(c.sh_ok("systemctl is-active patch-agent"), "active");
+    c.wait_serving();
+    assert_eq!(c.status()["agentVersion"], V1);
+    assert_eq!(c.status()["hostId"], "boot-test");
+    let verify = c.sh("systemd-analyze verify /lib/systemd/system/patch-agent.service 2>&1");
+    assert!(
+        verify.status.success() && text(&verify).trim().is_empty(),
+        "systemd-analyze verify: {}",
+        text(&verify)
+    );
+
+    // 3. systemctl restart keeps it healthy (a new process).
+    let pid = c.main_pid();
+    c.sh_ok("systemctl restart patch-agent");
+    c.wait_serving();
+    assert_ne!(c.main_pid(), pid);
+
+    // 4. An upgrade with dpkg restarts it into the new version.
+    let pid = c.main_pid();
+    c.install(&v2);
+    c.wait_serving();
+    assert_ne!(c.main_pid(), pid);
+    assert_eq!(c.status()["agentVersion"], V2);
+
+    // 5. A signed job upgrades the agent's own package from the local repository: systemd
+    // restarts the agent mid-job, dpkg finishes, the new agent records the result.
+    std::fs::copy(&v3, fs.join("srv/repo").join(v3.file_name().expect("name"))).expect("copy");
+    let scan = run(Command::new("sh")
+        .arg("-c")
+        .arg("dpkg-scanpackages -m . /dev/null > Packages")
+        .current_dir(fs.join("srv/repo")));
+    assert!(scan.status.success(), "{}", text(&scan));
+    c.sh_ok("apt-get update -qq 2>&1");
+    let job = tmp.path().join("self.job");
+    let out = run(Command::new(PATCHCTL)
+        .args(["job", "sign", "--signing-key"])
+        .arg(keys.join("signing.key"))
+        .arg("-o")
+        .arg(&job)
+        .args([
+            "--id",
+            "self-upgrade",
+            "--target",
+            "boot-test",
+            "--install",
+            &format!("patch-agent={V3}"),
+        ]));
+    assert!(out.status.success(), "{}", text(&out));
+    let agent = format!("unix:{}", c.socket().display());
+    let out = run(Command::new(PATCHCTL)
+        .args(["submit", "--agent", &agent])
+        .arg(&job));
+    assert!(out.status.success(), "submit: {}", text(&out));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        let out = c.grpc_with("patchagent.v1.Agent/GetJob", r#"{"job_id":"self-upgrade"}"#);
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+            let state = v["state"].as_str().unwrap_or_default().to_string();
+            if state.ends_with("SUCCEEDED")
+                || state.ends_with("FAILED")
+                || state.ends_with("INTERRUPTED")
+                || state.ends_with("TIMED_OUT")
+            {
+                break v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the self-upgrade did not end: {}\n{}",
+            text(&out),
+            text(&c.sh("journalctl -u patch-agent --no-pager | tail -60"))
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        status["state"],
+        "JOB_STATE_SUCCEEDED",
+        "{status:#}\n{}",
+        text(&c.sh("journalctl -u patch-agent --no-pager | tail -80"))
+    );
+    assert_eq!(c.sh_ok("dpkg --audit"), "", "dpkg is consistent");
+    assert_eq!(
+        c.sh_ok("dpkg-query -W -f '${Version} ${Status}' patch-agent"),
+        format!("{V3} install ok installed")
+    );
+    c.wait_serving();
+    assert_eq!(c.status()["agentVersion"], V3);
+    let history = text(&run(
+        Command::new(PATCHCTL).args(["jobs", "--agent", &agent, "--json"])
+    ));
+    assert!(history.contains("self-upgrade"), "{history}");
+
+    // 6. Purge: stopped, and nothing of it left behind.
+    c.sh_ok("dpkg --purge patch-agent 2>&1");
+    assert_ne!(
+        String::from_utf8_lossy(&c.sh("systemctl is-active patch-agent").stdout).trim(),
+        "active"
+    );
+    let after = c.files();
+    let left: Vec<&String> = after.difference(&before).collect();
+    assert!(left.is_empty(), "left behind after purge: {left:#?}");
+    let traces = c.sh(
+        "find / -xdev \\( -path /proc -o -path /sys -o -path /var/lib/dpkg -o -path /var/log -o -path /srv -o -path /tmp -o -path /var/cache \\) -prune -o -name '*patch-agent*' -print",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&traces.stdout).trim(),
+        "",
+        "no patch-agent file remains"
+    );
+}
+
+impl Container {
+    fn grpc_with(&self, method: &str, data: &str) -> Output {
+        grpcurl(&strings(&[
+            "-plaintext",
+            "-unix",
+            "-d",
+            data,
+            &self.socket().display().to_string(),
+            method,
+        ]))
+    }
+}
