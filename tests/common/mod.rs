@@ -2,6 +2,8 @@
 //! `patch-agent` started on a free port with a test NOTIFY_SOCKET, plus the real `grpcurl`.
 #![allow(dead_code)]
 
+pub mod container;
+
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

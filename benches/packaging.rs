@@ -1,0 +1,117 @@
+//! Packaging benchmark: package sizes, and the agent under a real systemd (a debootstrapped
+//! Debian booted with `systemd-nspawn -b`, the .deb installed and enrolled):
+//!
+//! - `systemctl start` to READY over BENCH_STARTS (default 10) stop/start cycles, as systemd
+//!   itself timestamps it (InactiveExit -> ActiveEnter, which includes ExecStartPre's
+//!   check-config), and as the `systemctl start` command takes from outside;
+//! - the agent's RSS after BENCH_IDLE_SECS (default 600) idle, after its start-up scan.
+//!
+//! Run with `cargo bench --bench packaging` (as root, with the tools `.ci/run` installs).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::container::*;
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let deb = deb(V1);
+    let rpm = rpm_file(V1);
+    let mib =
+        |p: &std::path::Path| std::fs::metadata(p).map_or(0.0, |m| m.len() as f64) / 1048576.0;
+    println!(
+        "sizes: {} {:.2} MiB (target <= 6), {} {:.2} MiB (target <= 7)",
+        deb.display(),
+        mib(&deb),
+        rpm.display(),
+        mib(&rpm)
+    );
+
+    let tmp = tempfile::Builder::new()
+        .prefix("pa-bench-boot-")
+        .tempdir_in("/var/tmp")
+        .expect("tmp");
+    let fs = tmp.path().join("root");
+    rootfs(&fs);
+    std::fs::write(fs.join("etc/apt/sources.list"), "").expect("sources");
+    let c = Container::boot(&fs, &format!("pa-bench-{}", std::process::id()));
+    c.install(&deb);
+    let pki = Pki::new(tmp.path(), "pki");
+    let keys = tmp.path().join("keys");
+    assert!(
+        run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys))
+            .status
+            .success()
+    );
+    for f in ["ca.pem", "agent.pem", "agent.key"] {
+        std::fs::copy(pki.path(f), fs.join("etc/patch-agent/tls").join(f)).expect("cert");
+    }
+    std::fs::copy(
+        keys.join("signing.pem"),
+        fs.join("etc/patch-agent/trusted-keys/signing.pem"),
+    )
+    .expect("key");
+    let conf = std::fs::read_to_string(fs.join("etc/patch-agent/agent.toml")).expect("conf");
+    std::fs::write(
+        fs.join("etc/patch-agent/agent.toml"),
+        conf.replacen("listen = \"0.0.0.0:7443\"", "listen = \"127.0.0.1:0\"", 1),
+    )
+    .expect("conf");
+
+    let starts = env_num("BENCH_STARTS", 10);
+    let mut by_systemd = Vec::new();
+    let mut by_command = Vec::new();
+    for _ in 0..starts {
+        c.sh_ok("systemctl stop patch-agent");
+        let t = Instant::now();
+        c.sh_ok("systemctl start patch-agent");
+        by_command.push(t.elapsed().as_secs_f64() * 1000.0);
+        let v = c.sh_ok(
+            "systemctl show -p InactiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic patch-agent",
+        );
+        let get = |k: &str| {
+            v.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+                .and_then(|x| x.trim().parse::<f64>().ok())
+        };
+        if let (Some(exit), Some(active)) = (
+            get("InactiveExitTimestampMonotonic"),
+            get("ActiveEnterTimestampMonotonic"),
+        ) {
+            // Microseconds: the start job began (ExecStartPre) -> READY=1 made it active.
+            by_systemd.push((active - exit) / 1000.0);
+        }
+    }
+    let stats = |xs: &mut Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        (
+            xs.get(xs.len() / 2).copied().unwrap_or(0.0),
+            xs.last().copied().unwrap_or(0.0),
+        )
+    };
+    let (m1, x1) = stats(&mut by_systemd);
+    let (m2, x2) = stats(&mut by_command);
+    println!(
+        "start to READY over {starts} starts: systemd's timestamps median {m1:.1} ms, max {x1:.1} ms; `systemctl start` via nsenter median {m2:.1} ms, max {x2:.1} ms (target <= 200 ms)"
+    );
+
+    let idle = env_num("BENCH_IDLE_SECS", 600);
+    let pid = c.main_pid();
+    println!("idling {idle} s (agent pid {pid} in the container)...");
+    std::thread::sleep(Duration::from_secs(idle));
+    let status = c.sh_ok(&format!("grep -E '^(VmRSS|VmHWM)' /proc/{pid}/status"));
+    println!(
+        "after {idle} s idle under systemd: {} (target VmRSS <= 8 MiB)",
+        status.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    assert_eq!(c.main_pid(), pid, "the agent was not restarted meanwhile");
+}
