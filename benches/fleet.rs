@@ -15,7 +15,7 @@
 mod common;
 
 use common::*;
-use patch_agent::proto::{ControllerClient, v1 as pb};
+use patch_agent::proto::v1 as pb;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -81,32 +81,6 @@ fn start_controller(dir: &Path, pki: &Pki) -> (Child, String) {
     panic!("controller did not start");
 }
 
-async fn client(
-    pki: &Pki,
-    cert: &Path,
-    key: &Path,
-    addr: &str,
-) -> ControllerClient<tonic::transport::Channel> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(
-            std::fs::read(pki.path("ca.pem")).expect("ca"),
-        ))
-        .identity(Identity::from_pem(
-            std::fs::read(cert).expect("cert"),
-            std::fs::read(key).expect("key"),
-        ))
-        .domain_name("controller.bench");
-    let ch = Endpoint::from_shared(format!("https://{addr}"))
-        .expect("uri")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("connect");
-    ControllerClient::new(ch)
-}
-
 fn report(host: &str, n: usize) -> pb::JobReport {
     let is_final = n % 4 == 3;
     pb::JobReport {
@@ -165,7 +139,9 @@ fn ingest(tmp: &Path, pki: &Pki, addr: &str, clients: usize, per_client: usize) 
     rt.block_on(async {
         let mut conns = Vec::new();
         for _ in 0..clients {
-            conns.push(client(pki, &cert, &key, addr).await);
+            conns.push(
+                controller_client(&pki.path("ca.pem"), &cert, &key, addr, "controller.bench").await,
+            );
         }
         for round in ["new", "duplicate"] {
             let started = Instant::now();

@@ -672,31 +672,6 @@ fn nothing_is_lost_when_the_controller_or_an_agent_is_killed_or_a_link_is_cut() 
     f.wait_results(&[("host2", "k3")], Duration::from_secs(30));
 }
 
-/// A tonic client to the controller with a certificate from `pki`.
-async fn controller_client(
-    pki_ca: &Path,
-    cert: &Path,
-    key: &Path,
-    addr: &str,
-) -> patch_agent::proto::ControllerClient<tonic::transport::Channel> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(pki_ca).expect("ca")))
-        .identity(Identity::from_pem(
-            std::fs::read(cert).expect("cert"),
-            std::fs::read(key).expect("key"),
-        ))
-        .domain_name("controller.fleet");
-    let ch = Endpoint::from_shared(format!("https://{addr}"))
-        .expect("uri")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("connect");
-    patch_agent::proto::ControllerClient::new(ch)
-}
-
 #[test]
 fn the_controller_trusts_only_its_ca_refuses_plaintext_and_spoofed_host_ids() {
     patch_agent::tls::install_default_provider();
@@ -857,7 +832,14 @@ fn compliance_figures_from_a_database_built_by_reports() {
     rt.block_on(async {
         for (id, env, updates) in &hosts {
             let (cert, key) = pki.issue(&tmp.path().join(id), &["--name", id, "--usage", "server"]);
-            let mut c = controller_client(&pki.path("ca.pem"), &cert, &key, &ctl.addr).await;
+            let mut c = controller_client(
+                &pki.path("ca.pem"),
+                &cert,
+                &key,
+                &ctl.addr,
+                "controller.fleet",
+            )
+            .await;
             let labels: std::collections::HashMap<String, String> =
                 [("environment".to_string(), env.to_string())].into();
             let send = |inv: pb::Inventory, at: i64| {

@@ -253,28 +253,7 @@ fn deb_in_a_booted_systemd_installs_restarts_upgrades_itself_by_a_signed_job_and
     assert!(ls.lines().all(|l| l.starts_with("700 ")), "{ls}");
 
     // 2. Enroll: certificates and a trusted key, made outside with patchctl; start.
-    let pki = Pki::new(tmp.path(), "pki");
-    let keys = tmp.path().join("keys");
-    assert!(
-        run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys))
-            .status
-            .success()
-    );
-    for f in ["ca.pem", "agent.pem", "agent.key"] {
-        std::fs::copy(pki.path(f), fs.join("etc/patch-agent/tls").join(f)).expect("cert");
-    }
-    std::fs::copy(
-        keys.join("signing.pem"),
-        fs.join("etc/patch-agent/trusted-keys/signing.pem"),
-    )
-    .expect("key");
-    let conf = std::fs::read_to_string(fs.join("etc/patch-agent/agent.toml")).expect("conf");
-    std::fs::write(
-        fs.join("etc/patch-agent/agent.toml"),
-        conf.replacen("host_id = \"\"", "host_id = \"boot-test\"", 1)
-            .replacen("listen = \"0.0.0.0:7443\"", "listen = \"127.0.0.1:0\"", 1),
-    )
-    .expect("conf");
+    let (_pki, keys) = enroll(&fs, tmp.path(), Some("boot-test"));
     c.sh_ok("patch-agent check-config");
     c.sh_ok("systemctl start patch-agent");
     assert_eq!(c.sh_ok("systemctl is-active patch-agent"), "active");

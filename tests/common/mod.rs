@@ -358,3 +358,28 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
+
+/// A client of `patchctl serve` at `addr` with a certificate, verifying the controller as
+/// `server_name`.
+pub async fn controller_client(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    addr: &str,
+    server_name: &str,
+) -> patch_agent::proto::ControllerClient<tonic::transport::Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(ca)))
+        .identity(Identity::from_pem(read(cert), read(key)))
+        .domain_name(server_name);
+    let ch = Endpoint::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect to the controller");
+    patch_agent::proto::ControllerClient::new(ch)
+}
