@@ -971,3 +971,88 @@ fn compliance_figures_from_a_database_built_by_reports() {
         "{t}"
     );
 }
+
+#[test]
+fn an_unreachable_agent_counts_as_failed() {
+    let (tmp, pki) = setup("unreachable");
+    let s = tmp.path().join("apt");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/apt-sandbox.sh");
+    let out = run(Command::new("bash").arg(script).arg(&s));
+    assert!(out.status.success(), "sandbox: {}", text(&out));
+    let keys = tmp.path().join("keys");
+    assert!(
+        run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys))
+            .status
+            .success()
+    );
+    let trusted = tmp.path().join("trusted");
+    std::fs::create_dir_all(&trusted).expect("trusted");
+    std::fs::copy(keys.join("signing.pem"), trusted.join("signing.pem")).expect("copy");
+    let sd = s.display();
+    let extra = format!(
+        "[packages]\nmanager = \"apt\"\nscan_on_start = false\napt_config = \"{sd}/apt.conf\"\ndpkg_status = \"{sd}/root/var/lib/dpkg/status\"\nreboot_required_file = \"{sd}/root/run/reboot-required\"\n[jobs]\ntrusted_keys_dir = \"{}\"\nmin_free_mib = 1\n",
+        trusted.display()
+    );
+    let dir = tmp.path().join("agent");
+    let agent = Agent::start(&dir, &config_text(&dir, &pki, &extra));
+    // Nothing listens on port 1.
+    let hosts = tmp.path().join("hosts.toml");
+    std::fs::write(
+        &hosts,
+        format!(
+            "[[host]]\nid = \"gone\"\naddress = \"127.0.0.1:1\"\n\n[[host]]\nid = \"test-host\"\naddress = \"{}\"\n",
+            agent.addr
+        ),
+    )
+    .expect("hosts");
+    let rollout = |id: &str, args: &[&str]| {
+        let out = run(Command::new(PATCHCTL)
+            .args(["rollout", "--json", "--id", id, "--inventory"])
+            .arg(&hosts)
+            .arg("--signing-key")
+            .arg(keys.join("signing.key"))
+            .arg("--ca")
+            .arg(pki.path("ca.pem"))
+            .arg("--cert")
+            .arg(pki.path("controller.pem"))
+            .arg("--key")
+            .arg(pki.path("controller.key"))
+            .args(["--connect-timeout", "2s", "--scan", "--dry-run"])
+            .args(args));
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("rollout JSON ({e}): {}", text(&out)));
+        (out, v)
+    };
+    // The unreachable host fails the first batch: with --max-fail-percent 0 the rollout stops.
+    let (out, v) = rollout("u1", &["--serial", "1", "--max-fail-percent", "0"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(
+        results(&v),
+        pairs(&[("gone", "unreachable"), ("test-host", "skipped")]),
+        "{v:#}"
+    );
+    assert!(
+        v["hosts"][0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("127.0.0.1:1"),
+        "{v:#}"
+    );
+    assert_eq!(
+        (v["failed"].as_u64(), v["stopped_early"].as_bool()),
+        (Some(1), Some(true))
+    );
+    // One batch of both: 1 of 2 failed is not beyond 50 %; the reachable host still runs, and
+    // the exit code still says one host failed.
+    let (out, v) = rollout("u2", &["--serial", "2", "--max-fail-percent", "50"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(
+        results(&v),
+        pairs(&[("gone", "unreachable"), ("test-host", "succeeded")]),
+        "{v:#}"
+    );
+    assert_eq!(
+        (v["failed"].as_u64(), v["stopped_early"].as_bool()),
+        (Some(1), Some(false))
+    );
+}
