@@ -337,6 +337,14 @@ pub fn host_part(addr: &str) -> Option<&str> {
         .filter(|h| !h.is_empty())
 }
 
+/// `HOST:PORT` or `[V6]:PORT` with a host and a port from 1 to 65535.
+pub fn is_host_port(addr: &str) -> bool {
+    host_part(addr).is_some()
+        && addr
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
 /// Checks one `[agent] labels` entry.
 pub fn check_label(key: &str, value: &str) -> Result<(), String> {
     let key_ok = !key.is_empty()
@@ -668,11 +676,7 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
     }
     let r = &config.report;
     if !r.controller.is_empty() {
-        let port_ok = r
-            .controller
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok_and(|p| p > 0));
-        if host_part(&r.controller).is_none() || !port_ok {
+        if !is_host_port(&r.controller) {
             bad(
                 "report.controller",
                 format!(

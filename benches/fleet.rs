@@ -178,21 +178,8 @@ fn ingest(tmp: &Path, pki: &Pki, addr: &str, clients: usize, per_client: usize) 
 
 fn fan_out(tmp: &Path, pki: &Pki, ctl_addr: &str, ctl_pid: u32, agents: usize) {
     let base = tmp.join("sandbox");
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/apt-sandbox.sh");
-    assert!(
-        run(Command::new("bash").arg(&fixture).arg(&base))
-            .status
-            .success()
-    );
-    let keys = tmp.join("keys");
-    assert!(
-        run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys))
-            .status
-            .success()
-    );
-    let trusted = tmp.join("trusted");
-    std::fs::create_dir_all(&trusted).expect("trusted");
-    std::fs::copy(keys.join("signing.pem"), trusted.join("signing.pem")).expect("copy");
+    apt_sandbox(&base);
+    let (signing, trusted) = signing_key(tmp);
     let mut args = vec![
         "--name".to_string(),
         "a0".into(),
@@ -262,7 +249,7 @@ fn fan_out(tmp: &Path, pki: &Pki, ctl_addr: &str, ctl_pid: u32, agents: usize) {
         .args(["rollout", "--json", "--serial", "100%", "--inventory"])
         .arg(&hosts_file)
         .arg("--signing-key")
-        .arg(keys.join("signing.key"))
+        .arg(&signing)
         .arg("--ca")
         .arg(pki.path("ca.pem"))
         .arg("--cert")

@@ -214,12 +214,7 @@ impl Fleet {
         let mut net = Net::new(name, subnet);
         let (ctl_ns, ctl_ip) = net.add(2);
         issue_ctl_cert(tmp.path(), &pki, &ctl_ip);
-        let keys = tmp.path().join("keys");
-        let out = run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys));
-        assert!(out.status.success(), "keys: {}", text(&out));
-        let trusted = tmp.path().join("trusted");
-        std::fs::create_dir_all(&trusted).expect("trusted");
-        std::fs::copy(keys.join("signing.pem"), trusted.join("signing.pem")).expect("copy");
+        let (key, trusted) = signing_key(tmp.path());
         let controller =
             Controller::start(tmp.path(), &pki, &format!("{ctl_ip}:7000"), Some(&ctl_ns));
         let mut fleet = Fleet {
@@ -228,7 +223,7 @@ impl Fleet {
             controller: Some(controller),
             ctl_ns,
             ctl_ip,
-            key: keys.join("signing.key"),
+            key,
             trusted,
             nodes: Vec::new(),
             tmp,
@@ -239,10 +234,7 @@ impl Fleet {
             let id = format!("host{}", i + 1);
             let dir = fleet.tmp.path().join(&id);
             let sandbox = dir.join("apt");
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/apt-sandbox.sh");
-            let out = run(Command::new("bash").arg(script).arg(&sandbox));
-            assert!(out.status.success(), "sandbox: {}", text(&out));
+            apt_sandbox(&sandbox);
             std::fs::create_dir_all(dir.join("hooks")).expect("hooks");
             fleet.pki.issue(
                 &dir.join("agent"),
@@ -976,18 +968,8 @@ fn compliance_figures_from_a_database_built_by_reports() {
 fn an_unreachable_agent_counts_as_failed() {
     let (tmp, pki) = setup("unreachable");
     let s = tmp.path().join("apt");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/apt-sandbox.sh");
-    let out = run(Command::new("bash").arg(script).arg(&s));
-    assert!(out.status.success(), "sandbox: {}", text(&out));
-    let keys = tmp.path().join("keys");
-    assert!(
-        run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys))
-            .status
-            .success()
-    );
-    let trusted = tmp.path().join("trusted");
-    std::fs::create_dir_all(&trusted).expect("trusted");
-    std::fs::copy(keys.join("signing.pem"), trusted.join("signing.pem")).expect("copy");
+    apt_sandbox(&s);
+    let (key, trusted) = signing_key(tmp.path());
     let sd = s.display();
     let extra = format!(
         "[packages]\nmanager = \"apt\"\nscan_on_start = false\napt_config = \"{sd}/apt.conf\"\ndpkg_status = \"{sd}/root/var/lib/dpkg/status\"\nreboot_required_file = \"{sd}/root/run/reboot-required\"\n[jobs]\ntrusted_keys_dir = \"{}\"\nmin_free_mib = 1\n",
@@ -1010,7 +992,7 @@ fn an_unreachable_agent_counts_as_failed() {
             .args(["rollout", "--json", "--id", id, "--inventory"])
             .arg(&hosts)
             .arg("--signing-key")
-            .arg(keys.join("signing.key"))
+            .arg(&key)
             .arg("--ca")
             .arg(pki.path("ca.pem"))
             .arg("--cert")

@@ -253,7 +253,7 @@ fn deb_in_a_booted_systemd_installs_restarts_upgrades_itself_by_a_signed_job_and
     assert!(ls.lines().all(|l| l.starts_with("700 ")), "{ls}");
 
     // 2. Enroll: certificates and a trusted key, made outside with patchctl; start.
-    let (_pki, keys) = enroll(&fs, tmp.path(), Some("boot-test"));
+    let (_pki, key) = enroll(&fs, tmp.path(), Some("boot-test"));
     c.sh_ok("patch-agent check-config");
     c.sh_ok("systemctl start patch-agent");
     assert_eq!(c.sh_ok("systemctl is-active patch-agent"), "active");
@@ -292,7 +292,7 @@ fn deb_in_a_booted_systemd_installs_restarts_upgrades_itself_by_a_signed_job_and
     let job = tmp.path().join("self.job");
     let out = run(Command::new(PATCHCTL)
         .args(["job", "sign", "--signing-key"])
-        .arg(keys.join("signing.key"))
+        .arg(&key)
         .arg("-o")
         .arg(&job)
         .args([

@@ -138,11 +138,7 @@ pub fn read_hosts(path: &Path) -> Result<Vec<Host>> {
         if !seen.insert(&h.id) {
             bail!("{}: host id {:?} appears twice", path.display(), h.id);
         }
-        let port_ok = h
-            .address
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok_and(|p| p > 0));
-        if crate::config::host_part(&h.address).is_none() || !port_ok {
+        if !crate::config::is_host_port(&h.address) {
             bail!(
                 "{}: host {:?}: address {:?} is not HOST:PORT",
                 path.display(),

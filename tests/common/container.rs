@@ -269,17 +269,15 @@ impl Container {
 /// Enrolls the agent installed in rootfs `fs`: a dev PKI and a signing key made in `tmp` with
 /// patchctl, the CA, agent certificate and key in /etc/patch-agent/tls, the public key in
 /// trusted-keys, and the config listening on 127.0.0.1:0 (the container shares the host's
-/// network). Returns the PKI and the directory holding signing.key.
+/// network). Returns the PKI and the private signing key.
 pub fn enroll(fs: &Path, tmp: &Path, host_id: Option<&str>) -> (Pki, PathBuf) {
     let pki = Pki::new(tmp, "pki");
-    let keys = tmp.join("keys");
-    let out = run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys));
-    assert!(out.status.success(), "keys new: {}", text(&out));
+    let (key, trusted) = signing_key(tmp);
     for f in ["ca.pem", "agent.pem", "agent.key"] {
         std::fs::copy(pki.path(f), fs.join("etc/patch-agent/tls").join(f)).expect("cert");
     }
     std::fs::copy(
-        keys.join("signing.pem"),
+        trusted.join("signing.pem"),
         fs.join("etc/patch-agent/trusted-keys/signing.pem"),
     )
     .expect("key");
@@ -293,5 +291,5 @@ pub fn enroll(fs: &Path, tmp: &Path, host_id: Option<&str>) -> (Pki, PathBuf) {
         conf = conf.replacen("host_id = \"\"", &format!("host_id = \"{id}\""), 1);
     }
     std::fs::write(&path, conf).expect("conf");
-    (pki, keys)
+    (pki, key)
 }

@@ -383,3 +383,22 @@ pub async fn controller_client(
         .expect("connect to the controller");
     patch_agent::proto::ControllerClient::new(ch)
 }
+
+/// A job-signing key pair made by `patchctl keys new` in `dir/keys`, and `dir/trusted` holding
+/// its public half (an agent's trusted_keys_dir). Returns (signing.key, trusted dir).
+pub fn signing_key(dir: &Path) -> (PathBuf, PathBuf) {
+    let keys = dir.join("keys");
+    let out = run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys));
+    assert!(out.status.success(), "keys new: {}", text(&out));
+    let trusted = dir.join("trusted");
+    std::fs::create_dir_all(&trusted).expect("trusted");
+    std::fs::copy(keys.join("signing.pem"), trusted.join("signing.pem")).expect("copy key");
+    (keys.join("signing.key"), trusted)
+}
+
+/// Builds the apt sandbox of tests/fixtures/apt-sandbox.sh at `dir`.
+pub fn apt_sandbox(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/apt-sandbox.sh");
+    let out = run(Command::new("bash").arg(script).arg(dir));
+    assert!(out.status.success(), "apt sandbox: {}", text(&out));
+}
