@@ -266,7 +266,10 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let policy = self.policy.borrow().clone();
-        let peer = req.extensions().get::<Arc<Peer>>().cloned();
+        let peer = req
+            .extensions()
+            .get::<crate::listener::Conn>()
+            .map(|c| c.peer.clone());
         match authorize(&policy, peer.as_deref(), req.uri().path()) {
             Ok(caller) => {
                 req.extensions_mut().insert(caller);

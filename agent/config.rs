@@ -76,9 +76,18 @@ pub struct ServerSection {
     /// Default: `10s`.
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
-    /// Most TCP connections served at once; further connections wait in the kernel backlog.
-    /// Default: `1024`.
+    /// Most TCP connections served at once, counted from accept (before the handshake); a
+    /// connection over the limit is closed at once. Default: `1024`.
     pub max_connections: usize,
+    /// Most TCP connections from one source address at once; over it, a new connection is
+    /// closed at once, so one client cannot take every slot. Default: `64`.
+    pub max_connections_per_ip: usize,
+    /// A connection (TCP or local) with no open stream for this long is closed. Default: `5m`.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Most local-socket connections at once; a connection over it is closed at once.
+    /// Default: `64`.
+    pub max_local_connections: usize,
 }
 
 impl Default for ServerSection {
@@ -90,6 +99,9 @@ impl Default for ServerSection {
             drain_grace: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_connections_per_ip: 64,
+            idle_timeout: Duration::from_secs(300),
+            max_local_connections: 64,
         }
     }
 }
@@ -574,6 +586,15 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
     }
     if config.server.handshake_timeout.is_zero() {
         bad("server.handshake_timeout", "must be greater than 0".into());
+    }
+    if config.server.idle_timeout.is_zero() {
+        bad("server.idle_timeout", "must be greater than 0".into());
+    }
+    if config.server.max_connections_per_ip == 0 {
+        bad("server.max_connections_per_ip", "must be at least 1".into());
+    }
+    if config.server.max_local_connections == 0 {
+        bad("server.max_local_connections", "must be at least 1".into());
     }
     if config.server.max_connections == 0 {
         bad("server.max_connections", "must be at least 1".into());

@@ -47,6 +47,18 @@ pub fn check(path: &Path) -> Result<Checked, Vec<String>> {
         .to_string()
     };
     let mut problems = Vec::new();
+    // Whoever can write these can make the agent run code as root.
+    let trusted = [
+        crate::trusted_files::check("config", path).err(),
+        crate::trusted_files::check("agent.state_dir", &config.agent.state_dir).err(),
+        crate::trusted_files::check("jobs.hooks_dir", &config.jobs.hooks_dir).err(),
+    ];
+    problems.extend(trusted.into_iter().flatten());
+    problems.extend(crate::trusted_files::check_dir_and_files(
+        "jobs.trusted_keys_dir",
+        &config.jobs.trusted_keys_dir,
+        Some("pem"),
+    ));
     let tls = tls::server_config(&config.tls)
         .map_err(|ps| problems.extend(ps.into_iter().map(|(key, msg)| problem(&key, msg))))
         .ok();
@@ -57,6 +69,7 @@ pub fn check(path: &Path) -> Result<Checked, Vec<String>> {
         .ok();
     match (tls, trust) {
         (Some(tls), Some(trust)) if problems.is_empty() => Ok(Checked { config, tls, trust }),
+        _ if problems.is_empty() => Err(vec!["the configuration could not be loaded".into()]),
         _ => Err(problems),
     }
 }
@@ -259,8 +272,13 @@ async fn serve(
         tcp,
         TlsAccept {
             config: tls_rx,
+            policy: Some(policy_rx.clone()),
             handshake_timeout: config.server.handshake_timeout,
-            max_connections: config.server.max_connections,
+            limits: listener::Limits::new(
+                config.server.max_connections,
+                config.server.max_connections_per_ip,
+                config.server.idle_timeout,
+            ),
             shutdown: shutdown_rx.clone(),
         },
     );
@@ -269,6 +287,7 @@ async fn serve(
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(256))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+            .layer(listener::ActivityLayer)
             .layer(AuthLayer::new(policy_rx.clone()))
             .add_routes(routes.clone())
     };
@@ -282,7 +301,12 @@ async fn serve(
     let local_socket = config.server.local_socket.clone();
     if let Some(path) = &local_socket {
         let unix = listener::bind_unix(path)?;
-        let incoming = listener::unix_incoming(unix, shutdown_rx.clone());
+        let limits = listener::Limits::new(
+            config.server.max_local_connections,
+            config.server.max_local_connections,
+            config.server.idle_timeout,
+        );
+        let incoming = listener::unix_incoming(unix, limits, shutdown_rx.clone());
         servers.spawn(builder().serve_with_incoming_shutdown(incoming, stop(shutdown_rx.clone())));
         tracing::info!(path = %path.display(), "Listening for gRPC on the local socket");
         status.push_str(&format!(" and {}", path.display()));

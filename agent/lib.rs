@@ -23,6 +23,7 @@ pub mod report;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod trusted_files;
 pub mod uds_authority;
 
 /// The agent's version, as `patch-agent --version` prints it: Cargo.toml's, unless the build

@@ -1,34 +1,215 @@
 //! Accepting connections: TLS over TCP and the local Unix socket.
 //!
-//! Each accepted connection becomes a [`PeerStream`] that carries its [`Peer`] to tonic, which
-//! puts it in every request's extensions for [`crate::auth`]. Handshakes run in their own tasks
-//! with a deadline, so a slow or hostile client cannot stall the accept loop, and the TLS
-//! configuration is read from a `watch` channel at each accept, so a reload applies to the next
-//! connection without touching established ones.
+//! Each accepted connection becomes a [`PeerStream`] that carries a [`Conn`] (its [`Peer`] and
+//! its activity) to tonic, which puts it in every request's extensions for [`crate::auth`].
+//!
+//! Nobody can hold the agent's connection slots:
+//! - a connection is counted against `max_connections` and, for TCP, against its source
+//!   address's `max_connections_per_ip` from the moment it is accepted; over either limit it is
+//!   closed at once, so the accept loop never stops accepting;
+//! - the TLS handshake must finish within `handshake_timeout`;
+//! - a client certificate that maps to no role is closed right after the handshake;
+//! - a connection with no open stream for `idle_timeout` is closed ([`ActivityLayer`] counts
+//!   the streams).
+//!
+//! The TLS configuration and the access policy are read from `watch` channels at each accept,
+//! so a reload applies to the next connection without touching established ones.
 
-use crate::auth::{Peer, certificate_names};
+use crate::auth::{Peer, Policy, certificate_names};
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+
+/// What tonic hands every request of a connection: who is on the other end, and the
+/// connection's stream count (for the idle timeout).
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub peer: Arc<Peer>,
+    pub activity: Arc<Activity>,
+}
+
+/// Open streams on one connection, and when the last one ended.
+#[derive(Debug)]
+pub struct Activity {
+    open: AtomicUsize,
+    /// Milliseconds after `born` when the connection last had a stream end (or began).
+    last_ms: AtomicU64,
+    born: Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            born: Instant::now(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_since(&self) -> Instant {
+        self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// A stream opened; the returned guard closes it when dropped.
+    pub fn open(self: &Arc<Self>) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(self.clone())
+    }
+}
+
+/// One open stream; see [`Activity::open`].
+#[derive(Debug)]
+pub struct StreamGuard(Arc<Activity>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Closes a connection that had no open stream for `timeout`: a read error makes the HTTP/2
+/// server drop it. The timer is always armed, so the check runs even when the client is silent.
+struct Idle {
+    activity: Arc<Activity>,
+    timeout: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Idle {
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if self.activity.open.load(Ordering::Relaxed) == 0 {
+                let due = self.activity.idle_since() + self.timeout;
+                if now >= due {
+                    return true;
+                }
+                self.timer.as_mut().reset(due);
+            } else {
+                self.timer.as_mut().reset(now + self.timeout);
+            }
+        }
+        false
+    }
+}
+
+/// Open connections per source address.
+type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// A connection slot: counted in the total and per source address until dropped.
+struct Slot {
+    _total: OwnedSemaphorePermit,
+    ip: Option<(IpAddr, PerIp)>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((ip, counts)) = &self.ip {
+            let mut counts = counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = counts.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(ip);
+                }
+            }
+        }
+    }
+}
+
+/// Connection limits shared by every accept loop of one server.
+#[derive(Clone)]
+pub struct Limits {
+    total: Arc<Semaphore>,
+    per_ip: usize,
+    counts: PerIp,
+    idle_timeout: Duration,
+}
+
+impl Limits {
+    pub fn new(max_connections: usize, max_per_ip: usize, idle_timeout: Duration) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(max_connections)),
+            per_ip: max_per_ip,
+            counts: Arc::default(),
+            idle_timeout,
+        }
+    }
+
+    /// A slot for a new connection from `ip` (None: the local socket), or why not.
+    fn admit(&self, ip: Option<IpAddr>) -> Result<Slot, &'static str> {
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "max_connections reached")?;
+        let ip = match ip {
+            None => None,
+            Some(ip) => {
+                let mut counts = self
+                    .counts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let n = counts.entry(ip).or_default();
+                if *n >= self.per_ip {
+                    return Err("max_connections_per_ip reached");
+                }
+                *n += 1;
+                Some((ip, self.counts.clone()))
+            }
+        };
+        Ok(Slot { _total: total, ip })
+    }
+
+    fn wrap<S>(&self, io: S, peer: Peer, slot: Slot) -> PeerStream<S> {
+        let activity = Arc::new(Activity::new());
+        PeerStream {
+            io,
+            conn: Conn {
+                peer: Arc::new(peer),
+                activity: activity.clone(),
+            },
+            idle: Idle {
+                activity,
+                timeout: self.idle_timeout,
+                timer: Box::pin(tokio::time::sleep(self.idle_timeout)),
+            },
+            _slot: slot,
+        }
+    }
+}
 
 /// A connection and who is on the other end.
 pub struct PeerStream<S> {
     io: S,
-    peer: Arc<Peer>,
-    _permit: Option<OwnedSemaphorePermit>,
+    conn: Conn,
+    idle: Idle,
+    _slot: Slot,
 }
 
 impl<S> tonic::transport::server::Connected for PeerStream<S> {
-    type ConnectInfo = Arc<Peer>;
+    type ConnectInfo = Conn;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.peer.clone()
+        self.conn.clone()
     }
 }
 
@@ -38,6 +219,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for PeerStream<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.idle.poll_expired(cx) {
+            tracing::debug!(peer = ?self.conn.peer, "Closing an idle connection");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no open stream for server.idle_timeout",
+            )));
+        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -75,9 +263,30 @@ pub type UnixPeerStream = PeerStream<tokio::io::DuplexStream>;
 /// Settings for the TLS accept loop.
 pub struct TlsAccept {
     pub config: watch::Receiver<Arc<rustls::ServerConfig>>,
+    /// Who has a role; a certificate with none is closed after the handshake. None: every
+    /// certificate the CA signed is kept (the controller authorizes per RPC instead).
+    pub policy: Option<watch::Receiver<Arc<Policy>>>,
     pub handshake_timeout: Duration,
-    pub max_connections: usize,
+    pub limits: Limits,
     pub shutdown: watch::Receiver<bool>,
+}
+
+/// Counts refused connections and logs at most one line a second about them.
+struct RefusalLog {
+    window: Instant,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, peer: &dyn std::fmt::Display, why: &str) {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            tracing::warn!(peer = %peer, reason = why, suppressed = self.suppressed, "Refused connection");
+            self.window = Instant::now();
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+    }
 }
 
 /// Accepts TCP connections, runs TLS handshakes concurrently, and yields the authenticated ones.
@@ -95,12 +304,11 @@ async fn accept_loop(
     mut opts: TlsAccept,
     tx: mpsc::Sender<Result<TlsPeerStream, io::Error>>,
 ) {
-    let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let mut log = RefusalLog {
+        window: Instant::now() - Duration::from_secs(2),
+        suppressed: 0,
+    };
     loop {
-        let permit = tokio::select! {
-            _ = opts.shutdown.changed() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
         let (tcp, addr) = tokio::select! {
             _ = opts.shutdown.changed() => return,
             r = listener.accept() => match r {
@@ -113,9 +321,18 @@ async fn accept_loop(
                 }
             },
         };
+        let slot = match opts.limits.admit(Some(addr.ip())) {
+            Ok(slot) => slot,
+            Err(why) => {
+                log.refused(&addr, why);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(opts.config.borrow().clone());
+        let policy = opts.policy.as_ref().map(|p| p.borrow().clone());
         let deadline = opts.handshake_timeout;
+        let limits = opts.limits.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
@@ -140,13 +357,15 @@ async fn accept_loop(
                 // The verifier requires a certificate; this is defence in depth.
                 None => return,
             };
-            tracing::debug!(peer = %addr, ?names, "Accepted TLS connection");
-            let stream = PeerStream {
-                io: tls,
-                peer: Arc::new(Peer::Tls { addr, names }),
-                _permit: Some(permit),
-            };
-            let _ = tx.send(Ok(stream)).await;
+            let peer = Peer::Tls { addr, names };
+            if let Some(policy) = policy
+                && let Err(why) = policy.resolve(&peer)
+            {
+                tracing::info!(peer = %addr, reason = %why, "Closed a connection with no role");
+                return;
+            }
+            tracing::debug!(peer = %addr, "Accepted TLS connection");
+            let _ = tx.send(Ok(limits.wrap(tls, peer, slot))).await;
         });
     }
 }
@@ -185,13 +404,19 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
-/// Yields local-socket connections with their peer credentials.
+/// Yields local-socket connections with their peer credentials, at most as many at once as
+/// `limits` allows (`[server] max_local_connections`).
 pub fn unix_incoming(
     listener: UnixListener,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<UnixPeerStream, io::Error>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
+        let mut log = RefusalLog {
+            window: Instant::now() - Duration::from_secs(2),
+            suppressed: 0,
+        };
         loop {
             let stream = tokio::select! {
                 _ = shutdown.changed() => return,
@@ -208,19 +433,108 @@ pub fn unix_incoming(
                 tracing::info!("Dropped local connection without peer credentials");
                 continue;
             };
+            let slot = match limits.admit(None) {
+                Ok(slot) => slot,
+                Err(_) => {
+                    log.refused(
+                        &format!("uid {}", cred.uid()),
+                        "max_local_connections reached",
+                    );
+                    continue;
+                }
+            };
             let peer = Peer::Unix {
                 uid: cred.uid(),
                 pid: cred.pid(),
             };
-            let s = PeerStream {
-                io: crate::uds_authority::interpose(stream),
-                peer: Arc::new(peer),
-                _permit: None,
-            };
+            let s = limits.wrap(crate::uds_authority::interpose(stream), peer, slot);
             if tx.send(Ok(s)).await.is_err() {
                 return;
             }
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Tower layer that counts a connection's open streams: a stream is open from its request
+/// until its response body is done or dropped.
+#[derive(Clone, Copy, Default)]
+pub struct ActivityLayer;
+
+impl<S> tower::Layer<S> for ActivityLayer {
+    type Service = TrackStreams<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        TrackStreams { inner }
+    }
+}
+
+/// See [`ActivityLayer`].
+#[derive(Clone)]
+pub struct TrackStreams<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for TrackStreams<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let guard = req.extensions().get::<Conn>().map(|c| c.activity.open());
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let resp = inner.call(req).await?;
+            Ok(match guard {
+                Some(guard) => resp.map(|body| {
+                    tonic::body::Body::new(Guarded {
+                        inner: body,
+                        _guard: guard,
+                    })
+                }),
+                None => resp,
+            })
+        })
+    }
+}
+
+/// A response body that keeps its stream counted as open until it is done or dropped.
+struct Guarded {
+    inner: tonic::body::Body,
+    _guard: StreamGuard,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -334,12 +334,22 @@ impl proto::Agent for AgentService {
                         return;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::resource_exhausted(format!(
-                                "watcher fell {n} events behind; use GetJob or watch again"
-                            ))))
-                            .await;
-                        return;
+                        // A chatty package can print faster than this watcher reads: say what
+                        // was skipped (the journal keeps it for GetJob) and keep watching.
+                        let gap = crate::jobs::journal::EventRecord {
+                            at_ms: crate::jobs::journal::now_ms(),
+                            state: record.state,
+                            message: format!(
+                                "({n} events skipped: this watcher fell behind; GetJob has the full history)"
+                            ),
+                        };
+                        if tx
+                            .send(Ok(send(pb::job_update::Update::Event(engine::event(&gap)))))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
@@ -410,6 +420,15 @@ impl proto::Agent for AgentService {
     ) -> Result<Response<pb::ListUpdatesResponse>, Status> {
         let scanner = self.scanner()?;
         let snap = if req.get_ref().refresh {
+            // A refresh runs the package manager as root: controllers only.
+            let caller = caller(&req)?;
+            if !caller.role.allows(crate::auth::Permission::Control) {
+                return Err(Status::permission_denied(format!(
+                    "ListUpdates with refresh runs the package manager and needs the controller role; {} is a {} (omit refresh to read the last scan)",
+                    caller.identity,
+                    caller.role.as_str()
+                )));
+            }
             scanner.scan(true).await
         } else {
             scanner.snapshot().await

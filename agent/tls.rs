@@ -109,10 +109,21 @@ fn certified_key(
     }
 }
 
-/// Refuses a private key that anyone but its owner can read or write.
+/// Refuses a private key that anyone but its owner can read or write, or that another user
+/// than the one running us owns.
 pub fn check_key_mode(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     let meta =
         std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(format!(
+            "{} is owned by uid {}, not by uid {me} that reads it; run `chown {me} {}`",
+            path.display(),
+            meta.uid(),
+            path.display()
+        ));
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
@@ -148,4 +159,64 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
             path.display()
         )
     })
+}
+
+/// A client configuration for the agent's reporter and every `patchctl` client: TLS 1.3 only
+/// (as the servers are), trusting `ca`, presenting `cert` and `key`, speaking HTTP/2.
+pub fn client_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(load_certs(ca)?);
+    if added == 0 {
+        return Err(format!(
+            "{} holds no usable CA certificate ({ignored} could not be parsed)",
+            ca.display()
+        ));
+    }
+    let certs = load_certs(cert)?;
+    let key = load_key(key)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| format!("the client certificate and key are not usable: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Connects a configured `endpoint` to `addr` (HOST:PORT) over TLS with `config`, verifying the
+/// server's certificate for `server_name`. The endpoint's URI should be `http://HOST:PORT`: the
+/// TLS is done here, with our configuration, not by tonic's.
+pub async fn connect(
+    endpoint: tonic::transport::Endpoint,
+    addr: &str,
+    server_name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let addr = addr.to_string();
+    let server_name = server_name.to_string();
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let (addr, server_name, config) = (addr.clone(), server_name.clone(), config.clone());
+            async move {
+                let name =
+                    rustls::pki_types::ServerName::try_from(server_name.clone()).map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!("{server_name:?} is not a valid server name: {e}"),
+                        )
+                    })?;
+                let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
+                let _ = tcp.set_nodelay(true);
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
 }

@@ -24,6 +24,10 @@ const PRIORITY: u8 = 0x20;
 const MAX_FRAME: usize = 16_384;
 /// A header block larger than this is refused (h2's own default header list limit is 16 KiB).
 const MAX_BLOCK: usize = 256 * 1024;
+/// The most a header block may decode to, counted as HTTP/2 counts a header list (name, value
+/// and 32 bytes per field): h2's default maximum header list size. HPACK lets a few bytes name
+/// a large table entry, so an encoded cap alone would let 256 KiB decode to a gigabyte.
+pub const MAX_DECODED: usize = 64 * 1024;
 
 /// Interposes the rewriter on a local connection; returns the end to hand to the server.
 pub fn interpose(stream: UnixStream) -> DuplexStream {
@@ -142,10 +146,22 @@ impl Rewriter {
     }
 
     fn emit(&mut self, stream: u32, flags: u8, block: &[u8]) -> Result<Vec<u8>, String> {
-        let mut headers = self
-            .decoder
-            .decode(block)
+        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut decoded = 0usize;
+        self.decoder
+            .decode_with_cb(block, |name, value| {
+                decoded = decoded.saturating_add(name.len() + value.len() + 32);
+                // Past the cap nothing more is kept; the block is refused below.
+                if decoded <= MAX_DECODED {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
+            })
             .map_err(|e| format!("HPACK decoding failed: {e:?}"))?;
+        if decoded > MAX_DECODED {
+            return Err(format!(
+                "header block decodes to more than {MAX_DECODED} bytes"
+            ));
+        }
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority"
                 && http::uri::Authority::try_from(value.as_slice()).is_err()
@@ -268,6 +284,23 @@ mod tests {
         // Other frames pass through untouched.
         let (h, p) = frame(0x0, 0x1, 3, b"data");
         assert_eq!(rw.frame(h, &p).expect("data")[9..], *b"data");
+    }
+
+    #[test]
+    fn a_small_block_that_decodes_huge_is_refused() {
+        // One 4000-byte header enters the table; then each 1-byte index repeats it.
+        // Literal with incremental indexing, new name "x-big", value length 4000 (7-bit prefix:
+        // 127, then 3873 as 0xa1 0x1e).
+        let mut block = vec![0x40, 5];
+        block.extend_from_slice(b"x-big");
+        block.extend_from_slice(&[0x7f, 0xa1, 0x1e]);
+        block.extend(std::iter::repeat_n(b'a', 4000));
+        // Index 62: the newest dynamic-table entry.
+        block.extend(std::iter::repeat_n(0xbe, 1000));
+        let mut rw = Rewriter::new();
+        let (h, p) = frame(HEADERS, END_HEADERS, 1, &block);
+        let e = rw.frame(h, &p).expect_err("decodes to ~4 MB");
+        assert!(e.contains("decodes to more than"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command: unit tests, then integration tests that run the real binaries against the
-# real grpcurl, openssl and (later) apt/dnf sandboxes. Needs root for some tests (setpriv,
-# sandboxes); scripts/install-grpcurl.sh provides grpcurl.
+# real grpcurl, openssl, apt/dpkg and dnf/rpm sandboxes, network namespaces and systemd-nspawn.
+# Installs the tools it needs first when any is missing (scripts/install-test-deps.sh, the same
+# list CI uses), so on a fresh Debian/Ubuntu machine this one command is enough. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/install-test-deps.sh
 exec cargo test --locked "$@"

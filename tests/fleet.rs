@@ -808,6 +808,26 @@ fn compliance_figures_from_a_database_built_by_reports() {
             vec![update("vim", pb::SlaClass::Medium, None)],
         ),
         ("c4", "staging", vec![]),
+        // c5: its last scan could not read a repository; c6: its last scan is 3 days old.
+        // Both have an overdue critical update, and both are unknown, not counted.
+        (
+            "c5",
+            "production",
+            vec![update(
+                "openssl",
+                pb::SlaClass::Critical,
+                Some(now - 5 * day),
+            )],
+        ),
+        (
+            "c6",
+            "production",
+            vec![update(
+                "openssl",
+                pb::SlaClass::Critical,
+                Some(now - 5 * day),
+            )],
+        ),
     ];
     let jobs = [
         ("c1", pb::JobState::Succeeded, false, Some(true)),
@@ -819,6 +839,8 @@ fn compliance_figures_from_a_database_built_by_reports() {
             Some(false),
         ),
         ("c4", pb::JobState::Succeeded, true, None),
+        ("c5", pb::JobState::Cancelled, false, None),
+        ("c6", pb::JobState::Cancelled, false, None),
     ];
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
@@ -854,8 +876,17 @@ fn compliance_figures_from_a_database_built_by_reports() {
             let inv = pb::Inventory {
                 hostname: id.to_string(),
                 updates: updates.clone(),
+                repo_errors: if *id == "c5" {
+                    vec![pb::RepoError {
+                        repo: "file:/nonexistent ./".into(),
+                        error: "Release file not found".into(),
+                    }]
+                } else {
+                    vec![]
+                },
                 ..Default::default()
             };
+            let now = if *id == "c6" { now - 3 * day } else { now };
             // The checksum alone first: the controller does not have it and asks for it.
             let mut probe = send(inv.clone(), now);
             probe.inventory = None;
@@ -901,13 +932,74 @@ fn compliance_figures_from_a_database_built_by_reports() {
             let again = c.report_job(report).await.expect("job").into_inner();
             assert!(!first.duplicate && again.duplicate, "stored once");
         }
+        // A hostile report: terminal escapes in its text, timestamps at the ends of i64.
+        let (cert, key) = pki.issue(
+            &tmp.path().join("c1b"),
+            &["--name", "c1", "--usage", "server"],
+        );
+        let mut c = controller_client(
+            &pki.path("ca.pem"),
+            &cert,
+            &key,
+            &ctl.addr,
+            "controller.fleet",
+        )
+        .await;
+        let extreme = |s: i64| {
+            Some(prost_types::Timestamp {
+                seconds: s,
+                nanos: -1,
+            })
+        };
+        c.report_job(pb::JobReport {
+            report_id: "c1:evil:final".into(),
+            host_id: "c1".into(),
+            status: Some(pb::JobStatus {
+                job_id: "evil".into(),
+                state: pb::JobState::Cancelled as i32,
+                reason: "\x1b]0;owned\x07\x1b[2J\x1b[31mred\u{9b}31m".into(),
+                summary: "upgrade \x1b[5mall".into(),
+                submitted_at: extreme(i64::MIN),
+                started_at: extreme(i64::MAX),
+                finished_at: extreme(253_402_300_800),
+                packages: vec![pb::PackageResult {
+                    name: "x\x1b[1m".into(),
+                    outcome: "changed\r".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            r#final: true,
+            reported_at: extreme(i64::MAX),
+            ..Default::default()
+        })
+        .await
+        .expect("the controller stores what it can and never panics");
     });
+    let out = run(Command::new(PATCHCTL)
+        .args(["history", "--db"])
+        .arg(tmp.path().join("controller.db"))
+        .args(["--job", "evil"]));
+    assert!(out.status.success(), "history: {}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("red"), "{t}");
+    assert!(
+        !t.chars().any(|c| c != '\n' && c.is_control()),
+        "control characters reached the terminal: {t:?}"
+    );
     let out = run(Command::new(PATCHCTL)
         .args(["compliance", "--json", "--db"])
         .arg(tmp.path().join("controller.db")));
     assert!(out.status.success(), "{}", text(&out));
     let d: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(d["hosts_with_inventory"], 4, "{d:#}");
+    assert_eq!(d["hosts_with_inventory"], 6, "{d:#}");
+    assert_eq!(
+        (&d["hosts_known"], &d["hosts_unknown"]),
+        (&Value::from(4), &Value::from(2)),
+        "{d:#}"
+    );
+    assert_eq!(d["hosts_unknown_scan_errors"], 1, "{d:#}");
+    assert_eq!(d["hosts_unknown_stale"], 1, "{d:#}");
     assert_eq!(d["hosts_compliant"], 3, "{d:#}");
     assert_eq!(d["overall_compliance_percent"], 75.0, "{d:#}");
     let class = |name: &str| {
@@ -954,6 +1046,17 @@ fn compliance_figures_from_a_database_built_by_reports() {
         .arg(tmp.path().join("controller.db")));
     let t = text(&out);
     assert!(t.contains("OVERALL COMPLIANCE: 75.0%"), "{t}");
+    assert!(t.contains("UNKNOWN: 2 of 6 hosts"), "{t}");
+    assert!(
+        t.contains("1 with scan or repository errors, 1 not scanned in 48h"),
+        "{t}"
+    );
+    // A tighter --stale-after makes every host unknown.
+    let out = run(Command::new(PATCHCTL)
+        .args(["compliance", "--json", "--stale-after", "1s", "--db"])
+        .arg(tmp.path().join("controller.db")));
+    let d: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(d["hosts_known"].as_u64() <= Some(4), "{d:#}");
     assert!(
         t.contains("Patch failure rate:   33.3% (1 of 3 jobs)"),
         "{t}"

@@ -4,9 +4,14 @@
 //! - An update is **overdue** when it has been pending longer than its class allows (Critical
 //!   72 h, High 7 d, Medium 30 d, Low 90 d), counted from the advisory's issue date, or from
 //!   when it was first seen pending when there is none.
-//! - A host is **compliant** in a class when none of its pending updates of that class is
-//!   overdue; **compliant overall** when it is compliant in every class. Percentages are over
-//!   the hosts that have reported an inventory.
+//! - A host is **known** when its last inventory has no scan or repository errors and its scan
+//!   is no older than `stale_after` (default 48 h); every other host, including one that never
+//!   sent an inventory, is **unknown**. A scan over unreadable repositories can miss updates, so
+//!   it is not evidence of compliance.
+//! - A known host is **compliant** in a class when none of its pending updates of that class is
+//!   overdue; **compliant overall** when it is compliant in every class. Every figure about
+//!   pending updates and every percentage is over the known hosts; the unknown count is shown
+//!   next to them.
 //! - **Mean time to patch**: the mean time from `since` to when an update stopped being pending.
 //! - **Patch failure rate**: failed results (FAILED, TIMED_OUT, INTERRUPTED) over all results
 //!   that ran (those plus SUCCEEDED and SUCCEEDED_REBOOT_REQUIRED), dry runs excluded.
@@ -51,6 +56,14 @@ pub struct Dashboard {
     pub generated_at: i64,
     pub hosts: usize,
     pub hosts_with_inventory: usize,
+    /// Hosts whose last inventory is recent and free of errors: compliance is computed over these.
+    pub hosts_known: usize,
+    pub hosts_unknown: usize,
+    /// Why hosts are unknown (a host with errors and a stale scan counts under errors).
+    pub hosts_unknown_scan_errors: usize,
+    pub hosts_unknown_stale: usize,
+    pub hosts_unknown_no_inventory: usize,
+    pub stale_after_hours: f64,
     pub hosts_compliant: usize,
     pub overall_compliance_percent: Option<f64>,
     pub by_class: Vec<ClassFigures>,
@@ -73,18 +86,50 @@ fn percent(part: usize, whole: usize) -> Option<f64> {
 }
 
 fn mean_hours(xs: impl Iterator<Item = i64>) -> Option<f64> {
-    let (n, sum) = xs.fold((0u64, 0i64), |(n, s), x| (n + 1, s + x.max(0)));
-    (n > 0).then(|| sum as f64 / n as f64 / 3600.0)
+    let (n, sum) = xs.fold((0u64, 0f64), |(n, s), x| (n + 1, s + x.max(0) as f64));
+    (n > 0).then(|| sum / n as f64 / 3600.0)
 }
 
-/// Computes the dashboard as of `now` (unix seconds).
-pub fn compute(s: &Snapshot, now: i64) -> Dashboard {
+/// Why a host is not known, if it is not.
+fn unknown_because(h: &super::store::HostRow, now: i64, stale_after: i64) -> Option<Unknown> {
+    if !h.has_inventory {
+        Some(Unknown::NoInventory)
+    } else if h.scan_errors > 0 {
+        Some(Unknown::ScanErrors)
+    } else if h
+        .scanned_at
+        .is_none_or(|t| now.saturating_sub(t) > stale_after)
+    {
+        Some(Unknown::Stale)
+    } else {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unknown {
+    NoInventory,
+    ScanErrors,
+    Stale,
+}
+
+/// Computes the dashboard as of `now` (unix seconds); an inventory older than `stale_after`
+/// seconds makes its host unknown.
+pub fn compute(s: &Snapshot, now: i64, stale_after: i64) -> Dashboard {
+    let why: Vec<Option<Unknown>> = s
+        .hosts
+        .iter()
+        .map(|h| unknown_because(h, now, stale_after))
+        .collect();
+    let count = |u: Unknown| why.iter().filter(|w| **w == Some(u)).count();
     let inventoried: Vec<&str> = s
         .hosts
         .iter()
-        .filter(|h| h.has_inventory)
-        .map(|h| h.host_id.as_str())
+        .zip(&why)
+        .filter(|(_, w)| w.is_none())
+        .map(|(h, _)| h.host_id.as_str())
         .collect();
+    let known: HashSet<&str> = inventoried.iter().copied().collect();
     let allowance = |class: i32| {
         CLASSES
             .iter()
@@ -93,14 +138,18 @@ pub fn compute(s: &Snapshot, now: i64) -> Dashboard {
     };
     let overdue_by = |class: i32, since: i64| {
         allowance(class).and_then(|a| {
-            let late = now - since - a;
+            let late = now.saturating_sub(since).saturating_sub(a);
             (late > 0).then_some(late)
         })
     };
     let mut non_compliant: HashSet<&str> = HashSet::new();
     let mut by_class = Vec::new();
     for (class, name, allow) in CLASSES {
-        let pending: Vec<_> = s.pending.iter().filter(|p| p.sla_class == class).collect();
+        let pending: Vec<_> = s
+            .pending
+            .iter()
+            .filter(|p| p.sla_class == class && known.contains(p.host_id.as_str()))
+            .collect();
         let late: Vec<(&str, i64)> = pending
             .iter()
             .filter_map(|p| overdue_by(class, p.since).map(|d| (p.host_id.as_str(), d)))
@@ -127,12 +176,16 @@ pub fn compute(s: &Snapshot, now: i64) -> Dashboard {
                 s.resolved
                     .iter()
                     .filter(|r| r.sla_class == class)
-                    .map(|r| r.resolved_at - r.since),
+                    .map(|r| r.resolved_at.saturating_sub(r.since)),
             ),
         });
     }
     let mut by_environment: BTreeMap<String, EnvFigures> = BTreeMap::new();
-    for h in s.hosts.iter().filter(|h| h.has_inventory) {
+    for h in s
+        .hosts
+        .iter()
+        .filter(|h| known.contains(h.host_id.as_str()))
+    {
         let env = h
             .labels
             .get("environment")
@@ -176,12 +229,22 @@ pub fn compute(s: &Snapshot, now: i64) -> Dashboard {
     Dashboard {
         generated_at: now,
         hosts: s.hosts.len(),
-        hosts_with_inventory: inventoried.len(),
+        hosts_with_inventory: s.hosts.iter().filter(|h| h.has_inventory).count(),
+        hosts_known: inventoried.len(),
+        hosts_unknown: s.hosts.len() - inventoried.len(),
+        hosts_unknown_scan_errors: count(Unknown::ScanErrors),
+        hosts_unknown_stale: count(Unknown::Stale),
+        hosts_unknown_no_inventory: count(Unknown::NoInventory),
+        stale_after_hours: stale_after as f64 / 3600.0,
         hosts_compliant: compliant,
         overall_compliance_percent: percent(compliant, inventoried.len()),
         by_class,
         by_environment,
-        mean_time_to_patch_hours: mean_hours(s.resolved.iter().map(|r| r.resolved_at - r.since)),
+        mean_time_to_patch_hours: mean_hours(
+            s.resolved
+                .iter()
+                .map(|r| r.resolved_at.saturating_sub(r.since)),
+        ),
         jobs_ran: ran.len(),
         jobs_failed: failed,
         patch_failure_rate_percent: percent(failed, ran.len()),
@@ -210,17 +273,26 @@ pub fn render(d: &Dashboard) -> String {
     o.push_str("PATCH COMPLIANCE DASHBOARD\n");
     o.push_str(&format!(
         "as of {}\n\n",
-        humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(d.generated_at.max(0) as u64)
-        )
+        crate::jobs::rfc3339_secs(d.generated_at)
     ));
     o.push_str(&format!(
-        "OVERALL COMPLIANCE: {}  ({} of {} hosts with an inventory; {} hosts known)\n\n",
+        "OVERALL COMPLIANCE: {}  ({} of {} known hosts)   UNKNOWN: {} of {} hosts\n",
         pct(d.overall_compliance_percent),
         d.hosts_compliant,
-        d.hosts_with_inventory,
+        d.hosts_known,
+        d.hosts_unknown,
         d.hosts
     ));
+    if d.hosts_unknown > 0 {
+        o.push_str(&format!(
+            "  unknown: {} with scan or repository errors, {} not scanned in {:.0}h, {} never sent an inventory\n",
+            d.hosts_unknown_scan_errors,
+            d.hosts_unknown_stale,
+            d.stale_after_hours,
+            d.hosts_unknown_no_inventory
+        ));
+    }
+    o.push('\n');
     o.push_str(
         "By severity (SLA)        compliance             pending  overdue  max over  MTTP\n",
     );
@@ -293,6 +365,8 @@ mod tests {
             agent_version: String::new(),
             last_seen: 0,
             has_inventory: true,
+            scan_errors: 0,
+            scanned_at: Some(1_000 * 86400 - 3600),
             reboot_required: false,
             dropped_progress: 0,
             dropped_final: 0,
@@ -384,7 +458,7 @@ mod tests {
                 job("CANCELLED", false, None),
             ],
         };
-        let d = compute(&s, now);
+        let d = compute(&s, now, 48 * 3600);
         assert_eq!(d.hosts_compliant, 2);
         assert_eq!(d.overall_compliance_percent, Some(50.0));
         let c = &d.by_class[0];
@@ -405,5 +479,47 @@ mod tests {
         assert_eq!((d.reboots, d.reboots_succeeded), (2, 1));
         assert_eq!(d.reboot_success_rate_percent, Some(50.0));
         assert!(render(&d).contains("OVERALL COMPLIANCE: 50.0%"));
+        assert_eq!((d.hosts_known, d.hosts_unknown), (4, 0));
+    }
+
+    #[test]
+    fn hosts_with_scan_errors_stale_or_without_inventory_are_unknown() {
+        let now = 1_000 * 86400;
+        let mut errors = host("errors", None);
+        errors.scan_errors = 1;
+        let mut stale = host("stale", None);
+        stale.scanned_at = Some(now - 49 * 3600);
+        let mut never = host("never", None);
+        never.has_inventory = false;
+        let s = Snapshot {
+            hosts: vec![host("ok", None), errors, stale, never],
+            pending: vec![PendingRow {
+                // Overdue, but on a host whose scan is stale: not counted.
+                host_id: "stale".into(),
+                name: "openssl".into(),
+                sla_class: 1,
+                since: now - 10 * 86400,
+            }],
+            ..Snapshot::default()
+        };
+        let d = compute(&s, now, 48 * 3600);
+        assert_eq!((d.hosts_known, d.hosts_unknown), (1, 3));
+        assert_eq!(
+            (
+                d.hosts_unknown_scan_errors,
+                d.hosts_unknown_stale,
+                d.hosts_unknown_no_inventory
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!(d.overall_compliance_percent, Some(100.0));
+        assert_eq!(d.by_class[0].overdue, 0);
+        let text = render(&d);
+        assert!(text.contains("UNKNOWN: 3 of 4 hosts"), "{text}");
+        // Hostile stored times never overflow.
+        let mut s = s;
+        s.pending[0].since = i64::MIN;
+        s.hosts[2].scanned_at = Some(i64::MIN);
+        let _ = compute(&s, i64::MAX, i64::MAX);
     }
 }

@@ -14,9 +14,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use store::Store;
 use tonic::{Request, Response, Status};
 
-/// Largest request accepted (a full inventory of a big host is a few MiB).
-pub const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
-
 /// Implements `patchagent.v1.Controller`.
 pub struct ControllerService {
     store: Arc<dyn Store>,
@@ -41,7 +38,11 @@ fn authorize<T>(req: &Request<T>, host_id: &str) -> Result<(), Status> {
             "host_id must be 1-253 printable characters",
         ));
     }
-    match req.extensions().get::<Arc<Peer>>().map(AsRef::as_ref) {
+    match req
+        .extensions()
+        .get::<crate::listener::Conn>()
+        .map(|c| c.peer.as_ref())
+    {
         Some(Peer::Tls { names, .. }) if names.iter().any(|n| n == host_id) => Ok(()),
         Some(Peer::Tls { names, .. }) => Err(Status::permission_denied(format!(
             "a certificate for {names:?} may not report for host_id {host_id:?}; an agent reports only for a host_id its certificate names"
@@ -181,10 +182,29 @@ pub struct ServeArgs {
     /// The controller's private key (PEM, 0600).
     #[arg(long)]
     pub key: std::path::PathBuf,
-    /// Connections served at once.
+    /// Connections served at once, counted from accept; over it a connection is closed.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
+    /// Connections from one source address at once (NAT gateways may need more).
+    #[arg(long, default_value_t = 64)]
+    pub max_connections_per_ip: usize,
+    /// A TLS handshake not finished in this long is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: std::time::Duration,
+    /// A connection with no open stream for this long is closed.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// Largest request message, in bytes (a full inventory is the largest).
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE)]
+    pub max_message_size: usize,
 }
+
+/// Default largest request: 4 MiB holds the inventory of a host with tens of thousands of
+/// packages.
+pub const DEFAULT_MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// Concurrent streams per connection: an agent needs a few, an operator's rollout one per call.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// Runs the controller until SIGTERM or SIGINT.
 pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -220,8 +240,14 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tcp,
         crate::listener::TlsAccept {
             config: tls_rx,
-            handshake_timeout: std::time::Duration::from_secs(10),
-            max_connections: a.max_connections,
+            // Agents and operators are authorized per RPC by their certificate's names.
+            policy: None,
+            handshake_timeout: a.handshake_timeout,
+            limits: crate::listener::Limits::new(
+                a.max_connections,
+                a.max_connections_per_ip,
+                a.idle_timeout,
+            ),
             shutdown: shutdown_rx.clone(),
         },
     );
@@ -230,7 +256,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .set_serving::<ControllerServer<ControllerService>>()
         .await;
     let service = ControllerServer::new(ControllerService::new(store))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        .max_decoding_message_size(a.max_message_size);
     // Reflection, so admins can use grpcurl without the .proto files.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -243,7 +269,8 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut stop = shutdown_rx.clone();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(256))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .layer(crate::listener::ActivityLayer)
             .add_service(service)
             .add_service(health_service)
             .add_service(v1)

@@ -58,6 +58,10 @@ pub struct HostRow {
     pub agent_version: String,
     pub last_seen: i64,
     pub has_inventory: bool,
+    /// Scan and repository errors in the host's last inventory.
+    pub scan_errors: i64,
+    /// When the scan behind the last inventory finished (or, without that, when it arrived).
+    pub scanned_at: Option<i64>,
     pub reboot_required: bool,
     pub dropped_progress: u64,
     pub dropped_final: u64,
@@ -137,7 +141,8 @@ CREATE TABLE IF NOT EXISTS inventories(
   data BLOB NOT NULL,
   reboot_required INTEGER NOT NULL,
   scanned_at INTEGER,
-  received_at INTEGER NOT NULL);
+  received_at INTEGER NOT NULL,
+  scan_errors INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS pending(
   host_id TEXT NOT NULL,
   name TEXT NOT NULL,
@@ -179,6 +184,7 @@ fn open(path: &Path, write: bool) -> Result<Connection> {
     if write {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .and_then(|()| conn.execute_batch(SCHEMA))
+            .and_then(|()| add_missing_columns(&conn))
             .map_err(|e| format!("cannot prepare the database {}: {e}", path.display()))?;
     } else {
         let ok: bool = conn
@@ -196,6 +202,21 @@ fn open(path: &Path, write: bool) -> Result<Connection> {
         }
     }
     Ok(conn)
+}
+
+/// Columns added after a database may have been created: added in place, once.
+fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
+    let has: bool = c.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('inventories') WHERE name = 'scan_errors'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        c.execute_batch(
+            "ALTER TABLE inventories ADD COLUMN scan_errors INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
 }
 
 enum Op {
@@ -413,8 +434,10 @@ fn apply_job(c: &Connection, r: &pb::JobReport, now: i64) -> rusqlite::Result<bo
     Ok(false)
 }
 
+/// A reported timestamp in unix seconds, clamped to 1970..=9999 so no later arithmetic on it
+/// can overflow, whatever an agent sent.
 fn secs(t: Option<&prost_types::Timestamp>) -> Option<i64> {
-    t.map(|t| t.seconds)
+    t.map(|t| t.seconds.clamp(0, crate::jobs::MAX_TIMESTAMP_SECS))
 }
 
 fn apply_inventory(c: &Connection, r: &pb::InventoryReport, now: i64) -> rusqlite::Result<bool> {
@@ -428,18 +451,19 @@ fn apply_inventory(c: &Connection, r: &pb::InventoryReport, now: i64) -> rusqlit
     };
     let reboot = inv.reboot.as_ref().is_some_and(|b| b.required);
     c.execute(
-        "INSERT INTO inventories(host_id, checksum, data, reboot_required, scanned_at, received_at)
-         VALUES(?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO inventories(host_id, checksum, data, reboot_required, scanned_at, received_at, scan_errors)
+         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT(host_id) DO UPDATE SET checksum = excluded.checksum, data = excluded.data,
            reboot_required = excluded.reboot_required, scanned_at = excluded.scanned_at,
-           received_at = excluded.received_at",
+           received_at = excluded.received_at, scan_errors = excluded.scan_errors",
         params![
             r.host_id,
             r.checksum,
             inv.encode_to_vec(),
             reboot,
             secs(r.scanned_at.as_ref()),
-            now
+            now,
+            (inv.repo_errors.len() + inv.scan_errors.len()) as i64
         ],
     )?;
     // Pending updates: keep the earliest first-seen time of each (name, arch); what is no
@@ -567,7 +591,8 @@ impl Store for SqliteStore {
             let hosts = c
                 .prepare(
                     "SELECT h.host_id, h.labels, h.agent_version, h.last_seen, i.host_id IS NOT NULL,
-                       coalesce(i.reboot_required, 0), h.dropped_progress, h.dropped_final
+                       coalesce(i.reboot_required, 0), h.dropped_progress, h.dropped_final,
+                       coalesce(i.scan_errors, 0), coalesce(i.scanned_at, i.received_at)
                      FROM hosts h LEFT JOIN inventories i ON i.host_id = h.host_id ORDER BY h.host_id",
                 )?
                 .query_map([], |row| {
@@ -581,6 +606,8 @@ impl Store for SqliteStore {
                         reboot_required: row.get(5)?,
                         dropped_progress: row.get::<_, i64>(6)? as u64,
                         dropped_final: row.get::<_, i64>(7)? as u64,
+                        scan_errors: row.get(8)?,
+                        scanned_at: row.get(9)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -4,7 +4,7 @@ use crate::config::host_part;
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 /// How to reach an agent; shared by every command that talks to one.
 #[derive(Debug, Clone, clap::Args)]
@@ -49,8 +49,6 @@ impl AgentArgs {
                 self.agent
             );
         };
-        let read =
-            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
         let host = host_part(&self.agent)
             .with_context(|| format!("--agent {:?} is not HOST:PORT or unix:PATH", self.agent))?;
         let name = self
@@ -58,20 +56,14 @@ impl AgentArgs {
             .server_name
             .clone()
             .unwrap_or_else(|| host.to_string());
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(ca)?))
-            .identity(Identity::from_pem(read(cert)?, read(key)?))
-            .domain_name(name);
-        let endpoint = Endpoint::from_shared(format!("https://{}", self.agent))
+        let config = crate::tls::client_config(ca, cert, key).map_err(anyhow::Error::msg)?;
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.agent))
             .with_context(|| format!("--agent {:?} is not HOST:PORT", self.agent))?
-            .tls_config(tls)
-            .context("invalid TLS settings")?
             .connect_timeout(self.tls.connect_timeout)
             .tcp_nodelay(true);
-        endpoint
-            .connect()
+        crate::tls::connect(endpoint, &self.agent, &name, config)
             .await
-            .with_context(|| format!("cannot connect to {}", self.agent))
+            .with_context(|| format!("cannot connect to {} (TLS 1.3)", self.agent))
     }
 }
 

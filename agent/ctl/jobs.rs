@@ -25,7 +25,7 @@ pub struct JobArgs {
     /// Install NAME or NAME=VERSION (repeatable).
     #[arg(long = "install")]
     pub install: Vec<String>,
-    /// Never upgrade NAME, or names matching /REGEX/ (repeatable).
+    /// Never upgrade NAME, names matching a GLOB (`linux-image-*`), or /REGEX/ (repeatable).
     #[arg(long = "exclude")]
     pub exclude: Vec<String>,
     /// Refresh metadata and rescan; change nothing.
@@ -46,6 +46,10 @@ pub struct JobArgs {
     /// Plan and report; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Go on when the metadata refresh cannot read some repositories (they are recorded in the
+    /// job's history and result). Without it such a job fails and changes nothing.
+    #[arg(long)]
+    pub allow_repo_errors: bool,
     /// Maximum run time, e.g. 30m. Default: the agent's [jobs] max_job_duration.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub max_duration: Option<Duration>,
@@ -173,6 +177,7 @@ pub fn build(a: &JobArgs, id: String, targets: &[String], now: SystemTime) -> Re
         }),
         pre_hooks: a.pre_hooks.clone(),
         post_hooks: a.post_hooks.clone(),
+        allow_repo_errors: a.allow_repo_errors,
         window: a.window.map(|(start, end)| pb::MaintenanceWindow {
             start: Some(start.into()),
             end: Some(end.into()),
@@ -256,9 +261,7 @@ pub fn state_name(s: i32) -> &'static str {
 }
 
 fn when(t: Option<&prost_types::Timestamp>) -> String {
-    t.and_then(|t| u64::try_from(t.seconds).ok())
-        .map(|s| humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s)).to_string())
-        .unwrap_or_else(|| "-".into())
+    t.map_or_else(|| "-".into(), |t| crate::jobs::rfc3339_secs(t.seconds))
 }
 
 pub fn render_status(s: &pb::JobStatus) -> String {
@@ -309,10 +312,7 @@ pub async fn submit(channel: tonic::transport::Channel, file: &Path) -> Result<p
 
 /// Prints one event as `patchctl watch` shows it.
 pub fn event_line(e: &pb::JobEvent) -> String {
-    let t = e.at.as_ref().map(|t| {
-        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.seconds.max(0) as u64))
-            .to_string()
-    });
+    let t = e.at.as_ref().map(|t| crate::jobs::rfc3339_secs(t.seconds));
     format!(
         "{} {:<10} {}",
         t.unwrap_or_default(),
@@ -323,7 +323,10 @@ pub fn event_line(e: &pb::JobEvent) -> String {
 
 /// Follows a job to its end, printing each event; returns its final status.
 pub async fn watch(channel: tonic::transport::Channel, id: &str) -> Result<pb::JobStatus> {
-    watch_with(channel, id, |e| println!("{}", event_line(e))).await
+    watch_with(channel, id, |e| {
+        println!("{}", super::terminal_safe(&event_line(e)));
+    })
+    .await
 }
 
 /// Follows a job to its end, handing each event to `on_event`; returns its final status.

@@ -92,6 +92,9 @@ pub enum Command {
         db: PathBuf,
         #[arg(long)]
         json: bool,
+        /// A host whose last scan is older than this counts as unknown, not compliant.
+        #[arg(long, default_value = "48h", value_parser = humantime::parse_duration)]
+        stale_after: std::time::Duration,
     },
 }
 
@@ -197,6 +200,21 @@ impl Cli {
     }
 }
 
+/// `text` without terminal control characters: anything an agent or a report sent (reasons,
+/// package output, summaries) is shown, never interpreted by the terminal. Newlines stay;
+/// every other control character, C1 controls included, becomes U+FFFD.
+pub fn terminal_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c == '\n' || !c.is_control() {
+                c
+            } else {
+                '\u{fffd}'
+            }
+        })
+        .collect()
+}
+
 /// Runs a parsed command.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -231,12 +249,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Submit { agent, file } => {
             let status = jobs::submit(agent.connect().await?, &file).await?;
-            print!("accepted\n{}", jobs::render_status(&status));
+            print!("accepted\n{}", terminal_safe(&jobs::render_status(&status)));
             Ok(())
         }
         Command::Watch { agent, job_id } => {
             let status = jobs::watch(agent.connect().await?, &job_id).await?;
-            print!("{}", jobs::render_status(&status));
+            print!("{}", terminal_safe(&jobs::render_status(&status)));
             if jobs::succeeded(status.state) {
                 Ok(())
             } else {
@@ -255,9 +273,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 for j in &list {
                     println!(
                         "{:<40} {:<26} {}",
-                        j.job_id,
+                        terminal_safe(&j.job_id),
                         jobs::state_name(j.state),
-                        j.summary
+                        terminal_safe(&j.summary)
                     );
                 }
             }
@@ -273,7 +291,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
-                print!("{}", rollout::render(&summary));
+                print!("{}", terminal_safe(&rollout::render(&summary)));
             }
             if summary.succeeded != summary.hosts.len() {
                 bail!(
@@ -301,11 +319,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             } else if rows.is_empty() {
                 println!("no job reports match");
             } else {
-                print!("{}", status::render_history(&rows));
+                print!("{}", terminal_safe(&status::render_history(&rows)));
             }
             Ok(())
         }
-        Command::Compliance { db, json } => {
+        Command::Compliance {
+            db,
+            json,
+            stale_after,
+        } => {
             use crate::controller::store::{SqliteStore, Store};
             let snap = SqliteStore::open_reader(&db)
                 .map_err(anyhow::Error::msg)?
@@ -315,17 +337,21 @@ pub async fn run(cli: Cli) -> Result<()> {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            let d = crate::controller::compliance::compute(&snap, now);
+            let stale = i64::try_from(stale_after.as_secs()).unwrap_or(i64::MAX);
+            let d = crate::controller::compliance::compute(&snap, now, stale);
             if json {
                 println!("{}", serde_json::to_string_pretty(&d)?);
             } else {
-                print!("{}", crate::controller::compliance::render(&d));
+                print!(
+                    "{}",
+                    terminal_safe(&crate::controller::compliance::render(&d))
+                );
             }
             Ok(())
         }
         Command::Cancel { agent, job_id } => {
             let status = jobs::cancel(agent.connect().await?, &job_id).await?;
-            print!("{}", jobs::render_status(&status));
+            print!("{}", terminal_safe(&jobs::render_status(&status)));
             Ok(())
         }
         Command::Pki(PkiCommand::Init {
@@ -377,7 +403,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     serde_json::to_string_pretty(&status::to_json(&status))?
                 );
             } else {
-                print!("{}", status::render(&status));
+                print!("{}", terminal_safe(&status::render(&status)));
             }
             Ok(())
         }

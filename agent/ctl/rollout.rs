@@ -223,6 +223,7 @@ fn job_id(prefix: &str, host: &str) -> String {
 }
 
 fn say(json: bool, line: &str) {
+    let line = super::terminal_safe(line);
     if json {
         eprintln!("{line}");
     } else {

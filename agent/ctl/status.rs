@@ -3,7 +3,7 @@
 use crate::proto::{AgentClient, v1 as pb};
 use anyhow::{Context, Result};
 use serde::Serialize;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The JSON shape of `patchctl status --json`; stable for scripts.
 #[derive(Debug, Serialize)]
@@ -56,11 +56,7 @@ pub async fn fetch(channel: tonic::transport::Channel) -> Result<pb::GetStatusRe
 }
 
 fn time(ts: Option<&prost_types::Timestamp>) -> String {
-    ts.and_then(|t| {
-        let secs = u64::try_from(t.seconds).ok()?;
-        Some(humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string())
-    })
-    .unwrap_or_else(|| "-".into())
+    ts.map_or_else(|| "-".into(), |t| crate::jobs::rfc3339_secs(t.seconds))
 }
 
 fn uptime(s: &pb::GetStatusResponse) -> Duration {
@@ -225,14 +221,7 @@ pub fn render(s: &pb::GetStatusResponse) -> String {
 }
 
 fn when_secs(t: Option<i64>) -> String {
-    t.and_then(|t| u64::try_from(t).ok())
-        .map(|s| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
-            )
-            .to_string()
-        })
-        .unwrap_or_else(|| "-".into())
+    t.map_or_else(|| "-".into(), crate::jobs::rfc3339_secs)
 }
 
 /// `patchctl history`: one block per job and host.

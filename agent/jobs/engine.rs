@@ -31,6 +31,10 @@ pub enum Notice {
 
 struct Entry {
     record: Record,
+    /// Bumped at every serialization of the record, so journal writes land in order.
+    rev: u64,
+    /// Output lines were added to the history and not yet written (see [`Engine::flush`]).
+    dirty: bool,
     /// The state last sent to the report sink (progress is reported once per state).
     reported_state: Option<State>,
     job: Option<ValidJob>,
@@ -68,7 +72,7 @@ pub trait ReportSink: Send + Sync {
 pub type Rejections = BTreeMap<&'static str, u64>;
 
 pub struct Engine {
-    journal: Journal,
+    journal: Arc<Journal>,
     schema: Schema,
     trust: RwLock<Arc<TrustStore>>,
     policy: Policy,
@@ -114,7 +118,7 @@ impl Engine {
         }
         let removed = journal.gc(&records, cfg.history_retention);
         let engine = Arc::new(Self {
-            journal,
+            journal: Arc::new(journal),
             schema,
             trust: RwLock::new(Arc::new(trust)),
             policy,
@@ -133,7 +137,29 @@ impl Engine {
             let mut job = None;
             let mut resume = false;
             let mut recover = false;
+            let resumable = matches!(
+                r.state,
+                State::Rebooting | State::Applying | State::Queued | State::WaitingWindow
+            );
+            let untrusted = resumable
+                .then(|| {
+                    engine
+                        .verify_again(&r.key_id, &r.payload_hex, &r.signature_hex)
+                        .err()
+                })
+                .flatten();
             match r.state {
+                _ if untrusted.is_some() => {
+                    // The key was removed while the agent was down: nothing more of this job runs.
+                    interrupted |= r.state == State::Applying;
+                    r.state = State::Failed;
+                    r.reason = untrusted.unwrap_or_default();
+                    r.finished_ms = Some(journal::now_ms());
+                    r.event(format!(
+                        "FAILED: {} (found after an agent restart)",
+                        r.reason
+                    ));
+                }
                 State::Rebooting => match engine.requeue(&r) {
                     Ok(j) => {
                         job = Some(j);
@@ -195,6 +221,8 @@ impl Engine {
                 id.clone(),
                 Entry {
                     record: r,
+                    rev: 0,
+                    dirty: false,
                     reported_state: None,
                     job,
                     cancel: Arc::default(),
@@ -221,8 +249,35 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Verifies a journaled envelope again with the current trust store; returns the payload.
+    /// The error says the key is no longer trusted (or why the check cannot be made).
+    fn verify_again(
+        &self,
+        key_id: &str,
+        payload_hex: &str,
+        signature_hex: &str,
+    ) -> Result<Vec<u8>, String> {
+        let payload = journal::from_hex(payload_hex)
+            .ok_or("the stored payload is not hex; it cannot be verified again")?;
+        let signature = journal::from_hex(signature_hex)
+            .filter(|s| !s.is_empty())
+            .ok_or("the journal holds no signature for this job (an older agent recorded it), so it cannot be verified against the current trust store; sign and submit it again")?;
+        let trust = self
+            .trust
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        trust.verify(key_id, &payload, &signature).map_err(|e| {
+            format!(
+                "the key {key_id} that signed this job is no longer trusted ({e}); nothing more of the job runs"
+            )
+        })?;
+        Ok(payload)
+    }
+
+    /// A journaled job, verified again and validated again, for the engine to continue.
     fn requeue(&self, r: &Record) -> Result<ValidJob, String> {
-        let payload = journal::from_hex(&r.payload_hex).ok_or("the stored payload is not hex")?;
+        let payload = self.verify_again(&r.key_id, &r.payload_hex, &r.signature_hex)?;
         let job =
             <pb::Job as prost::Message>::decode(payload.as_slice()).map_err(|e| e.to_string())?;
         super::validate(
@@ -333,6 +388,8 @@ impl Engine {
             plan: Vec::new(),
             reboot_verified: false,
             reported: false,
+            signature_hex: journal::to_hex(&env.signature),
+            repo_errors: Vec::new(),
         };
         record.event(format!(
             "QUEUED: {} (signed by key {})",
@@ -348,6 +405,8 @@ impl Engine {
         inner.jobs.insert(
             job.id.clone(),
             Entry {
+                rev: 0,
+                dirty: false,
                 reported_state: self
                     .sink
                     .get()
@@ -481,8 +540,57 @@ impl Engine {
                 entry.reported_state = Some(state);
             }
         }
-        if let Err(e) = self.journal.write(&entry.record) {
+        entry.rev += 1;
+        entry.dirty = false;
+        let written = serde_json::to_vec(&entry.record)
+            .map_err(std::io::Error::other)
+            .and_then(|data| {
+                self.journal
+                    .write_revision(&entry.record.job_id, entry.rev, &data)
+            });
+        if let Err(e) = written {
             tracing::error!(job = %entry.record.job_id, error = %e, "Cannot write the journal");
+        }
+    }
+
+    /// Adds a line of command output to a job's history and sends it to watchers at once, but
+    /// leaves writing it to [`Engine::flush`]: a package printing thousands of lines must not
+    /// cost thousands of journal rewrites under the engine's lock.
+    fn note_output(&self, id: &str, message: String) {
+        let mut inner = lock(&self.inner);
+        if let Some(entry) = inner.jobs.get_mut(id) {
+            let (n, ev) = entry.record.event(message);
+            entry.dirty = true;
+            let _ = entry.tx.send(Notice::Event(n, ev));
+        }
+    }
+
+    /// Writes a job's record if output lines were added since it was last written. The record
+    /// is serialized under the lock; the write (two fsyncs) happens outside it, on a blocking
+    /// thread, and a newer revision written meanwhile wins.
+    async fn flush(&self, id: &str) {
+        let pending = {
+            let mut inner = lock(&self.inner);
+            match inner.jobs.get_mut(id) {
+                Some(entry) if entry.dirty => {
+                    entry.dirty = false;
+                    entry.rev += 1;
+                    serde_json::to_vec(&entry.record)
+                        .ok()
+                        .map(|data| (entry.rev, data))
+                }
+                _ => None,
+            }
+        };
+        let Some((rev, data)) = pending else { return };
+        let journal = self.journal.clone();
+        let job = id.to_string();
+        let written =
+            tokio::task::spawn_blocking(move || journal.write_revision(&job, rev, &data)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(job = %id, error = %e, "Cannot write the journal"),
+            Err(e) => tracing::error!(job = %id, error = %e, "Journal write task failed"),
         }
     }
 
@@ -495,7 +603,7 @@ impl Engine {
             State::Applying => entry.record.started_ms = Some(journal::now_ms()),
             s if s.is_terminal() => {
                 entry.record.finished_ms = Some(journal::now_ms());
-                if let Event::Fail(why) = &event {
+                if let Event::Fail(why) | Event::Untrusted(why) = &event {
                     entry.record.reason = why.clone();
                 }
             }
@@ -614,6 +722,26 @@ impl Engine {
             );
             return;
         }
+        // The trust store may have changed since admission (a key removed and SIGHUP): the
+        // envelope must still verify now, or nothing runs.
+        let stored = lock(&self.inner).jobs.get(id).map(|e| {
+            (
+                e.record.key_id.clone(),
+                e.record.payload_hex.clone(),
+                e.record.signature_hex.clone(),
+            )
+        });
+        if let Some((key, payload, signature)) = stored
+            && let Err(why) = self.verify_again(&key, &payload, &signature)
+        {
+            tracing::warn!(job = %id, key = %key, reason = %why, "Job no longer trusted; not starting it");
+            let message = format!("FAILED: {why}");
+            if let Err(e) = self.step(id, Event::Untrusted(why), message) {
+                tracing::error!(job = %id, error = %e, "Cannot fail untrusted job");
+            }
+            self.collect_garbage();
+            return;
+        }
         let start = if !job.pre_hooks.is_empty() && !job.dry_run {
             self.step(
                 id,
@@ -627,22 +755,14 @@ impl Engine {
             tracing::error!(job = %id, error = %e, "Cannot start job");
             return;
         }
-        let outcome = tokio::time::timeout(job.max_duration, self.execute(id, job, cancel)).await;
-        let (event, message) = conclude(
+        let deadline = Deadline::after(job.max_duration);
+        let outcome = self.execute(id, job, cancel, deadline).await;
+        self.finish(
+            id,
             outcome,
-            format!("TIMED_OUT: still running after {:?}", job.max_duration),
             "SUCCEEDED",
             "SUCCEEDED_REBOOT_REQUIRED: done; the host needs a reboot and reboot_policy is NEVER",
         );
-        if matches!(event, Event::Cancel) {
-            let mut inner = lock(&self.inner);
-            if let Some(e) = inner.jobs.get_mut(id) {
-                e.record.reason = "cancelled by a controller".into();
-            }
-        }
-        if let Err(e) = self.step(id, event, message) {
-            tracing::error!(job = %id, error = %e, "Cannot finish job");
-        }
         let state = self.get(id).map(|r| r.state);
         tracing::info!(job = %id, state = ?state, "Job finished");
         self.collect_garbage();
@@ -654,8 +774,34 @@ impl Engine {
         }
     }
 
+    /// Ends a job's work: the final transition for `outcome`, with its reason, durably.
+    fn finish(
+        &self,
+        id: &str,
+        outcome: Result<bool, Stop>,
+        succeeded: &str,
+        succeeded_reboot_required: &str,
+    ) {
+        let reason = match &outcome {
+            Err(Stop::Cancelled) => Some("cancelled by a controller".to_string()),
+            Err(Stop::TimedOut(why)) => Some(why.clone()),
+            _ => None,
+        };
+        let (event, message) = conclude(outcome, succeeded, succeeded_reboot_required);
+        if let Some(reason) = reason {
+            let mut inner = lock(&self.inner);
+            if let Some(e) = inner.jobs.get_mut(id) {
+                e.record.reason = reason;
+            }
+        }
+        if let Err(e) = self.step(id, event, message) {
+            tracing::error!(job = %id, error = %e, "Cannot finish job");
+        }
+    }
+
     /// Puts a running command's output into the job's history as it comes (live for watchers),
-    /// keeping at most `limit` non-empty lines.
+    /// keeping at most `limit` non-empty lines and counting the rest. Lines reach the journal in
+    /// batches, at most every [`FLUSH_INTERVAL`], and all of them when the command ends.
     async fn forward_lines(
         &self,
         id: &str,
@@ -663,12 +809,30 @@ impl Engine {
         limit: usize,
     ) {
         let mut kept = 0;
-        while let Some(line) = rx.recv().await {
-            if !line.trim().is_empty() && kept < limit {
-                kept += 1;
-                self.note(id, format!("  {line}"));
+        let mut dropped = 0u64;
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                line = rx.recv() => match line {
+                    Some(line) if line.trim().is_empty() => {}
+                    Some(line) if kept < limit => {
+                        kept += 1;
+                        self.note_output(id, format!("  {line}"));
+                    }
+                    Some(_) => dropped += 1,
+                    None => break,
+                },
+                _ = tick.tick() => self.flush(id).await,
             }
         }
+        if dropped > 0 {
+            self.note_output(
+                id,
+                format!("  ({dropped} more output lines not kept; the history keeps {limit} per command)"),
+            );
+        }
+        self.flush(id).await;
     }
 
     /// Forgets finished jobs past their expiry and the history retention (journal and memory).
@@ -692,7 +856,13 @@ impl Engine {
     }
 
     /// Does the work; Ok(reboot required).
-    async fn execute(&self, id: &str, job: &ValidJob, cancel: &AtomicBool) -> Result<bool, Stop> {
+    async fn execute(
+        &self,
+        id: &str,
+        job: &ValidJob,
+        cancel: &AtomicBool,
+        deadline: Deadline,
+    ) -> Result<bool, Stop> {
         let scanner = self
             .scanner
             .clone()
@@ -706,11 +876,50 @@ impl Engine {
                 snap.errors.join("; ")
             )));
         }
-        for e in &snap.updates.repo_errors {
-            self.note(
-                id,
-                format!("repository {} could not be read: {}", e.repo, e.error),
-            );
+        deadline.check("while refreshing metadata")?;
+        let repo_errors = &snap.updates.repo_errors;
+        if !repo_errors.is_empty() {
+            {
+                let mut inner = lock(&self.inner);
+                if let Some(e) = inner.jobs.get_mut(id) {
+                    e.record.repo_errors = repo_errors
+                        .iter()
+                        .map(|e| journal::RepoErrorRecord {
+                            repo: e.repo.clone(),
+                            error: e.error.clone(),
+                        })
+                        .collect();
+                }
+            }
+            let list: Vec<String> = repo_errors
+                .iter()
+                .map(|e| format!("{}: {}", e.repo, e.error))
+                .collect();
+            // A plan made over unreadable repositories can say "nothing to do" for a host that
+            // is far behind; a reboot needs no metadata.
+            if !job.allow_repo_errors && !matches!(job.action, Action::Reboot) {
+                return Err(Stop::Failed(format!(
+                    "the metadata refresh could not read {} {}: {}. Nothing was changed; fix the {}, or sign the job with --allow-repo-errors to go on with what could be read",
+                    list.len(),
+                    if list.len() == 1 {
+                        "repository"
+                    } else {
+                        "repositories"
+                    },
+                    list.join("; "),
+                    if list.len() == 1 {
+                        "repository"
+                    } else {
+                        "repositories"
+                    },
+                )));
+            }
+            for e in &list {
+                self.note(
+                    id,
+                    format!("repository could not be read (allow_repo_errors: going on with what could be read): {e}"),
+                );
+            }
         }
         let ops: Vec<Op> = match &job.action {
             Action::Reboot => return Err(self.reboot(id, "the job is a reboot").await),
@@ -849,7 +1058,8 @@ impl Engine {
         }
         let names: Vec<&str> = ops.iter().map(Op::name).collect();
         if in_pre_hook {
-            self.run_hooks(id, "pre", &job.pre_hooks, &names).await?;
+            self.run_hooks(id, "pre", &job.pre_hooks, &names, deadline)
+                .await?;
             self.step(id, Event::HooksDone, "APPLYING: pre-hooks succeeded".into())
                 .map_err(Stop::Failed)?;
         }
@@ -865,49 +1075,65 @@ impl Engine {
                 failure = Some(Stop::Cancelled);
                 break;
             }
+            if deadline.passed() {
+                failure = Some(deadline.timed_out(&format!("before applying {}", op.name())));
+                break;
+            }
             self.note(id, format!("applying {}", op.name()));
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            // Never cut short by max_duration: a package manager is not killed mid-transaction.
             let (result, ()) = tokio::join!(backend.apply(op, tx), self.forward_lines(id, rx, 500));
             if let Err(e) = result {
                 failure = Some(Stop::Failed(format!("{} failed: {e}", op.name())));
                 break;
             }
+            if deadline.passed() {
+                failure = Some(deadline.timed_out(&format!(
+                    "while {} was being applied; the package manager was left to finish",
+                    op.name()
+                )));
+                break;
+            }
         }
         // Results from a fresh inventory, whatever happened.
-        let after = installed_versions(backend.as_ref())
-            .await
-            .unwrap_or_else(|e| {
-                self.note(id, format!("cannot read the inventory after applying: {e}"));
-                HashMap::new()
-            });
-        let outcomes = ops
-            .iter()
-            .map(|op| {
-                let from = before.get(op.name()).cloned().unwrap_or_default();
-                let to = after.get(op.name()).cloned().unwrap_or_default();
-                let outcome = match (from.is_empty(), to.is_empty(), from == to) {
-                    (_, true, _) => "not installed",
-                    (true, false, _) => "installed",
-                    (false, false, true) => "unchanged",
-                    (false, false, false) => "changed",
-                };
-                PackageOutcome {
-                    name: op.name().to_string(),
-                    from,
-                    to,
-                    outcome: outcome.into(),
-                }
-            })
-            .collect();
-        self.set_packages(id, outcomes);
+        let after = match installed_versions(backend.as_ref()).await {
+            Ok(after) => after,
+            Err(e) => {
+                let why = format!(
+                    "cannot read the inventory after applying, so what changed is unknown: {e}"
+                );
+                return Err(failure.unwrap_or(Stop::Failed(why)));
+            }
+        };
+        let check = compare_with_plan(&planned, &before, &after);
+        self.set_packages(id, check.outcomes);
         if let Some(stop) = failure {
             return Err(stop);
         }
-        self.after_apply(id, job, &names).await
+        if !check.problems.is_empty() {
+            return Err(Stop::Failed(format!(
+                "after applying, the host does not match the plan: {}",
+                check.problems.join("; ")
+            )));
+        }
+        self.note(
+            id,
+            format!(
+                "verified against the plan: {} package(s) at their planned versions, nothing removed",
+                planned.len()
+            ),
+        );
+        self.after_apply(id, job, &names, deadline).await
     }
 
     /// After the packages: the reboot policy, post-patch checks, post-hooks. Ok(reboot needed).
-    async fn after_apply(&self, id: &str, job: &ValidJob, names: &[&str]) -> Result<bool, Stop> {
+    async fn after_apply(
+        &self,
+        id: &str,
+        job: &ValidJob,
+        names: &[&str],
+        deadline: Deadline,
+    ) -> Result<bool, Stop> {
         let scanner = self
             .scanner
             .clone()
@@ -932,12 +1158,13 @@ impl Engine {
         if !job.checks.is_empty() {
             self.step(id, Event::Verify, "VERIFYING: post-patch checks".into())
                 .map_err(Stop::Failed)?;
-            self.verify(id, &job.checks).await?;
+            self.verify(id, &job.checks, deadline).await?;
         }
         if !job.post_hooks.is_empty() {
             self.step(id, Event::PostHooks, "POST_HOOK: packages applied".into())
                 .map_err(Stop::Failed)?;
-            self.run_hooks(id, "post", &job.post_hooks, names).await?;
+            self.run_hooks(id, "post", &job.post_hooks, names, deadline)
+                .await?;
         }
         Ok(reboot_required)
     }
@@ -997,7 +1224,7 @@ impl Engine {
         self.set_packages(id, outcomes);
         let names: Vec<String> = plan.iter().map(|p| p.name.clone()).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let (event, message) = if !complete {
+        if !complete {
             let why = "the agent stopped while applying; not every planned package was applied"
                 .to_string();
             {
@@ -1006,21 +1233,23 @@ impl Engine {
                     e.record.reason = why.clone();
                 }
             }
-            (Event::Recovered, format!("INTERRUPTED: {why}"))
+            if let Err(e) = self.step(id, Event::Recovered, format!("INTERRUPTED: {why}")) {
+                tracing::error!(job = %id, error = %e, "Cannot finish recovered job");
+            }
         } else {
             self.note(
                 id,
                 "every planned package was applied; completing the job".into(),
             );
-            conclude(
-                tokio::time::timeout(job.max_duration, self.after_apply(id, job, &names)).await,
-                format!("TIMED_OUT: still running after {:?}", job.max_duration),
+            let outcome = self
+                .after_apply(id, job, &names, Deadline::after(job.max_duration))
+                .await;
+            self.finish(
+                id,
+                outcome,
                 "SUCCEEDED: completed after an agent restart",
                 "SUCCEEDED_REBOOT_REQUIRED: completed after an agent restart",
-            )
-        };
-        if let Err(e) = self.step(id, event, message) {
-            tracing::error!(job = %id, error = %e, "Cannot finish recovered job");
+            );
         }
         self.collect_garbage();
     }
@@ -1109,7 +1338,8 @@ impl Engine {
             return;
         }
         let names: Vec<&str> = packages.iter().map(String::as_str).collect();
-        let outcome = tokio::time::timeout(job.max_duration, async {
+        let deadline = Deadline::after(job.max_duration);
+        let outcome = async {
             let required = match &self.scanner {
                 Some(s) => {
                     let snap = s.scan(false).await;
@@ -1126,40 +1356,48 @@ impl Engine {
                 }
                 None => false,
             };
-            self.verify(id, &job.checks).await?;
+            self.verify(id, &job.checks, deadline).await?;
             if !job.post_hooks.is_empty() {
                 self.step(id, Event::PostHooks, "POST_HOOK: the host is back".into())
                     .map_err(Stop::Failed)?;
-                self.run_hooks(id, "post", &job.post_hooks, &names).await?;
+                self.run_hooks(id, "post", &job.post_hooks, &names, deadline)
+                    .await?;
             }
             Ok::<bool, Stop>(required)
-        })
+        }
         .await;
-        let (event, message) = conclude(
+        self.finish(
+            id,
             outcome,
-            format!("TIMED_OUT: still verifying after {:?}", job.max_duration),
             "SUCCEEDED: verified after the reboot",
             "SUCCEEDED_REBOOT_REQUIRED: still needs a reboot; a job reboots at most once",
         );
-        if let Err(e) = self.step(id, event, message) {
-            tracing::error!(job = %id, error = %e, "Cannot finish job");
-        }
         self.collect_garbage();
     }
 
-    /// Runs each post-patch check until it passes or `check_timeout` has passed.
-    async fn verify(&self, id: &str, checks: &[super::Check]) -> Result<(), Stop> {
-        let deadline = std::time::Instant::now() + self.cfg.check_timeout;
+    /// Runs each post-patch check until it passes or `check_timeout` has passed; the job's
+    /// deadline cuts both short (a `systemctl` still running is killed with its group).
+    async fn verify(
+        &self,
+        id: &str,
+        checks: &[super::Check],
+        job_deadline: Deadline,
+    ) -> Result<(), Stop> {
+        let deadline = tokio::time::Instant::now() + self.cfg.check_timeout;
         for check in checks {
             let mut attempts = 0;
             loop {
                 attempts += 1;
-                match run_check(check).await {
+                job_deadline.check(&format!("while checking {check}"))?;
+                match run_check(check, job_deadline.cap(Duration::from_secs(10))).await {
                     Ok(()) => {
                         self.note(id, format!("check passed: {check}"));
                         break;
                     }
-                    Err(e) if std::time::Instant::now() + self.cfg.check_interval >= deadline => {
+                    Err(_) if job_deadline.passed() => {
+                        return Err(job_deadline.timed_out(&format!("while checking {check}")));
+                    }
+                    Err(e) if tokio::time::Instant::now() + self.cfg.check_interval >= deadline => {
                         return Err(Stop::Failed(format!(
                             "post-patch check failed: {check}: {e} (after {attempts} attempts)"
                         )));
@@ -1168,7 +1406,7 @@ impl Engine {
                         if attempts == 1 {
                             self.note(id, format!("check not yet passing: {check}: {e}; retrying"));
                         }
-                        tokio::time::sleep(self.cfg.check_interval).await;
+                        tokio::time::sleep(job_deadline.cap(self.cfg.check_interval)).await;
                     }
                 }
             }
@@ -1183,12 +1421,15 @@ impl Engine {
         phase: &str,
         hooks: &[String],
         packages: &[&str],
+        deadline: Deadline,
     ) -> Result<(), Stop> {
         for name in hooks {
             // Checked at admission, and again now: the file may have changed since.
             let path = super::check_hook(&self.cfg.hooks_dir, name).map_err(Stop::Failed)?;
+            deadline.check(&format!("before {phase}-hook {name}"))?;
             self.note(id, format!("running {phase}-hook {name}"));
-            let cmd = crate::exec::Cmd::new(path, self.cfg.hook_timeout)
+            // The hook's timeout ends with the job's: at either, exec kills its process group.
+            let cmd = crate::exec::Cmd::new(path, deadline.cap(self.cfg.hook_timeout))
                 .env("PATCH_AGENT_JOB_ID", id)
                 .env("PATCH_AGENT_PHASE", phase)
                 .env("PATCH_AGENT_PACKAGES", packages.join(" "));
@@ -1197,7 +1438,15 @@ impl Engine {
                 crate::exec::run_streaming(&cmd, Some(tx)),
                 self.forward_lines(id, rx, 200)
             );
-            let out = out.map_err(|e| Stop::Failed(format!("{phase}-hook {name}: {e}")))?;
+            let out = match out {
+                Ok(out) => out,
+                Err(crate::exec::ExecError::Timeout { .. }) if deadline.passed() => {
+                    return Err(deadline.timed_out(&format!(
+                        "during {phase}-hook {name}; its process group was killed"
+                    )));
+                }
+                Err(e) => return Err(Stop::Failed(format!("{phase}-hook {name}: {e}"))),
+            };
             if !out.status.success() {
                 let f = crate::exec::Failed::new(&cmd, &out);
                 return Err(Stop::Failed(format!("{phase}-hook {name} failed: {f}")));
@@ -1213,6 +1462,59 @@ impl Engine {
 enum Stop {
     Cancelled,
     Failed(String),
+    /// max_duration ran out; why and where.
+    TimedOut(String),
+}
+
+/// Output lines are written to the journal at most this often (and at every state change).
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// When a job's max_duration runs out.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: tokio::time::Instant,
+    max: Duration,
+}
+
+impl Deadline {
+    fn after(max: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            // A max_duration is bounded by [jobs] max_job_duration; saturate all the same.
+            at: now
+                .checked_add(max)
+                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400)),
+            max,
+        }
+    }
+
+    /// Time left, zero once passed.
+    fn left(&self) -> Duration {
+        self.at
+            .saturating_duration_since(tokio::time::Instant::now())
+    }
+
+    fn passed(&self) -> bool {
+        self.left().is_zero()
+    }
+
+    /// A command timeout that ends no later than the deadline.
+    fn cap(&self, timeout: Duration) -> Duration {
+        timeout.min(self.left())
+    }
+
+    /// TimedOut if the deadline has passed, naming what the job was doing.
+    fn check(&self, doing: &str) -> Result<(), Stop> {
+        if self.passed() {
+            Err(self.timed_out(doing))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn timed_out(&self, doing: &str) -> Stop {
+        Stop::TimedOut(format!("max_duration {:?} ran out {doing}", self.max))
+    }
 }
 
 /// Which pending updates an upgrade job takes, and why it leaves the others.
@@ -1243,13 +1545,10 @@ pub fn select<'a>(
                 floor.as_str()
             ))
         } else if let Some(e) = exclude.iter().find(|e| e.matches(&u.name)) {
-            Some(format!(
-                "excluded by {}",
-                match e {
-                    super::Exclude::Name(n) => n.clone(),
-                    super::Exclude::Pattern(p) => format!("pattern {}", p.as_str()),
-                }
-            ))
+            Some(match e {
+                super::Exclude::Name(n) => format!("excluded by {n}"),
+                super::Exclude::Pattern(p, _) => format!("excluded by pattern {p}"),
+            })
         } else if approve_after_days > 0 {
             let since = u.issued.or(u.first_seen);
             let age = since
@@ -1278,22 +1577,87 @@ pub fn select<'a>(
     (chosen, skipped)
 }
 
+/// What a job did to the host, package by package, and where that departs from its plan.
+#[derive(Debug, Default)]
+pub struct PlanCheck {
+    pub outcomes: Vec<PackageOutcome>,
+    /// One line per departure: a planned package missing or at another version, or a package
+    /// removed that the plan did not name.
+    pub problems: Vec<String>,
+}
+
+/// Compares the installed versions after applying with the plan and the versions before.
+pub fn compare_with_plan(
+    planned: &[PackageOutcome],
+    before: &HashMap<&str, String>,
+    after: &HashMap<String, String>,
+) -> PlanCheck {
+    use super::names::version_matches;
+    let mut check = PlanCheck::default();
+    for p in planned {
+        let found = after.get(&p.name);
+        let to = found.cloned().unwrap_or_default();
+        let on_plan = found.is_some_and(|v| p.to.is_empty() || version_matches(&p.to, v));
+        let outcome = match found {
+            None => "not installed",
+            Some(_) if !on_plan && to == p.from => "unchanged",
+            Some(_) if !on_plan => "changed (not to the planned version)",
+            Some(_) if p.from.is_empty() => "installed",
+            Some(_) if to == p.from => "unchanged",
+            Some(_) => "changed",
+        };
+        if !on_plan {
+            let planned_to = if p.to.is_empty() { "installed" } else { &p.to };
+            check.problems.push(format!(
+                "{}: planned {planned_to}, found {}",
+                p.name,
+                found.map_or("not installed", String::as_str)
+            ));
+        }
+        check.outcomes.push(PackageOutcome {
+            name: p.name.clone(),
+            from: p.from.clone(),
+            to,
+            outcome: outcome.into(),
+        });
+    }
+    let mut removed: Vec<(&str, &String)> = before
+        .iter()
+        .filter(|(name, _)| {
+            !after.contains_key(**name) && !planned.iter().any(|p| p.name == **name)
+        })
+        .map(|(n, v)| (*n, v))
+        .collect();
+    removed.sort();
+    for (name, version) in removed {
+        check.problems.push(format!(
+            "{name} {version}: removed, but the plan did not remove it"
+        ));
+        check.outcomes.push(PackageOutcome {
+            name: name.to_string(),
+            from: version.clone(),
+            to: String::new(),
+            outcome: "removed (not planned)".into(),
+        });
+    }
+    check
+}
+
 /// The last transition of a job's work: timed out, stopped, or done (with the host needing a
 /// reboot or not), with the history line for each.
 fn conclude(
-    outcome: Result<Result<bool, Stop>, tokio::time::error::Elapsed>,
-    timed_out: String,
+    outcome: Result<bool, Stop>,
     succeeded: &str,
     succeeded_reboot_required: &str,
 ) -> (Event, String) {
     match outcome {
-        Err(_) => (Event::Timeout, timed_out),
-        Ok(Err(Stop::Cancelled)) => (
+        Err(Stop::TimedOut(why)) => (Event::Timeout, format!("TIMED_OUT: {why}")),
+        Err(Stop::Cancelled) => (
             Event::Cancel,
             "CANCELLED: stopped between packages".to_string(),
         ),
-        Ok(Err(Stop::Failed(why))) => (Event::Fail(why.clone()), format!("FAILED: {why}")),
-        Ok(Ok(reboot_required)) => (
+        Err(Stop::Failed(why)) => (Event::Fail(why.clone()), format!("FAILED: {why}")),
+        Ok(reboot_required) => (
             Event::Applied { reboot_required },
             if reboot_required {
                 succeeded_reboot_required
@@ -1325,12 +1689,14 @@ fn read_boot_id(path: &std::path::Path) -> String {
 }
 
 /// One attempt at one check.
-async fn run_check(check: &super::Check) -> Result<(), String> {
+/// `limit` bounds the attempt (a `systemctl` past it is killed with its process group).
+async fn run_check(check: &super::Check, limit: Duration) -> Result<(), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let limit = Duration::from_secs(5);
+    let unit_limit = limit;
+    let limit = limit.min(Duration::from_secs(5));
     match check {
         super::Check::Unit(unit) => {
-            let cmd = crate::exec::Cmd::new("systemctl", Duration::from_secs(10))
+            let cmd = crate::exec::Cmd::new("systemctl", unit_limit)
                 .args(["is-active", "--quiet", "--"])
                 .arg(unit.clone());
             let out = crate::exec::run(&cmd).await.map_err(|e| e.to_string())?;
@@ -1387,7 +1753,7 @@ async fn run_check(check: &super::Check) -> Result<(), String> {
             };
             tokio::time::timeout(limit, attempt)
                 .await
-                .map_err(|_| "no answer within 5s".to_string())?
+                .map_err(|_| format!("no answer within {limit:?}"))?
         }
     }
 }
@@ -1435,6 +1801,14 @@ pub fn status(r: &Record) -> pb::JobStatus {
             .collect(),
         summary: r.summary.clone(),
         dry_run: r.dry_run,
+        repo_errors: r
+            .repo_errors
+            .iter()
+            .map(|e| pb::RepoError {
+                repo: e.repo.clone(),
+                error: e.error.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -1499,7 +1873,10 @@ mod tests {
         );
         let ex = [
             super::super::Exclude::Name("crit".into()),
-            super::super::Exclude::Pattern(regex::Regex::new("^(?:lib.*)$").expect("re")),
+            super::super::Exclude::Pattern(
+                "lib*".into(),
+                regex::Regex::new("^(?:lib.*)$").expect("re"),
+            ),
         ];
         assert_eq!(
             names(select(&all, false, None, &ex, 0, now).0),

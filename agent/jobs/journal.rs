@@ -65,6 +65,20 @@ pub struct Record {
     /// The final result was committed to the report outbox.
     #[serde(default)]
     pub reported: bool,
+    /// The envelope's signature (hex), so the job can be verified again against the trust store
+    /// when it starts and after a restart.
+    #[serde(default)]
+    pub signature_hex: String,
+    /// Repositories the job's metadata refresh could not read.
+    #[serde(default)]
+    pub repo_errors: Vec<RepoErrorRecord>,
+}
+
+/// A repository a refresh could not read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoErrorRecord {
+    pub repo: String,
+    pub error: String,
 }
 
 pub fn now_ms() -> u64 {
@@ -116,6 +130,9 @@ pub fn from_hex(s: &str) -> Option<Vec<u8>> {
 pub struct Journal {
     dir: PathBuf,
     quarantine: PathBuf,
+    /// The newest revision written per job: writes may be made off the engine's lock, and an
+    /// older revision that arrives late must not replace a newer one.
+    written: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Journal {
@@ -129,7 +146,11 @@ impl Journal {
                 .mode(0o700)
                 .create(d)?;
         }
-        Ok(Self { dir, quarantine })
+        Ok(Self {
+            dir,
+            quarantine,
+            written: std::sync::Mutex::default(),
+        })
     }
 
     fn path(&self, job_id: &str) -> PathBuf {
@@ -141,16 +162,44 @@ impl Journal {
     /// Writes a record durably: the rename is atomic and both file and directory are synced,
     /// so after a crash the file holds either the old or the new record, never a mix.
     pub fn write(&self, r: &Record) -> std::io::Result<()> {
-        let path = self.path(&r.job_id);
-        let tmp = path.with_extension("json.tmp");
         let data = serde_json::to_vec(r).map_err(std::io::Error::other)?;
+        self.write_bytes(&r.job_id, &data)
+    }
+
+    /// Writes revision `rev` of a job's serialized record, unless a newer revision was written
+    /// already (then it is dropped: the newer one holds everything this one did). Writes are
+    /// serialized, so revisions land in order.
+    pub fn write_revision(&self, job_id: &str, rev: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut written = self
+            .written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if written.get(job_id).is_some_and(|w| *w >= rev) {
+            return Ok(());
+        }
+        self.write_bytes(job_id, data)?;
+        written.insert(job_id.to_string(), rev);
+        Ok(())
+    }
+
+    /// Forgets the revision of a job removed from the journal.
+    pub fn forget(&self, job_id: &str) {
+        self.written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(job_id);
+    }
+
+    fn write_bytes(&self, job_id: &str, data: &[u8]) -> std::io::Result<()> {
+        let path = self.path(job_id);
+        let tmp = path.with_extension("json.tmp");
         {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .open(&tmp)?;
-            f.write_all(&data)?;
+            f.write_all(data)?;
             f.sync_all()?;
         }
         std::fs::rename(&tmp, &path)?;
@@ -218,7 +267,7 @@ impl Journal {
             let finished = r.finished_ms.unwrap_or(r.submitted_ms);
             if r.state.is_terminal()
                 && r.expires_ms < now
-                && finished + keep_ms < now
+                && finished.saturating_add(keep_ms) < now
                 && std::fs::remove_file(self.path(&r.job_id)).is_ok()
             {
                 removed.push(r.job_id.clone());
@@ -253,6 +302,8 @@ mod tests {
             plan: vec![],
             reboot_verified: false,
             reported: false,
+            signature_hex: String::new(),
+            repo_errors: vec![],
         }
     }
 

@@ -8,11 +8,12 @@
 
 pub mod engine;
 pub mod journal;
+pub mod names;
 pub mod state;
 pub mod trust;
 pub mod wire;
 
-use crate::pkg::{self, Severity};
+use crate::pkg::Severity;
 use crate::proto::v1 as pb;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -61,18 +62,28 @@ impl Rejection {
     }
 }
 
-/// A package name to leave alone: exact, or a regex (written `/re/`) matching the whole name.
+/// A package name to leave alone: exact, a glob, or a regex (written `/re/`) matching the whole
+/// name.
 #[derive(Debug, Clone)]
 pub enum Exclude {
     Name(String),
-    Pattern(regex::Regex),
+    /// A glob or `/regex/` as written, and the anchored regex it compiled to.
+    Pattern(String, regex::Regex),
 }
 
 impl Exclude {
     pub fn matches(&self, name: &str) -> bool {
         match self {
             Exclude::Name(n) => n == name,
-            Exclude::Pattern(re) => re.is_match(name),
+            Exclude::Pattern(_, re) => re.is_match(name),
+        }
+    }
+}
+
+impl std::fmt::Display for Exclude {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exclude::Name(n) | Exclude::Pattern(n, _) => f.write_str(n),
         }
     }
 }
@@ -116,6 +127,8 @@ pub struct ValidJob {
     pub post_hooks: Vec<String>,
     pub checks: Vec<Check>,
     pub reboot_policy: RebootPolicy,
+    /// Go on over repositories the refresh could not read (recording them) instead of failing.
+    pub allow_repo_errors: bool,
 }
 
 /// One post-patch check.
@@ -251,16 +264,7 @@ impl ValidJob {
                     s.push_str(&format!(", min severity {}", sev.as_str()));
                 }
                 if !exclude.is_empty() {
-                    let names: Vec<String> = exclude
-                        .iter()
-                        .map(|e| match e {
-                            Exclude::Name(n) => n.clone(),
-                            Exclude::Pattern(p) => format!(
-                                "/{}/",
-                                p.as_str().trim_start_matches("^(?:").trim_end_matches(")$")
-                            ),
-                        })
-                        .collect();
+                    let names: Vec<String> = exclude.iter().map(ToString::to_string).collect();
                     s.push_str(&format!(", exclude {}", names.join(" ")));
                 }
                 if *approve_after_days > 0 {
@@ -370,35 +374,47 @@ pub fn valid_job_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// A package version: Debian (`[epoch:]upstream[-revision]`) or RPM (`[epoch:]version[-release]`)
-/// characters only, never starting with `-`.
-pub fn valid_version(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= 256
-        && v.as_bytes()[0].is_ascii_alphanumeric()
-        && v.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'~' | b'-' | b':' | b'_')
-        })
+/// 9999-12-31T23:59:59Z: the last second a job timestamp may name.
+pub const MAX_TIMESTAMP_SECS: i64 = 253_402_300_799;
+
+/// A job timestamp as a `SystemTime`; before 1970 or after 9999-12-31 is an error, so no time
+/// arithmetic on it can overflow.
+pub fn timestamp(t: &prost_types::Timestamp) -> Result<SystemTime, String> {
+    if t.seconds < 0 {
+        return Err(format!("{}s is before 1970", t.seconds));
+    }
+    if t.seconds > MAX_TIMESTAMP_SECS {
+        return Err(format!("{}s is after 9999-12-31", t.seconds));
+    }
+    let nanos = u32::try_from(t.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .ok_or_else(|| format!("nanos {} is outside 0..1e9", t.nanos))?;
+    // In range by the checks above; checked anyway, as all time arithmetic here is.
+    UNIX_EPOCH
+        .checked_add(Duration::new(t.seconds.unsigned_abs(), nanos))
+        .ok_or_else(|| format!("{}s is not representable", t.seconds))
 }
 
-/// A package name valid for both grammars we might hand it to.
-pub fn valid_package_name(kind: Option<&str>, name: &str) -> bool {
-    match kind {
-        Some("apt") => pkg::apt::valid_name(name),
-        Some(_) => pkg::rpm::valid_name(name),
-        None => pkg::apt::valid_name(name) || pkg::rpm::valid_name(name),
+/// Unix seconds as RFC 3339, for display; never panics (humantime's formatter errors past
+/// 9999, and `UNIX_EPOCH + d` overflows), whatever a report or an agent sent.
+pub fn rfc3339_secs(secs: i64) -> String {
+    match u64::try_from(secs) {
+        Ok(s) if secs <= MAX_TIMESTAMP_SECS => {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s)).to_string()
+        }
+        _ => format!("(time out of range: {secs}s)"),
     }
 }
 
+/// `t + d`, saturating at the far future instead of overflowing.
+pub fn plus(t: SystemTime, d: Duration) -> SystemTime {
+    t.checked_add(d)
+        .unwrap_or_else(|| UNIX_EPOCH + Duration::from_secs(MAX_TIMESTAMP_SECS.unsigned_abs()))
+}
+
 fn time(ts: &Option<prost_types::Timestamp>) -> Option<Result<SystemTime, String>> {
-    ts.as_ref().map(|t| {
-        let secs = u64::try_from(t.seconds).map_err(|_| "timestamp before 1970".to_string())?;
-        let nanos = u32::try_from(t.nanos)
-            .ok()
-            .filter(|n| *n < 1_000_000_000)
-            .ok_or("invalid nanos")?;
-        Ok(UNIX_EPOCH + Duration::new(secs, nanos))
-    })
+    ts.as_ref().map(timestamp)
 }
 
 /// Checks a decoded job against the policy; `manager` is the backend's name, for name grammar.
@@ -410,6 +426,7 @@ pub fn validate(
     now: SystemTime,
 ) -> Result<ValidJob, Rejection> {
     let invalid = |m: String| Rejection::Invalid(m);
+    let grammar = names::Grammar::of(manager);
     if !valid_job_id(&job.job_id) {
         return Err(invalid(format!(
             "job_id {:?} must be 1-128 characters of [A-Za-z0-9._-]",
@@ -451,21 +468,29 @@ pub fn validate(
                 ));
             }
             let mut exclude = Vec::new();
-            for e in u.exclude {
+            for (i, e) in u.exclude.into_iter().enumerate() {
+                let field = format!("upgrade.exclude[{i}] {e:?}");
                 if let Some(re) = e.strip_prefix('/').and_then(|r| r.strip_suffix('/')) {
+                    if re.is_empty() || re.len() > 1024 {
+                        return Err(invalid(format!(
+                            "{field}: a /regex/ must be 1-1024 characters"
+                        )));
+                    }
                     let re = regex::RegexBuilder::new(&format!("^(?:{re})$"))
                         .size_limit(1 << 20)
                         .build()
-                        .map_err(|err| {
-                            invalid(format!("exclude /{re}/ is not a valid regex: {err}"))
-                        })?;
-                    exclude.push(Exclude::Pattern(re));
-                } else if valid_package_name(manager, &e) {
-                    exclude.push(Exclude::Name(e));
-                } else {
+                        .map_err(|err| invalid(format!("{field} is not a valid regex: {err}")))?;
+                    exclude.push(Exclude::Pattern(e, re));
+                } else if e.contains(['*', '?', '[']) {
+                    let re = names::glob_regex(&e)
+                        .map_err(|why| invalid(format!("{field}: the glob {why}")))?;
+                    exclude.push(Exclude::Pattern(e, re));
+                } else if let Some(why) = names::name_problem(grammar, &e) {
                     return Err(invalid(format!(
-                        "exclude {e:?} is neither a package name nor /regex/"
+                        "{field} {why}; an exclude is a package name, a glob or /regex/"
                     )));
+                } else {
+                    exclude.push(Exclude::Name(e));
                 }
             }
             Action::Upgrade {
@@ -480,19 +505,22 @@ pub fn validate(
                 return Err(invalid("install names no packages".into()));
             }
             let mut specs = Vec::new();
-            for p in i.packages {
-                if !valid_package_name(manager, &p.name) {
-                    return Err(invalid(format!("{:?} is not a valid package name", p.name)));
+            for (i, p) in i.packages.into_iter().enumerate() {
+                if let Some(why) = names::name_problem(grammar, &p.name) {
+                    return Err(invalid(format!(
+                        "install.packages[{i}].name {:?} {why}",
+                        p.name
+                    )));
                 }
                 let version = if p.version.is_empty() {
                     None
-                } else if valid_version(&p.version) {
-                    Some(p.version)
-                } else {
+                } else if let Some(why) = names::version_problem(grammar, &p.version) {
                     return Err(invalid(format!(
-                        "{:?} is not a valid package version",
+                        "install.packages[{i}].version {:?} {why}",
                         p.version
                     )));
+                } else {
+                    Some(p.version)
                 };
                 specs.push((p.name, version));
             }
@@ -515,8 +543,20 @@ pub fn validate(
     let max_duration = match job.max_duration {
         None => policy.max_duration,
         Some(d) => {
-            let d = Duration::try_from(d)
-                .map_err(|_| invalid("max_duration must be positive".into()))?;
+            // By hand: prost-types' conversion negates the seconds of a negative duration,
+            // which overflows for i64::MIN (found by the property test).
+            let (Ok(secs), Ok(nanos)) = (u64::try_from(d.seconds), u32::try_from(d.nanos)) else {
+                return Err(invalid(format!(
+                    "max_duration {}s {}ns must be positive",
+                    d.seconds, d.nanos
+                )));
+            };
+            if nanos >= 1_000_000_000 {
+                return Err(invalid(format!(
+                    "max_duration nanos {nanos} must be below 1e9"
+                )));
+            }
+            let d = Duration::new(secs, nanos);
             if d.is_zero() || d > policy.max_duration {
                 return Err(invalid(format!(
                     "max_duration {d:?} must be between 0 and {:?}",
@@ -539,7 +579,7 @@ pub fn validate(
                     "the maintenance window ends before it starts".into(),
                 ));
             }
-            if end > expires_at + policy.clock_skew {
+            if end > plus(expires_at, policy.clock_skew) {
                 return Err(invalid(
                     "the maintenance window ends after the job expires".into(),
                 ));
@@ -591,7 +631,7 @@ pub fn validate(
             job.job_id, job.targets, policy.host_id, policy.machine_id
         )));
     }
-    if expires_at + policy.clock_skew <= now {
+    if plus(expires_at, policy.clock_skew) <= now {
         return Err(Rejection::Precondition(format!(
             "job {} expired at {}",
             job.job_id,
@@ -599,7 +639,7 @@ pub fn validate(
         )));
     }
     if let Some(nb) = not_before
-        && nb > now + policy.clock_skew
+        && nb > plus(now, policy.clock_skew)
     {
         return Err(Rejection::Precondition(format!(
             "job {} is not valid before {}",
@@ -610,7 +650,7 @@ pub fn validate(
     // Lifetime runs from the start of validity, or from now for a job valid at once.
     let start = not_before.unwrap_or(now);
     let lifetime = expires_at.duration_since(start).unwrap_or_default();
-    if lifetime > policy.max_lifetime + policy.clock_skew {
+    if lifetime > policy.max_lifetime.saturating_add(policy.clock_skew) {
         return Err(Rejection::Precondition(format!(
             "job {} lives {:?}, longer than the allowed {:?} ([jobs] max_job_lifetime)",
             job.job_id,
@@ -636,6 +676,7 @@ pub fn validate(
             Ok(pb::RebootPolicy::Always) => RebootPolicy::Always,
             _ => RebootPolicy::Never,
         },
+        allow_repo_errors: job.allow_repo_errors,
     })
 }
 
@@ -885,9 +926,6 @@ mod tests {
 
     #[test]
     fn versions_and_ids() {
-        assert!(valid_version("1:2.3-4+deb12u1~bpo"));
-        assert!(valid_version("2.34-60.el9_2.7"));
-        assert!(!valid_version("-1") && !valid_version("") && !valid_version("1 2"));
         assert!(valid_job_id("rollout-2026.11.26_a"));
     }
 }

@@ -56,6 +56,9 @@ pub enum Event {
     Rebooted,
     /// Its maintenance window closed (or left too little time) before it could start.
     WindowMissed,
+    /// About to start (or recovered after a restart), its envelope no longer verifies against
+    /// the trust store: the key was removed.
+    Untrusted(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -139,7 +142,6 @@ impl State {
                     reboot_required: false,
                 },
             ) => Succeeded,
-            // reboot_policy NEVER is the only policy admitted today.
             (
                 Applying,
                 Event::Applied {
@@ -150,6 +152,7 @@ impl State {
             (Applying, Event::Cancel) => Cancelled,
             (Applying, Event::Timeout) => TimedOut,
             (Applying, Event::Recovered) => Interrupted,
+            (Queued | WaitingWindow | Rebooting | Applying, Event::Untrusted(_)) => Failed,
             (state, event) => {
                 return Err(NotAllowed {
                     state,

@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub errors: Vec<String>,
     /// Completed scans since start.
     pub scans: u64,
+    /// Completed scans that refreshed metadata (or tried to), since start.
+    pub refreshes: u64,
 }
 
 /// Owns the backend and the latest snapshot.
@@ -130,13 +132,20 @@ impl Scanner {
     }
 
     /// Runs one scan. `refresh` forces a metadata refresh; otherwise metadata is refreshed only
-    /// when older than the refresh interval. A caller that arrives while a scan runs waits for
-    /// it and, unless it asked for a refresh the running scan did not do, takes its result.
+    /// when older than the refresh interval. Single flight: a caller takes the result of any
+    /// scan that ended after it arrived, provided that scan refreshed when the caller asked for
+    /// a refresh. So concurrent refresh requests share one run, and a caller (a job) waits
+    /// behind at most one refresh however many are requested.
     pub async fn scan(&self, refresh: bool) -> Arc<Snapshot> {
-        let before = self.snapshot().await.scans;
+        let before = self.snapshot().await;
         let _guard = self.running.lock().await;
         let now = self.snapshot().await;
-        if now.scans > before && !refresh {
+        let served = if refresh {
+            now.refreshes > before.refreshes
+        } else {
+            now.scans > before.scans
+        };
+        if served {
             return now;
         }
         let started = SystemTime::now();
@@ -148,6 +157,7 @@ impl Scanner {
         });
         let mut repo_errors = Vec::new();
         if refresh || stale {
+            next.refreshes += 1;
             match self.backend.refresh().await {
                 Ok(errs) => {
                     repo_errors = errs;
@@ -351,6 +361,20 @@ mod tests {
         let s2 = Scanner::new(fake.clone(), schedule, UNIX_EPOCH, dir.path());
         s2.scan(false).await;
         assert_eq!(fake.refreshes.load(Ordering::SeqCst), 2);
+        // Ten concurrent refreshes: single flight. At most two runs (one may have started
+        // before the others arrived), never ten.
+        let before = fake.refreshes.load(Ordering::SeqCst);
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(async move { s.scan(true).await })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.expect("scan task").refreshes > 0);
+        }
+        let ran = fake.refreshes.load(Ordering::SeqCst) - before;
+        assert!((1..=2).contains(&ran), "{ran} refreshes for 10 requests");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use outbox::Outbox;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 /// Who this agent is, as every report says.
 #[derive(Debug, Clone)]
@@ -276,37 +276,31 @@ impl Reporter {
     /// A fresh connection; certificates are re-read, so a renewed certificate is used on the
     /// next reconnect.
     async fn connect(&self) -> Result<Channel, String> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
-        };
         let ca = self.cfg.ca.as_deref().unwrap_or(&self.tls.ca);
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(ca)?))
-            .identity(Identity::from_pem(
-                read(&self.tls.cert)?,
-                read(&self.tls.key)?,
-            ))
-            .domain_name(self.cfg.server_name().to_string());
-        Endpoint::from_shared(format!("https://{}", self.cfg.controller))
+        let config = crate::tls::client_config(ca, &self.tls.cert, &self.tls.key)?;
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.cfg.controller))
             .map_err(|e| format!("report.controller {:?}: {e}", self.cfg.controller))?
-            .tls_config(tls)
-            .map_err(|e| format!("TLS settings: {e}"))?
             .connect_timeout(self.cfg.timeout)
             .timeout(self.cfg.timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(self.cfg.timeout)
-            .connect()
-            .await
-            .map_err(|e| {
-                let mut msg = format!("cannot connect to {}: {e}", self.cfg.controller);
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg.push_str(&format!(": {s}"));
-                    src = s.source();
-                }
-                msg
-            })
+            .keep_alive_timeout(self.cfg.timeout);
+        crate::tls::connect(
+            endpoint,
+            &self.cfg.controller,
+            self.cfg.server_name(),
+            config,
+        )
+        .await
+        .map_err(|e| {
+            let mut msg = format!("cannot connect to {}: {e}", self.cfg.controller);
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            msg
+        })
     }
 }
 
@@ -355,6 +349,7 @@ pub fn inventory(
         held: crate::server::held(&snap.updates),
         repo_errors: crate::server::repo_errors(&snap.updates),
         reboot: Some(reboot),
+        scan_errors: snap.errors.clone(),
     }
 }
 

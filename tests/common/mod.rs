@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod container;
+pub mod jobgen;
+pub mod jobs;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
