@@ -954,6 +954,7 @@ fn compliance_figures_from_a_database_built_by_reports() {
         c.report_job(pb::JobReport {
             report_id: "c1:evil:final".into(),
             host_id: "c1".into(),
+            labels: [("environment".to_string(), "production".to_string())].into(),
             status: Some(pb::JobStatus {
                 job_id: "evil".into(),
                 state: pb::JobState::Cancelled as i32,
