@@ -231,7 +231,7 @@ fn hostile_envelopes_are_refused_with_the_right_code_and_nothing_runs() {
         expect_code(
             &submit(&agent, &f.pki, "controller", &forge.seal(j.encode_to_vec())),
             "InvalidArgument",
-            "not a valid package name",
+            "install.packages[0].name",
         );
         refusals += 1;
     }
