@@ -69,7 +69,6 @@ pub fn check(path: &Path) -> Result<Checked, Vec<String>> {
         .ok();
     match (tls, trust) {
         (Some(tls), Some(trust)) if problems.is_empty() => Ok(Checked { config, tls, trust }),
-        _ if problems.is_empty() => Err(vec!["the configuration could not be loaded".into()]),
         _ => Err(problems),
     }
 }

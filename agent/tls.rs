@@ -115,14 +115,10 @@ pub fn check_key_mode(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let meta =
         std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(format!(
-            "{} is owned by uid {}, not by uid {me} that reads it; run `chown {me} {}`",
-            path.display(),
-            meta.uid(),
-            path.display()
-        ));
+    if let Some(why) =
+        crate::trusted_files::owner_problem(path, meta.uid(), nix::unistd::geteuid().as_raw())
+    {
+        return Err(why);
     }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {

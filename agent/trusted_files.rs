@@ -30,14 +30,21 @@ pub fn check(key: &str, path: &Path) -> Result<(), String> {
     )
 }
 
-/// The rule itself, on an owner and a mode: owned by `me`, not group- or world-writable.
-pub fn check_meta(key: &str, path: &Path, uid: u32, mode: u32, me: u32) -> Result<(), String> {
-    if uid != me {
-        return Err(format!(
-            "{key}: {} is owned by uid {uid}, not by the agent's user (uid {me}); anyone who owns it can make the agent run what they like. Run `chown {me} {}`",
+/// Why `path`, owned by `uid`, is not the agent's own (`me`), if it is not.
+pub fn owner_problem(path: &Path, uid: u32, me: u32) -> Option<String> {
+    (uid != me).then(|| {
+        format!(
+            "{} is owned by uid {uid}, not by the agent's user (uid {me}); anyone who owns it can make the agent use what they like. Run `chown {me} {}`",
             path.display(),
             path.display()
-        ));
+        )
+    })
+}
+
+/// The rule itself, on an owner and a mode: owned by `me`, not group- or world-writable.
+pub fn check_meta(key: &str, path: &Path, uid: u32, mode: u32, me: u32) -> Result<(), String> {
+    if let Some(why) = owner_problem(path, uid, me) {
+        return Err(format!("{key}: {why}"));
     }
     if mode & 0o022 != 0 {
         return Err(format!(

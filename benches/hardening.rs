@@ -40,20 +40,6 @@ fn main() {
     chatty(&rt);
 }
 
-fn connect(rt: &tokio::runtime::Runtime, pki: &Pki, addr: &str) -> tonic::transport::Channel {
-    let args = patch_agent::ctl::client::AgentArgs {
-        agent: addr.to_string(),
-        tls: patch_agent::ctl::client::TlsArgs {
-            ca: Some(pki.path("ca.pem")),
-            cert: Some(pki.path("controller.pem")),
-            key: Some(pki.path("controller.key")),
-            server_name: None,
-            connect_timeout: Duration::from_secs(5),
-        },
-    };
-    rt.block_on(args.connect()).expect("connect")
-}
-
 async fn latencies(channel: tonic::transport::Channel, limit: Duration) -> Vec<f64> {
     let mut client = AgentClient::new(channel);
     let end = Instant::now() + limit;
@@ -78,15 +64,6 @@ fn pct(v: &[f64], p: usize) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn hold(rt: &tokio::runtime::Runtime) {
     let (tmp, pki) = setup("bench-hold");
     let (nobody_cert, nobody_key) = pki.issue(
@@ -96,7 +73,7 @@ fn hold(rt: &tokio::runtime::Runtime) {
     let dir = tmp.path().join("a");
     let agent = Agent::start(&dir, &config_text(&dir, &pki, ""));
     let pid = agent.child.id();
-    let probe = connect(rt, &pki, &agent.addr);
+    let probe = agent_channel(rt, &pki, &agent.addr);
     let idle = rt.block_on(latencies(probe.clone(), Duration::from_secs(3)));
     let rss_idle = rss_kib(pid);
     let addr: std::net::SocketAddr = agent.addr.parse().expect("addr");
@@ -156,7 +133,7 @@ fn hold(rt: &tokio::runtime::Runtime) {
 fn chatty(rt: &tokio::runtime::Runtime) {
     let f = fixture("bench-chatty", "apt", &["extras"]);
     let agent = f.start("apt");
-    let probe = connect(rt, &f.pki, &agent.addr);
+    let probe = agent_channel(rt, &f.pki, &agent.addr);
     let idle = rt.block_on(latencies(probe.clone(), Duration::from_secs(3)));
     let file = f.sign("chatty", &["--install", "chatty"]);
     let out = f.patchctl(&agent, &["submit", file.to_str().expect("path")]);

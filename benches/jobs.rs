@@ -58,22 +58,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("rt");
-    let connect = |pki: &Pki, addr: &str| {
-        let args = patch_agent::ctl::client::AgentArgs {
-            agent: addr.to_string(),
-            tls: patch_agent::ctl::client::TlsArgs {
-                ca: Some(pki.path("ca.pem")),
-                cert: Some(pki.path("controller.pem")),
-                key: Some(pki.path("controller.key")),
-                server_name: None,
-                connect_timeout: Duration::from_secs(5),
-            },
-        };
-        rt.block_on(args.connect()).expect("connect")
-    };
     patch_agent::tls::install_default_provider();
-    let channels: Vec<_> = (0..4).map(|_| connect(&pki, &agent.addr)).collect();
-    let probe = connect(&pki, &agent.addr);
+    let channels: Vec<_> = (0..4)
+        .map(|_| agent_channel(&rt, &pki, &agent.addr))
+        .collect();
+    let probe = agent_channel(&rt, &pki, &agent.addr);
 
     // Idle GetStatus latency.
     let idle = rt.block_on(status_latencies(

@@ -783,20 +783,19 @@ fn compliance_figures_from_a_database_built_by_reports() {
         first_seen: ts(now),
         ..Default::default()
     };
+    let overdue_critical = || {
+        vec![update(
+            "openssl",
+            pb::SlaClass::Critical,
+            Some(now - 5 * day),
+        )]
+    };
     // c1 production: a critical update issued 5 days ago (overdue by 2 days).
     // c2 production: a high update issued 2 days ago (within 7 days), then patched.
     // c3 staging: a medium update without an issue date, first seen now.
     // c4 staging: nothing pending.
     let hosts: Vec<(&str, &str, Vec<pb::Update>)> = vec![
-        (
-            "c1",
-            "production",
-            vec![update(
-                "openssl",
-                pb::SlaClass::Critical,
-                Some(now - 5 * day),
-            )],
-        ),
+        ("c1", "production", overdue_critical()),
         (
             "c2",
             "production",
@@ -810,24 +809,8 @@ fn compliance_figures_from_a_database_built_by_reports() {
         ("c4", "staging", vec![]),
         // c5: its last scan could not read a repository; c6: its last scan is 3 days old.
         // Both have an overdue critical update, and both are unknown, not counted.
-        (
-            "c5",
-            "production",
-            vec![update(
-                "openssl",
-                pb::SlaClass::Critical,
-                Some(now - 5 * day),
-            )],
-        ),
-        (
-            "c6",
-            "production",
-            vec![update(
-                "openssl",
-                pb::SlaClass::Critical,
-                Some(now - 5 * day),
-            )],
-        ),
+        ("c5", "production", overdue_critical()),
+        ("c6", "production", overdue_critical()),
     ];
     let jobs = [
         ("c1", pb::JobState::Succeeded, false, Some(true)),

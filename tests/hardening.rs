@@ -299,15 +299,6 @@ fn closed_within(s: &mut std::net::TcpStream, wait: Duration) -> bool {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn held_connections_cannot_lock_out_a_controller() {
     patch_agent::tls::install_default_provider();
@@ -485,21 +476,24 @@ fn removing_a_key_fails_the_jobs_it_signed_before_they_start_and_after_a_restart
         rfc3339(now + Duration::from_secs(1800))
     );
     // Two jobs waiting for their window.
-    for id in ["waiting-1", "waiting-2"] {
-        let file = f.sign(
-            id,
-            &[
-                "--upgrade",
-                "all",
-                "--window",
-                &window,
-                "--max-duration",
-                "10m",
-            ],
+    let wait_in_window = |agent: &Agent, id: &str, window: &str| {
+        let flags = [
+            "--upgrade",
+            "all",
+            "--window",
+            window,
+            "--max-duration",
+            "10m",
+        ];
+        let out = f.patchctl(
+            agent,
+            &["submit", f.sign(id, &flags).to_str().expect("path")],
         );
-        let out = f.patchctl(&agent, &["submit", file.to_str().expect("path")]);
         assert!(out.status.success(), "{}", text(&out));
-        wait_state(&agent, id, "JOB_STATE_WAITING_WINDOW");
+        wait_state(agent, id, "JOB_STATE_WAITING_WINDOW");
+    };
+    for id in ["waiting-1", "waiting-2"] {
+        wait_in_window(&agent, id, &window);
     }
     // The key is removed; SIGHUP. When the window opens, the first fails and nothing runs.
     std::fs::remove_file(f.trusted.join("signing.pem")).expect("remove key");
@@ -530,20 +524,7 @@ fn removing_a_key_fails_the_jobs_it_signed_before_they_start_and_after_a_restart
         rfc3339(SystemTime::now() + Duration::from_secs(600)),
         rfc3339(SystemTime::now() + Duration::from_secs(2400))
     );
-    let file = f.sign(
-        "journaled",
-        &[
-            "--upgrade",
-            "all",
-            "--window",
-            &later,
-            "--max-duration",
-            "10m",
-        ],
-    );
-    let out = f.patchctl(&agent, &["submit", file.to_str().expect("path")]);
-    assert!(out.status.success(), "{}", text(&out));
-    wait_state(&agent, "journaled", "JOB_STATE_WAITING_WINDOW");
+    wait_in_window(&agent, "journaled", &later);
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     agent.wait_exit(Duration::from_secs(10));
     std::fs::remove_file(f.trusted.join("signing.pem")).expect("remove key");
@@ -779,22 +760,14 @@ fn patchctl_and_the_reporter_refuse_tls12() {
 
 #[test]
 fn max_duration_kills_hook_process_groups_but_never_the_package_manager() {
-    use std::os::unix::fs::PermissionsExt;
     let f = fixture("maxdur", "apt", &[]);
     std::fs::remove_file(f.sandbox.join("root/run/reboot-required")).expect("no reboot flag");
-    let hooks = f.tmp.path().join("hooks");
-    std::fs::create_dir_all(&hooks).expect("hooks");
     let pidfile = f.tmp.path().join("hook-child.pid");
-    std::fs::write(
-        hooks.join("stall"),
-        format!(
-            "#!/bin/sh\nsleep 300 &\necho $! > {}\nwait\n",
-            pidfile.display()
-        ),
-    )
-    .expect("hook");
-    std::fs::set_permissions(hooks.join("stall"), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
+    f.hook(
+        "stall",
+        &format!("sleep 300 &\necho $! > {}\nwait", pidfile.display()),
+        0o755,
+    );
     let agent = f.start("apt");
     // A pre-hook that never ends: TIMED_OUT at max_duration, and its whole group is gone.
     let started = Instant::now();

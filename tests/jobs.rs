@@ -684,17 +684,9 @@ fn maintenance_windows_wait_run_and_miss() {
 
 #[test]
 fn hooks_run_around_packages_and_bad_hooks_are_refused_at_admission() {
-    use std::os::unix::fs::PermissionsExt;
     let f = fixture("hooks", "apt", &[]);
     std::fs::remove_file(f.sandbox.join("root/run/reboot-required")).expect("no reboot flag");
-    let hooks = f.tmp.path().join("hooks");
-    std::fs::create_dir_all(&hooks).expect("hooks dir");
-    let hook = |name: &str, body: &str, mode: u32| {
-        let p = hooks.join(name);
-        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("hook");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        p
-    };
+    let hook = |name: &str, body: &str, mode: u32| f.hook(name, body, mode);
     hook(
         "drain",
         "echo \"draining for $PATCH_AGENT_JOB_ID: $PATCH_AGENT_PACKAGES ($PATCH_AGENT_PHASE)\"",

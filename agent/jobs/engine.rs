@@ -137,77 +137,66 @@ impl Engine {
             let mut job = None;
             let mut resume = false;
             let mut recover = false;
-            let resumable = matches!(
+            // A job that may go on is verified once more against the current trust store (its
+            // key may have been removed while the agent was down) and validated again.
+            let checked = matches!(
                 r.state,
                 State::Rebooting | State::Applying | State::Queued | State::WaitingWindow
-            );
-            let untrusted = resumable
-                .then(|| {
-                    engine
-                        .verify_again(&r.key_id, &r.payload_hex, &r.signature_hex)
-                        .err()
-                })
-                .flatten();
-            match r.state {
-                _ if untrusted.is_some() => {
-                    // The key was removed while the agent was down: nothing more of this job runs.
+            )
+            .then(|| engine.requeue(&r));
+            let expired = r.expires_ms <= journal::now_ms();
+            match (r.state, checked) {
+                (_, Some(Err(Recheck::Untrusted(why)))) => {
                     interrupted |= r.state == State::Applying;
                     r.state = State::Failed;
-                    r.reason = untrusted.unwrap_or_default();
+                    r.reason = why;
                     r.finished_ms = Some(journal::now_ms());
                     r.event(format!(
                         "FAILED: {} (found after an agent restart)",
                         r.reason
                     ));
                 }
-                State::Rebooting => match engine.requeue(&r) {
-                    Ok(j) => {
-                        job = Some(j);
-                        resume = true;
-                    }
-                    Err(why) => {
-                        r.state = State::Failed;
-                        r.reason = format!("cannot be resumed after the reboot: {why}");
-                        r.finished_ms = Some(journal::now_ms());
-                        r.event(format!("FAILED: {}", r.reason));
-                    }
-                },
-                State::Applying if !r.plan.is_empty() => match engine.requeue(&r) {
-                    Ok(j) => {
-                        job = Some(j);
-                        recover = true;
-                    }
-                    Err(why) => {
-                        r.state = State::Interrupted;
-                        r.reason =
-                            format!("the agent stopped while applying; cannot resume: {why}");
-                        r.finished_ms = Some(journal::now_ms());
-                        r.event(format!("INTERRUPTED: {}", r.reason));
-                        interrupted = true;
-                    }
-                },
-                State::Applying => {
+                (State::Rebooting, Some(Ok(j))) => {
+                    job = Some(j);
+                    resume = true;
+                }
+                (State::Rebooting, Some(Err(why))) => {
+                    r.state = State::Failed;
+                    r.reason = format!("cannot be resumed after the reboot: {why}");
+                    r.finished_ms = Some(journal::now_ms());
+                    r.event(format!("FAILED: {}", r.reason));
+                }
+                (State::Applying, Some(Ok(j))) if !r.plan.is_empty() => {
+                    job = Some(j);
+                    recover = true;
+                }
+                (State::Applying, Some(Err(why))) if !r.plan.is_empty() => {
+                    r.state = State::Interrupted;
+                    r.reason = format!("the agent stopped while applying; cannot resume: {why}");
+                    r.finished_ms = Some(journal::now_ms());
+                    r.event(format!("INTERRUPTED: {}", r.reason));
+                    interrupted = true;
+                }
+                (State::Applying, _) => {
                     r.state = State::Interrupted;
                     r.reason = "the agent stopped while the job was applying".into();
                     r.finished_ms = Some(journal::now_ms());
                     r.event("INTERRUPTED: found applying after an agent restart");
                     interrupted = true;
                 }
-                State::Queued | State::WaitingWindow if r.expires_ms <= journal::now_ms() => {
+                (State::Queued | State::WaitingWindow, _) if expired => {
                     r.state = State::Failed;
                     r.reason = "expired before it could run".into();
                     r.finished_ms = Some(journal::now_ms());
                     r.event("FAILED: expired while queued across a restart");
                 }
-                State::Queued | State::WaitingWindow => match engine.requeue(&r) {
-                    Ok(j) => job = Some(j),
-                    Err(why) => {
-                        r.state = State::Failed;
-                        r.reason = format!("cannot be resumed: {why}");
-                        r.finished_ms = Some(journal::now_ms());
-                        r.event(format!("FAILED: {}", r.reason));
-                    }
-                },
+                (State::Queued | State::WaitingWindow, Some(Ok(j))) => job = Some(j),
+                (State::Queued | State::WaitingWindow, Some(Err(why))) => {
+                    r.state = State::Failed;
+                    r.reason = format!("cannot be resumed: {why}");
+                    r.finished_ms = Some(journal::now_ms());
+                    r.event(format!("FAILED: {}", r.reason));
+                }
                 _ => {}
             }
             if let Err(e) = engine.journal.write(&r) {
@@ -276,10 +265,12 @@ impl Engine {
     }
 
     /// A journaled job, verified again and validated again, for the engine to continue.
-    fn requeue(&self, r: &Record) -> Result<ValidJob, String> {
-        let payload = self.verify_again(&r.key_id, &r.payload_hex, &r.signature_hex)?;
-        let job =
-            <pb::Job as prost::Message>::decode(payload.as_slice()).map_err(|e| e.to_string())?;
+    fn requeue(&self, r: &Record) -> Result<ValidJob, Recheck> {
+        let payload = self
+            .verify_again(&r.key_id, &r.payload_hex, &r.signature_hex)
+            .map_err(Recheck::Untrusted)?;
+        let job = <pb::Job as prost::Message>::decode(payload.as_slice())
+            .map_err(|e| Recheck::Invalid(e.to_string()))?;
         super::validate(
             job,
             &r.key_id,
@@ -287,7 +278,7 @@ impl Engine {
             self.manager(),
             SystemTime::now(),
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| Recheck::Invalid(e.to_string()))
     }
 
     fn manager(&self) -> Option<&'static str> {
@@ -1202,26 +1193,11 @@ impl Engine {
                 self.note(id, format!("cannot read the inventory: {e}"));
                 HashMap::new()
             });
-        let outcomes: Vec<PackageOutcome> = plan
-            .iter()
-            .map(|p| {
-                let now = after.get(&p.name).cloned().unwrap_or_default();
-                PackageOutcome {
-                    name: p.name.clone(),
-                    from: p.from.clone(),
-                    outcome: if !p.to.is_empty() && now == p.to {
-                        "changed".into()
-                    } else if now == p.from {
-                        "unchanged".into()
-                    } else {
-                        "changed (not to the planned version)".into()
-                    },
-                    to: now,
-                }
-            })
-            .collect();
-        let complete = outcomes.iter().all(|o| o.outcome == "changed");
-        self.set_packages(id, outcomes);
+        // What the old process did before it stopped is unknown, so only the plan is checked:
+        // every planned package at its planned version.
+        let check = compare_with_plan(&plan, &HashMap::new(), &after);
+        let complete = check.problems.is_empty();
+        self.set_packages(id, check.outcomes);
         let names: Vec<String> = plan.iter().map(|p| p.name.clone()).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         if !complete {
@@ -1454,6 +1430,23 @@ impl Engine {
             self.note(id, format!("{phase}-hook {name} succeeded"));
         }
         Ok(())
+    }
+}
+
+/// Why a journaled job cannot go on after a restart.
+#[derive(Debug)]
+enum Recheck {
+    /// Its envelope no longer verifies against the trust store.
+    Untrusted(String),
+    /// It no longer decodes or validates (expired, a hook gone, ...).
+    Invalid(String),
+}
+
+impl std::fmt::Display for Recheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Recheck::Untrusted(why) | Recheck::Invalid(why) => f.write_str(why),
+        }
     }
 }
 

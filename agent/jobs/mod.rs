@@ -345,20 +345,8 @@ pub fn check_hook(dir: &std::path::Path, name: &str) -> Result<std::path::PathBu
             path.display()
         ));
     }
-    if meta.uid() != 0 {
-        return Err(format!(
-            "hook {name:?}: {} is owned by uid {}, not root",
-            path.display(),
-            meta.uid()
-        ));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "hook {name:?}: {} is writable by group or others (mode {:04o})",
-            path.display(),
-            meta.mode() & 0o7777
-        ));
-    }
+    // The same owner and mode rule as every file the agent trusts, with root as the owner.
+    crate::trusted_files::check_meta(&format!("hook {name:?}"), &path, meta.uid(), meta.mode(), 0)?;
     if meta.mode() & 0o100 == 0 {
         return Err(format!(
             "hook {name:?}: {} is not executable",

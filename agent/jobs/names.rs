@@ -54,42 +54,43 @@ pub fn name_problem(grammar: Option<Grammar>, name: &str) -> Option<String> {
             "contains {c:?}, a glob or regex character; name one package exactly"
         ));
     }
-    let debian = || debian_name_problem(name);
-    let rpm = || rpm_name_problem(name);
+    in_grammar(grammar, name, debian_name_problem, rpm_name_problem)
+}
+
+/// Checks `arg` with the grammar's check; without a grammar it passes if either accepts it.
+fn in_grammar(
+    grammar: Option<Grammar>,
+    arg: &str,
+    debian: fn(&str) -> Option<String>,
+    rpm: fn(&str) -> Option<String>,
+) -> Option<String> {
     match grammar {
-        Some(Grammar::Debian) => debian(),
-        Some(Grammar::Rpm) => rpm(),
-        None => match (debian(), rpm()) {
-            (Some(d), Some(_)) => Some(d),
-            _ => None,
-        },
+        Some(Grammar::Debian) => debian(arg),
+        Some(Grammar::Rpm) => rpm(arg),
+        None => debian(arg).filter(|_| rpm(arg).is_some()),
     }
 }
 
+/// apt-get's modifiers: a trailing `-` removes, a trailing `+` installs, whatever precedes it.
+fn apt_modifier(arg: &str) -> Option<String> {
+    let last = arg.chars().last().filter(|c| matches!(c, '-' | '+'))?;
+    Some(format!(
+        "ends in '{last}': apt-get reads a trailing '-' as remove and '+' as install"
+    ))
+}
+
 fn debian_name_problem(name: &str) -> Option<String> {
-    if name.ends_with('-') || name.ends_with('+') {
-        return Some(format!(
-            "ends in {:?}: apt-get reads a trailing '-' as remove and '+' as install",
-            &name[name.len() - 1..]
-        ));
-    }
-    let b = name.as_bytes();
-    let grammar_ok = b.len() >= 2
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'+' | b'.' | b'-')
-        });
-    (!grammar_ok).then(|| {
-        "is not a Debian package name (2 or more of [a-z0-9+.-], starting with a letter or digit)"
-            .to_string()
+    apt_modifier(name).or_else(|| {
+        (!crate::pkg::apt::valid_name(name)).then(|| {
+            "is not a Debian package name (2 or more of [a-z0-9+.-], starting with a letter or digit)"
+                .to_string()
+        })
     })
 }
 
 fn rpm_name_problem(name: &str) -> Option<String> {
-    let ok = name
-        .bytes()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'+'));
-    (!ok).then(|| "is not an RPM package name ([A-Za-z0-9._+-])".to_string())
+    (!crate::pkg::rpm::valid_name(name))
+        .then(|| "is not an RPM package name ([A-Za-z0-9._+-])".to_string())
 }
 
 /// Why `version` may not be used as an exact package version, if it may not.
@@ -103,26 +104,18 @@ pub fn version_problem(grammar: Option<Grammar>, version: &str) -> Option<String
     if version.starts_with('-') {
         return Some("starts with '-' (it would be read as an option)".into());
     }
-    match grammar {
-        Some(Grammar::Debian) => debian_version_problem(version),
-        Some(Grammar::Rpm) => rpm_version_problem(version),
-        None => match (
-            debian_version_problem(version),
-            rpm_version_problem(version),
-        ) {
-            (Some(d), Some(_)) => Some(d),
-            _ => None,
-        },
-    }
+    in_grammar(
+        grammar,
+        version,
+        debian_version_problem,
+        rpm_version_problem,
+    )
 }
 
 /// Debian policy 5.6.12: `[epoch:]upstream_version[-debian_revision]`.
 fn debian_version_problem(v: &str) -> Option<String> {
-    if v.ends_with('-') || v.ends_with('+') {
-        return Some(format!(
-            "ends in {:?}: apt-get reads a trailing '-' as remove and '+' as install",
-            &v[v.len() - 1..]
-        ));
+    if let Some(why) = apt_modifier(v) {
+        return Some(why);
     }
     let (epoch, rest) = match v.split_once(':') {
         Some((e, r)) => (Some(e), r),

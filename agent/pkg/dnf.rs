@@ -39,11 +39,9 @@ pub struct DnfConfig {
 impl DnfConfig {
     /// `dnf -y upgrade -- NAME` or `dnf -y install -- NAME[-VERSION]`, from the cache.
     pub fn apply_command(&self, op: &super::Op) -> Cmd {
-        // skip_if_unavailable: a job allowed to go on over repository errors must not fail
-        // here on the repositories the refresh could not read.
-        let cmd = Cmd::new(self.program.clone(), self.apply_timeout)
-            .args(self.args.iter().cloned())
-            .args(["-y", "-C", "--setopt=skip_if_unavailable=True"]);
+        // From the cache, and like every dnf command here skipping unreadable repositories: a
+        // job allowed to go on over repository errors must not fail on them here.
+        let cmd = self.base(self.apply_timeout).arg("-C");
         match op {
             super::Op::Upgrade(name) => cmd.args(["upgrade", "--"]).arg(name.clone()),
             super::Op::Install { name, version } => {

@@ -5,7 +5,7 @@
 use super::RebootState;
 use super::rpm::RpmRecord;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Packages whose update needs a reboot to take effect (the set the RHEL heuristics of osconfig
 /// and needs-restarting share).
@@ -126,13 +126,15 @@ fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Install times come from the package database: any value must print, none may panic.
 fn rfc3339(s: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s)).to_string()
+    crate::jobs::rfc3339_secs(i64::try_from(s).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn rec(name: &str, version: &str, t: u64) -> RpmRecord {
         RpmRecord {

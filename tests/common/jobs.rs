@@ -57,6 +57,17 @@ pub fn fixture(name: &str, kind: &str, args: &[&str]) -> Fixture {
 }
 
 impl Fixture {
+    /// Writes a shell hook `name` with `body` into the agent's hooks_dir, with `mode`.
+    pub fn hook(&self, name: &str, body: &str, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let hooks = self.tmp.path().join("hooks");
+        std::fs::create_dir_all(&hooks).expect("hooks dir");
+        let p = hooks.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("hook");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        p
+    }
+
     pub fn config(&self, kind: &str, extra_packages: &str) -> String {
         let s = self.sandbox.display();
         let packages = match kind {

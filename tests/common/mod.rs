@@ -404,3 +404,27 @@ pub fn apt_sandbox(dir: &Path) {
     let out = run(Command::new("bash").arg(script).arg(dir));
     assert!(out.status.success(), "apt sandbox: {}", text(&out));
 }
+
+/// A `patchctl`-style connection to an agent at `addr` as the PKI's controller (TLS 1.3).
+pub fn agent_channel(
+    rt: &tokio::runtime::Runtime,
+    pki: &Pki,
+    addr: &str,
+) -> tonic::transport::Channel {
+    let args = patch_agent::ctl::client::AgentArgs {
+        agent: addr.to_string(),
+        tls: patch_agent::ctl::client::TlsArgs {
+            ca: Some(pki.path("ca.pem")),
+            cert: Some(pki.path("controller.pem")),
+            key: Some(pki.path("controller.key")),
+            server_name: None,
+            connect_timeout: Duration::from_secs(5),
+        },
+    };
+    rt.block_on(args.connect()).expect("connect")
+}
+
+/// A process's resident memory in KiB (0 when it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    patch_agent::ctl::bench::memory_kib(pid).map_or(0, |(rss, _)| rss)
+}
