@@ -76,8 +76,9 @@ pub struct ServerSection {
     /// Default: `10s`.
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
-    /// Most TCP connections served at once, counted from accept (before the handshake); a
-    /// connection over the limit is closed at once. Default: `1024`.
+    /// Most TCP connections served at once, counted from accept (before the handshake). When
+    /// all are taken, the oldest connection still in its TLS handshake gives up its slot to the
+    /// newcomer; with none in a handshake, the newcomer is closed at once. Default: `1024`.
     pub max_connections: usize,
     /// Most TCP connections from one source address at once; over it, a new connection is
     /// closed at once, so one client cannot take every slot. Default: `64`.

@@ -5,8 +5,10 @@
 //!
 //! Nobody can hold the agent's connection slots:
 //! - a connection is counted against `max_connections` and, for TCP, against its source
-//!   address's `max_connections_per_ip` from the moment it is accepted; over either limit it is
-//!   closed at once, so the accept loop never stops accepting;
+//!   address's `max_connections_per_ip` from the moment it is accepted, so the accept loop never
+//!   stops accepting. Over the per-address limit it is closed at once; when the whole table is
+//!   full, the oldest connection still in its TLS handshake is closed to make room (only then is
+//!   a newcomer refused), so connections that never finish a handshake cannot keep anyone out;
 //! - the TLS handshake must finish within `handshake_timeout`;
 //! - a client certificate that maps to no role is closed right after the handshake;
 //! - a connection with no open stream for `idle_timeout` is closed ([`ActivityLayer`] counts
@@ -123,9 +125,7 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some((ip, counts)) = &self.ip {
-            let mut counts = counts
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut counts = locked(counts);
             if let Some(n) = counts.get_mut(ip) {
                 *n -= 1;
                 if *n == 0 {
@@ -143,6 +143,18 @@ pub struct Limits {
     per_ip: usize,
     counts: PerIp,
     idle_timeout: Duration,
+    handshakes: Arc<Mutex<Handshakes>>,
+}
+
+/// TLS handshakes under way, oldest first, each holding its connection's slot.
+#[derive(Default)]
+struct Handshakes {
+    next: u64,
+    running: std::collections::BTreeMap<u64, (Slot, Arc<tokio::sync::Notify>)>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Limits {
@@ -152,32 +164,60 @@ impl Limits {
             per_ip: max_per_ip,
             counts: Arc::default(),
             idle_timeout,
+            handshakes: Arc::default(),
         }
     }
 
-    /// A slot for a new connection from `ip` (None: the local socket), or why not.
+    /// A slot for a new connection from `ip` (None: the local socket), or why not. When every
+    /// slot is taken, the oldest unfinished TLS handshake gives up its slot: connections that
+    /// never finish a handshake can fill the table, but cannot keep a real client out.
     fn admit(&self, ip: Option<IpAddr>) -> Result<Slot, &'static str> {
-        let total = self
-            .total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "max_connections reached")?;
-        let ip = match ip {
-            None => None,
-            Some(ip) => {
-                let mut counts = self
-                    .counts
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let n = counts.entry(ip).or_default();
-                if *n >= self.per_ip {
-                    return Err("max_connections_per_ip reached");
-                }
-                *n += 1;
-                Some((ip, self.counts.clone()))
+        if let Some(ip) = ip
+            && locked(&self.counts)
+                .get(&ip)
+                .is_some_and(|n| *n >= self.per_ip)
+        {
+            return Err("max_connections_per_ip reached");
+        }
+        let total = match self.total.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let oldest = locked(&self.handshakes).running.pop_first();
+                let Some((_, (slot, cancel))) = oldest else {
+                    return Err("max_connections reached");
+                };
+                drop(slot);
+                cancel.notify_one();
+                self.total
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| "max_connections reached")?
             }
         };
+        let ip = ip.map(|ip| {
+            *locked(&self.counts).entry(ip).or_default() += 1;
+            (ip, self.counts.clone())
+        });
         Ok(Slot { _total: total, ip })
+    }
+
+    /// Parks a connection's slot while its handshake runs; the handshake stops when notified
+    /// (its slot was given to a newer connection).
+    fn start_handshake(&self, slot: Slot) -> (u64, Arc<tokio::sync::Notify>) {
+        let cancel = Arc::new(tokio::sync::Notify::new());
+        let mut h = locked(&self.handshakes);
+        h.next += 1;
+        let id = h.next;
+        h.running.insert(id, (slot, cancel.clone()));
+        (id, cancel)
+    }
+
+    /// The slot back from a handshake that ended; None if it was given away meanwhile.
+    fn end_handshake(&self, id: u64) -> Option<Slot> {
+        locked(&self.handshakes)
+            .running
+            .remove(&id)
+            .map(|(slot, _)| slot)
     }
 
     fn wrap<S>(&self, io: S, peer: Peer, slot: Slot) -> PeerStream<S> {
@@ -333,9 +373,21 @@ async fn accept_loop(
         let policy = opts.policy.as_ref().map(|p| p.borrow().clone());
         let deadline = opts.handshake_timeout;
         let limits = opts.limits.clone();
+        let (handshake, cancel) = limits.start_handshake(slot);
         let tx = tx.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+            let result = tokio::select! {
+                r = tokio::time::timeout(deadline, acceptor.accept(tcp)) => r,
+                () = cancel.notified() => {
+                    tracing::debug!(peer = %addr, "Closed an unfinished TLS handshake to make room");
+                    return;
+                }
+            };
+            // None: the slot went to a newer connection just as this handshake ended.
+            let Some(slot) = limits.end_handshake(handshake) else {
+                return;
+            };
+            let tls = match result {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::info!(peer = %addr, error = %e, "TLS handshake failed");

@@ -79,7 +79,7 @@ fn hold(rt: &tokio::runtime::Runtime) {
     let addr: std::net::SocketAddr = agent.addr.parse().expect("addr");
     let nobody = patch_agent::tls::client_config(&pki.path("ca.pem"), &nobody_cert, &nobody_key)
         .expect("config");
-    let (silent, noroles, during) = rt.block_on(async {
+    let (silent, noroles, during, fresh) = rt.block_on(async {
         // 2,000 silent connections from 32 addresses (under the 64-per-address limit).
         let mut silent = Vec::new();
         for i in 0..2000u32 {
@@ -108,23 +108,39 @@ fn hold(rt: &tokio::runtime::Runtime) {
                 Some(tls)
             }));
         }
-        let during = latencies(probe.clone(), Duration::from_secs(5)).await;
-        let mut noroles = Vec::new();
+        // A controller that connects now, while the table is full: connect, handshake, call.
+        let mut fresh = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            let channel = controller_args(&pki, &agent.addr)
+                .connect()
+                .await
+                .expect("a fresh controller connection during the hold");
+            AgentClient::new(channel)
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .expect("status");
+            fresh.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let during = latencies(probe.clone(), Duration::from_secs(3)).await;
+        let mut noroles = 0;
         for t in tasks {
-            if let Ok(Some(s)) = t.await {
-                noroles.push(s);
+            if let Ok(Some(_)) = t.await {
+                noroles += 1;
             }
         }
-        (silent.len(), noroles.len(), during)
+        (silent.len(), noroles, during, fresh)
     });
     let rss_held = rss_kib(pid);
     println!(
-        "hold: {silent} silent TCP + {noroles} no-role mTLS handshakes completed; controller GetStatus p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} calls; idle p99 {:.2} ms); agent RSS {} KiB idle, {} KiB during the hold",
+        "hold: {silent} silent TCP + {noroles} no-role mTLS handshakes completed; controller GetStatus on its open connection p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} calls; idle p99 {:.2} ms); on a new connection (connect + TLS + call) median {:.1} ms, max {:.1} ms (20 connections); agent RSS {} KiB idle, {} KiB during the hold",
         pct(&during, 50),
         pct(&during, 99),
         pct(&during, 100),
         during.len(),
         pct(&idle, 99),
+        pct(&fresh, 50),
+        pct(&fresh, 100),
         rss_idle,
         rss_held
     );

@@ -313,14 +313,30 @@ fn held_connections_cannot_lock_out_a_controller() {
         &dir,
         &config_text(&dir, &pki, "").replace(
             "drain_timeout = \"1s\"\n",
-            "drain_timeout = \"1s\"\nhandshake_timeout = \"1s\"\nidle_timeout = \"2s\"\nmax_connections_per_ip = 20\nmax_connections = 100\n",
+            "drain_timeout = \"1s\"\nhandshake_timeout = \"4s\"\nidle_timeout = \"2s\"\nmax_connections_per_ip = 20\nmax_connections = 100\n",
         ),
     );
-    // 200 connections from 127.0.0.2 that never start a handshake: 20 are held until the
-    // handshake timeout, the rest are closed at once.
+    // 200 connections from 127.0.0.2 that never start a handshake: 20 are held, the rest are
+    // over the per-address limit and closed at once.
     let mut silent: Vec<_> = (0..200)
         .filter_map(|_| connect_from("127.0.0.2", &agent.addr).ok())
         .collect();
+    let mut over = 0;
+    for s in &mut silent {
+        if closed_within(s, Duration::from_millis(20)) {
+            over += 1;
+        }
+    }
+    assert!(
+        over >= 150,
+        "only {over} of 200 silent connections were refused at once"
+    );
+    // 150 more from ten other addresses (15 each): now more silent connections than the
+    // 100 slots. Each one past the table takes the slot of the oldest unfinished handshake.
+    for i in 0..150 {
+        let src = format!("127.0.1.{}", 2 + i % 10);
+        silent.extend(connect_from(&src, &agent.addr).ok());
+    }
     // 20 mTLS connections from 127.0.0.3 with a no-role certificate, held open.
     let config = patch_agent::tls::client_config(&pki.path("ca.pem"), &nobody_cert, &nobody_key)
         .expect("client config");
@@ -338,7 +354,8 @@ fn held_connections_cannot_lock_out_a_controller() {
         }
         noroles.push((conn, tcp));
     }
-    // The controller is answered at once.
+    // With the table full of silent connections, a controller on a new connection is
+    // answered at once.
     let t = Instant::now();
     let out = agent.grpcurl_tls(
         &pki.client("controller"),
@@ -358,21 +375,12 @@ fn held_connections_cannot_lock_out_a_controller() {
             "a no-role connection is still open"
         );
     }
-    // Silent ones: those over the per-address limit at once, the rest after the handshake timeout.
-    let mut over = 0;
-    for s in &mut silent {
-        if closed_within(s, Duration::from_millis(50)) {
-            over += 1;
-        }
-    }
-    assert!(
-        over >= 150,
-        "only {over} of 200 silent connections were refused at once"
-    );
+    // Every silent connection is gone by the handshake timeout (most gave up their slot
+    // earlier, to the no-role connections and the controller).
     assert!(
         silent
             .iter_mut()
-            .all(|s| closed_within(s, Duration::from_secs(3))),
+            .all(|s| closed_within(s, Duration::from_secs(5))),
         "a silent connection outlived handshake_timeout"
     );
     // An idle controller connection (handshake done, no stream) goes after idle_timeout.
@@ -688,8 +696,14 @@ fn extreme_timestamps_are_refused_and_random_jobs_never_panic_admission() {
     let out = agent.grpcurl_unix(&["patchagent.v1.Agent/GetStatus"]);
     assert!(out.status.success(), "the agent died: {}", agent.log_text());
     // The property run: decoding and validation of random jobs never panic.
-    let (ran, _) = jobgen::admission_never_panics(3000);
+    // Some of them are admitted, so the accepting paths run too, not only the refusals.
+    let (ran, admitted) = jobgen::admission_never_panics(3000);
     assert_eq!(ran, 3000);
+    assert!(
+        admitted >= 30,
+        "only {admitted} of {ran} random jobs were admitted"
+    );
+    eprintln!("{admitted} of {ran} random jobs admitted");
 }
 
 /// An `openssl s_server` that speaks TLS 1.2 only, with the test PKI; returns it and its port.

@@ -518,9 +518,17 @@ impl Engine {
         }
     }
 
-    /// Writes the journal; first reports the record when its state is new to the sink, and
-    /// commits a final result to the sink before the journal says it was reported.
+    /// Writes the journal under the lock; for the rare paths (cancel, recovery, the report
+    /// sink). The job's own steps and notes use [`Engine::stage`] and write after the lock.
     fn persist(&self, entry: &mut Entry) {
+        let staged = self.stage(entry);
+        self.write(staged);
+    }
+
+    /// Under the lock: reports the record to the sink when its state is new to it (a final
+    /// result is committed to the sink before the journal says it was reported), and
+    /// serializes it as the entry's next revision.
+    fn stage(&self, entry: &mut Entry) -> Option<Staged> {
         if let Some(sink) = self.sink.get() {
             let state = entry.record.state;
             if state.is_terminal() {
@@ -533,14 +541,25 @@ impl Engine {
         }
         entry.rev += 1;
         entry.dirty = false;
-        let written = serde_json::to_vec(&entry.record)
-            .map_err(std::io::Error::other)
-            .and_then(|data| {
-                self.journal
-                    .write_revision(&entry.record.job_id, entry.rev, &data)
-            });
-        if let Err(e) = written {
-            tracing::error!(job = %entry.record.job_id, error = %e, "Cannot write the journal");
+        match serde_json::to_vec(&entry.record) {
+            Ok(data) => Some(Staged {
+                job: entry.record.job_id.clone(),
+                rev: entry.rev,
+                data,
+            }),
+            Err(e) => {
+                tracing::error!(job = %entry.record.job_id, error = %e, "Cannot serialize the job record");
+                None
+            }
+        }
+    }
+
+    /// Writes a staged revision (two fsyncs). Called without the engine's lock, so GetStatus
+    /// and admission never wait for the disk; revisions still land in order.
+    fn write(&self, staged: Option<Staged>) {
+        let Some(s) = staged else { return };
+        if let Err(e) = self.journal.write_revision(&s.job, s.rev, &s.data) {
+            tracing::error!(job = %s.job, error = %e, "Cannot write the journal");
         }
     }
 
@@ -560,60 +579,70 @@ impl Engine {
     /// is serialized under the lock; the write (two fsyncs) happens outside it, on a blocking
     /// thread, and a newer revision written meanwhile wins.
     async fn flush(&self, id: &str) {
-        let pending = {
+        let staged = {
             let mut inner = lock(&self.inner);
             match inner.jobs.get_mut(id) {
-                Some(entry) if entry.dirty => {
-                    entry.dirty = false;
-                    entry.rev += 1;
-                    serde_json::to_vec(&entry.record)
-                        .ok()
-                        .map(|data| (entry.rev, data))
-                }
+                Some(entry) if entry.dirty => self.stage(entry),
                 _ => None,
             }
         };
-        let Some((rev, data)) = pending else { return };
+        if staged.is_none() {
+            return;
+        }
         let journal = self.journal.clone();
-        let job = id.to_string();
-        let written =
-            tokio::task::spawn_blocking(move || journal.write_revision(&job, rev, &data)).await;
+        let written = tokio::task::spawn_blocking(move || {
+            staged.map(|s| journal.write_revision(&s.job, s.rev, &s.data))
+        })
+        .await;
         match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(job = %id, error = %e, "Cannot write the journal"),
+            Ok(Some(Err(e))) => tracing::error!(job = %id, error = %e, "Cannot write the journal"),
             Err(e) => tracing::error!(job = %id, error = %e, "Journal write task failed"),
+            _ => {}
         }
     }
 
-    /// Records a transition durably before the caller acts on it.
+    /// Records a transition durably before the caller acts on it; watchers hear that a job
+    /// ended only once that is on disk.
     fn step(&self, id: &str, event: Event, message: String) -> Result<(), String> {
-        let mut inner = lock(&self.inner);
-        let entry = inner.jobs.get_mut(id).ok_or("job vanished")?;
-        self.transition(entry, &event, &message)?;
-        match entry.record.state {
-            State::Applying => entry.record.started_ms = Some(journal::now_ms()),
-            s if s.is_terminal() => {
-                entry.record.finished_ms = Some(journal::now_ms());
-                if let Event::Fail(why) | Event::Untrusted(why) = &event {
-                    entry.record.reason = why.clone();
+        let (staged, done) = {
+            let mut inner = lock(&self.inner);
+            let entry = inner.jobs.get_mut(id).ok_or("job vanished")?;
+            self.transition(entry, &event, &message)?;
+            match entry.record.state {
+                State::Applying => entry.record.started_ms = Some(journal::now_ms()),
+                s if s.is_terminal() => {
+                    entry.record.finished_ms = Some(journal::now_ms());
+                    if let Event::Fail(why) | Event::Untrusted(why) = &event {
+                        entry.record.reason = why.clone();
+                    }
                 }
+                _ => {}
             }
-            _ => {}
-        }
-        self.persist(entry);
-        if entry.record.state.is_terminal() {
-            let _ = entry.tx.send(Notice::Done(Box::new(entry.record.clone())));
+            let done = entry
+                .record
+                .state
+                .is_terminal()
+                .then(|| (entry.tx.clone(), entry.record.clone()));
+            (self.stage(entry), done)
+        };
+        self.write(staged);
+        if let Some((tx, record)) = done {
+            let _ = tx.send(Notice::Done(Box::new(record)));
         }
         Ok(())
     }
 
     fn note(&self, id: &str, message: String) {
-        let mut inner = lock(&self.inner);
-        if let Some(entry) = inner.jobs.get_mut(id) {
+        let staged = {
+            let mut inner = lock(&self.inner);
+            let Some(entry) = inner.jobs.get_mut(id) else {
+                return;
+            };
             let (n, ev) = entry.record.event(message);
-            self.persist(entry);
             let _ = entry.tx.send(Notice::Event(n, ev));
-        }
+            self.stage(entry)
+        };
+        self.write(staged);
     }
 
     /// Runs queued jobs one at a time, forever. A job whose maintenance window has not opened
@@ -838,12 +867,20 @@ impl Engine {
         }
     }
 
+    /// Changes a running job's record and writes it (after the lock).
+    fn update(&self, id: &str, change: impl FnOnce(&mut Record)) {
+        let staged = {
+            let mut inner = lock(&self.inner);
+            inner.jobs.get_mut(id).and_then(|e| {
+                change(&mut e.record);
+                self.stage(e)
+            })
+        };
+        self.write(staged);
+    }
+
     fn set_packages(&self, id: &str, packages: Vec<PackageOutcome>) {
-        let mut inner = lock(&self.inner);
-        if let Some(e) = inner.jobs.get_mut(id) {
-            e.record.packages = packages;
-            self.persist(e);
-        }
+        self.update(id, |r| r.packages = packages);
     }
 
     /// Does the work; Ok(reboot required).
@@ -870,18 +907,15 @@ impl Engine {
         deadline.check("while refreshing metadata")?;
         let repo_errors = &snap.updates.repo_errors;
         if !repo_errors.is_empty() {
-            {
-                let mut inner = lock(&self.inner);
-                if let Some(e) = inner.jobs.get_mut(id) {
-                    e.record.repo_errors = repo_errors
-                        .iter()
-                        .map(|e| journal::RepoErrorRecord {
-                            repo: e.repo.clone(),
-                            error: e.error.clone(),
-                        })
-                        .collect();
-                }
-            }
+            self.update(id, |r| {
+                r.repo_errors = repo_errors
+                    .iter()
+                    .map(|e| journal::RepoErrorRecord {
+                        repo: e.repo.clone(),
+                        error: e.error.clone(),
+                    })
+                    .collect();
+            });
             let list: Vec<String> = repo_errors
                 .iter()
                 .map(|e| format!("{}: {}", e.repo, e.error))
@@ -1013,13 +1047,7 @@ impl Engine {
                 }
             ),
         );
-        {
-            let mut inner = lock(&self.inner);
-            if let Some(e) = inner.jobs.get_mut(id) {
-                e.record.plan = planned.clone();
-                self.persist(e);
-            }
-        }
+        self.update(id, |r| r.plan = planned.clone());
         if job.dry_run && !(job.pre_hooks.is_empty() && job.post_hooks.is_empty()) {
             self.note(id, "dry run: hooks are not run".into());
         }
@@ -1240,7 +1268,7 @@ impl Engine {
             }
             None => return Stop::Failed("[jobs] reboot_command is empty".into()),
         };
-        {
+        let staged = {
             let mut inner = lock(&self.inner);
             let Some(entry) = inner.jobs.get_mut(id) else {
                 return Stop::Failed("job vanished".into());
@@ -1254,9 +1282,10 @@ impl Engine {
             if let Err(e) = self.transition(entry, &Event::Reboot, &msg) {
                 return Stop::Failed(e);
             }
-            // Durable before the command runs: the next agent process decides from this record.
-            self.persist(entry);
-        }
+            self.stage(entry)
+        };
+        // Durable before the command runs: the next agent process decides from this record.
+        self.write(staged);
         match crate::exec::run(&cmd).await {
             Ok(out) if out.status.success() => {}
             Ok(out) => {
@@ -1431,6 +1460,13 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// A record serialized under the engine's lock, to be written after it.
+struct Staged {
+    job: String,
+    rev: u64,
+    data: Vec<u8>,
 }
 
 /// Why a journaled job cannot go on after a restart.

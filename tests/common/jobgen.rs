@@ -63,32 +63,61 @@ fn action() -> impl Strategy<Value = Option<pb::job::Action>> {
     ])
 }
 
-/// Any `Job`, mostly malformed.
+/// A job that admission accepts, so every field can be made hostile one at a time.
+fn valid_action() -> impl Strategy<Value = Option<pb::job::Action>> {
+    prop_oneof![
+        Just(Some(pb::job::Action::Scan(pb::ScanAction {}))),
+        proptest::collection::vec("[a-z][a-z0-9]{1,8}|[a-z]{2,6}-\\*", 0..3).prop_map(|exclude| {
+            Some(pb::job::Action::Upgrade(pb::UpgradeAction {
+                scope: pb::UpgradeScope::All as i32,
+                exclude,
+                ..Default::default()
+            }))
+        }),
+        (
+            "[a-z][a-z0-9]{1,8}",
+            prop_oneof![Just(String::new()), "[1-9]\\.[0-9]{1,2}"]
+        )
+            .prop_map(|(name, version)| {
+                Some(pb::job::Action::Install(pb::InstallAction {
+                    packages: vec![pb::PackageSpec { name, version }],
+                }))
+            }),
+    ]
+}
+
+/// Any `Job`: each field valid three times in four, anything at all otherwise, so that both
+/// admitted jobs and every refusal path are exercised.
 pub fn job() -> impl Strategy<Value = pb::Job> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let soon = (now + 60..now + 20 * 3600)
+        .prop_map(|seconds| Some(prost_types::Timestamp { seconds, nanos: 0 }));
     let head = (
-        text(),
-        proptest::collection::vec(text(), 0..3),
-        timestamp(),
-        timestamp(),
-        action(),
-        prop_oneof![any::<i32>(), 0..4i32],
+        prop_oneof![3 => "[A-Za-z0-9._-]{1,32}", 1 => text()],
+        prop_oneof![3 => Just(vec!["test-host".to_string()]), 1 => proptest::collection::vec(text(), 0..3)],
+        prop_oneof![3 => Just(None), 1 => timestamp()],
+        prop_oneof![3 => soon, 1 => timestamp()],
+        prop_oneof![3 => valid_action(), 1 => action()],
+        prop_oneof![3 => 0..4i32, 1 => any::<i32>()],
         any::<bool>(),
         any::<bool>(),
     );
     let tail = (
-        proptest::option::of(
+        prop_oneof![3 => Just(None), 1 => proptest::option::of(
             (seconds(), any::<i32>())
                 .prop_map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
-        ),
-        proptest::option::of((timestamp(), timestamp(), any::<bool>()).prop_map(
+        )],
+        prop_oneof![3 => Just(None), 1 => proptest::option::of((timestamp(), timestamp(), any::<bool>()).prop_map(
             |(start, end, allow_partial)| pb::MaintenanceWindow {
                 start,
                 end,
                 allow_partial,
             },
-        )),
-        proptest::collection::vec(text(), 0..2),
-        proptest::option::of(
+        ))],
+        prop_oneof![3 => Just(vec![]), 1 => proptest::collection::vec(text(), 0..2)],
+        prop_oneof![3 => Just(None), 1 => proptest::option::of(
             (
                 proptest::collection::vec(text(), 0..2),
                 proptest::collection::vec(any::<u32>(), 0..2),
@@ -99,7 +128,7 @@ pub fn job() -> impl Strategy<Value = pb::Job> {
                     tcp_ports,
                     http_urls,
                 }),
-        ),
+        )],
     );
     (head, tail).prop_map(
         |(

@@ -411,7 +411,13 @@ pub fn agent_channel(
     pki: &Pki,
     addr: &str,
 ) -> tonic::transport::Channel {
-    let args = patch_agent::ctl::client::AgentArgs {
+    rt.block_on(controller_args(pki, addr).connect())
+        .expect("connect")
+}
+
+/// How `patchctl` reaches the agent at `addr` as the PKI's controller.
+pub fn controller_args(pki: &Pki, addr: &str) -> patch_agent::ctl::client::AgentArgs {
+    patch_agent::ctl::client::AgentArgs {
         agent: addr.to_string(),
         tls: patch_agent::ctl::client::TlsArgs {
             ca: Some(pki.path("ca.pem")),
@@ -420,8 +426,7 @@ pub fn agent_channel(
             server_name: None,
             connect_timeout: Duration::from_secs(5),
         },
-    };
-    rt.block_on(args.connect()).expect("connect")
+    }
 }
 
 /// A process's resident memory in KiB (0 when it is gone).
