@@ -8,7 +8,9 @@
 //! 3. chatty package: GetStatus p99 at idle, then during the install of a package whose
 //!    maintainer script prints 20,000 lines.
 //!
-//! Run with `cargo bench --bench hardening` (needs `ulimit -n` above 3,000).
+//! Run with `cargo bench --bench hardening` (needs `ulimit -n` above 3,000). `BENCH_PARTS`
+//! picks parts (default `property,hold,chatty`); `PATCH_AGENT_BIN` runs another agent build,
+//! e.g. the chatty part against the previous release for a side-by-side figure.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -20,24 +22,32 @@ use std::time::{Duration, Instant};
 
 fn main() {
     patch_agent::tls::install_default_provider();
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "property,hold,chatty".into());
+    let part = |name: &str| parts.split(',').any(|p| p == name);
     let cases: u32 = std::env::var("BENCH_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
-    let t = Instant::now();
-    let (ran, admitted) = jobgen::admission_never_panics(cases);
-    println!(
-        "property: {ran} random jobs (+{ran} random payloads) decoded and validated, {admitted} admitted, no panic, {:.1}s",
-        t.elapsed().as_secs_f64()
-    );
+    if part("property") {
+        let t = Instant::now();
+        let (ran, admitted) = jobgen::admission_never_panics(cases);
+        println!(
+            "property: {ran} random jobs (+{ran} random payloads) decoded and validated, {admitted} admitted, no panic, {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("rt");
-    hold(&rt);
-    chatty(&rt);
+    if part("hold") {
+        hold(&rt);
+    }
+    if part("chatty") {
+        chatty(&rt);
+    }
 }
 
 async fn latencies(channel: tonic::transport::Channel, limit: Duration) -> Vec<f64> {
@@ -146,15 +156,46 @@ fn hold(rt: &tokio::runtime::Runtime) {
     );
 }
 
-fn chatty(rt: &tokio::runtime::Runtime) {
-    let f = fixture("bench-chatty", "apt", &["extras"]);
-    let agent = f.start("apt");
+/// GetStatus latencies while one job installs `chatty` with its postinst printing `lines`
+/// lines, on a fresh sandbox; and at idle on the same agent before it.
+/// CPU time (user + system) a process has used, in milliseconds.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(") ")
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/PID/stat (11 and 12 after the name).
+    (ticks(11) + ticks(12)) * 1000.0 / 100.0
+}
+
+fn install_chatty(
+    rt: &tokio::runtime::Runtime,
+    lines: u32,
+    round: u32,
+) -> (Vec<f64>, Vec<f64>, f64) {
+    let f = fixture(&format!("bench-chatty-{lines}-{round}"), "apt", &["extras"]);
+    let dir = f.tmp.path().join("agent");
+    let agent = Agent::start_with_env(
+        &dir,
+        &f.config("apt", ""),
+        &[("CHATTY_LINES", &lines.to_string())],
+    );
     let probe = agent_channel(rt, &f.pki, &agent.addr);
-    let idle = rt.block_on(latencies(probe.clone(), Duration::from_secs(3)));
+    let idle = rt.block_on(latencies(probe.clone(), Duration::from_secs(2)));
     let file = f.sign("chatty", &["--install", "chatty"]);
     let out = f.patchctl(&agent, &["submit", file.to_str().expect("path")]);
     assert!(out.status.success(), "{}", text(&out));
     let started = Instant::now();
+    let cpu_before = cpu_ms(agent.child.id());
     let mut during = Vec::new();
     rt.block_on(async {
         let mut client = AgentClient::new(probe.clone());
@@ -173,14 +214,47 @@ fn chatty(rt: &tokio::runtime::Runtime) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
-    let status = get_job(&agent, "chatty");
+    let cpu = cpu_ms(agent.child.id()) - cpu_before;
+    let state = get_job(&agent, "chatty")["state"].clone();
+    assert!(
+        state
+            .as_str()
+            .unwrap_or("")
+            .starts_with("JOB_STATE_SUCCEEDED"),
+        "{state}"
+    );
+    (idle, during, cpu)
+}
+
+fn chatty(rt: &tokio::runtime::Runtime) {
+    // Side by side, alternating: the same package printing 20,000 lines or none, so what the
+    // agent does with the lines is told apart from apt and dpkg sharing its two cores.
+    let (mut idle, mut loud, mut quiet) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut loud_cpu, mut quiet_cpu) = (0.0, 0.0);
+    for round in 0..3 {
+        for (lines, into, cpu) in [
+            (20_000, &mut loud, &mut loud_cpu),
+            (0, &mut quiet, &mut quiet_cpu),
+        ] {
+            let (i, d, c) = install_chatty(rt, lines, round);
+            idle.extend(i);
+            into.extend(d);
+            *cpu += c / 3.0;
+        }
+    }
+    let p = |v: &[f64]| pct(v, 99);
     println!(
-        "chatty: install printing 20,000 lines took {:.1}s ({}); GetStatus p99 {:.2} ms during ({} calls) vs {:.2} ms idle: ratio {:.2}",
-        started.elapsed().as_secs_f64(),
-        status["state"].as_str().unwrap_or(""),
-        pct(&during, 99),
-        during.len(),
-        pct(&idle, 99),
-        pct(&during, 99) / pct(&idle, 99).max(0.001)
+        "chatty: GetStatus p99 {:.2} ms during installs printing 20,000 lines ({} calls), {:.2} ms during the same installs printing none ({} calls), {:.2} ms idle ({} calls); ratio to idle {:.2} (silent install {:.2})",
+        p(&loud),
+        loud.len(),
+        p(&quiet),
+        quiet.len(),
+        p(&idle),
+        idle.len(),
+        p(&loud) / p(&idle).max(0.001),
+        p(&quiet) / p(&idle).max(0.001)
+    );
+    println!(
+        "chatty: the agent's own CPU per install job (mean of 3): {loud_cpu:.0} ms printing 20,000 lines, {quiet_cpu:.0} ms printing none"
     );
 }

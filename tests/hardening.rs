@@ -451,7 +451,8 @@ fn the_local_socket_refuses_huge_decoded_headers_and_connections_over_its_limit(
     let out = agent.grpcurl_unix(&["patchagent.v1.Agent/GetStatus"]);
     assert!(out.status.success(), "{}", text(&out));
     // Four idle local connections fill the limit; a fifth is closed at once; freeing one lets
-    // an admin in again.
+    // an admin in again. (First let grpcurl's connection give its slot back: that is async.)
+    std::thread::sleep(Duration::from_millis(500));
     let mut held: Vec<_> = (0..4)
         .map(|_| std::os::unix::net::UnixStream::connect(&agent.socket).expect("connect"))
         .collect();

@@ -528,7 +528,7 @@ impl Engine {
     /// Under the lock: reports the record to the sink when its state is new to it (a final
     /// result is committed to the sink before the journal says it was reported), and
     /// serializes it as the entry's next revision.
-    fn stage(&self, entry: &mut Entry) -> Option<Staged> {
+    fn stage(&self, entry: &mut Entry) -> Staged {
         if let Some(sink) = self.sink.get() {
             let state = entry.record.state;
             if state.is_terminal() {
@@ -541,25 +541,19 @@ impl Engine {
         }
         entry.rev += 1;
         entry.dirty = false;
-        match serde_json::to_vec(&entry.record) {
-            Ok(data) => Some(Staged {
-                job: entry.record.job_id.clone(),
-                rev: entry.rev,
-                data,
-            }),
-            Err(e) => {
-                tracing::error!(job = %entry.record.job_id, error = %e, "Cannot serialize the job record");
-                None
-            }
+        // A copy is all the lock is held for; serializing and writing happen after it.
+        Staged {
+            rev: entry.rev,
+            record: entry.record.clone(),
         }
     }
 
-    /// Writes a staged revision (two fsyncs). Called without the engine's lock, so GetStatus
-    /// and admission never wait for the disk; revisions still land in order.
-    fn write(&self, staged: Option<Staged>) {
-        let Some(s) = staged else { return };
-        if let Err(e) = self.journal.write_revision(&s.job, s.rev, &s.data) {
-            tracing::error!(job = %s.job, error = %e, "Cannot write the journal");
+    /// Writes a staged revision. Called without the engine's lock, so GetStatus and admission
+    /// never wait for serialization or the disk; revisions still land in order.
+    fn write(&self, staged: impl Into<Option<Staged>>) {
+        let Some(s) = staged.into() else { return };
+        if let Err(e) = s.write(&self.journal) {
+            tracing::error!(job = %s.record.job_id, error = %e, "Cannot write the journal");
         }
     }
 
@@ -583,21 +577,15 @@ impl Engine {
             let mut inner = lock(&self.inner);
             match inner.jobs.get_mut(id) {
                 Some(entry) if entry.dirty => self.stage(entry),
-                _ => None,
+                _ => return,
             }
         };
-        if staged.is_none() {
-            return;
-        }
         let journal = self.journal.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            staged.map(|s| journal.write_revision(&s.job, s.rev, &s.data))
-        })
-        .await;
+        let written = tokio::task::spawn_blocking(move || staged.write(&journal)).await;
         match written {
-            Ok(Some(Err(e))) => tracing::error!(job = %id, error = %e, "Cannot write the journal"),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(job = %id, error = %e, "Cannot write the journal"),
             Err(e) => tracing::error!(job = %id, error = %e, "Journal write task failed"),
-            _ => {}
         }
     }
 
@@ -871,7 +859,7 @@ impl Engine {
     fn update(&self, id: &str, change: impl FnOnce(&mut Record)) {
         let staged = {
             let mut inner = lock(&self.inner);
-            inner.jobs.get_mut(id).and_then(|e| {
+            inner.jobs.get_mut(id).map(|e| {
                 change(&mut e.record);
                 self.stage(e)
             })
@@ -1464,9 +1452,16 @@ impl Engine {
 
 /// A record serialized under the engine's lock, to be written after it.
 struct Staged {
-    job: String,
     rev: u64,
-    data: Vec<u8>,
+    record: Record,
+}
+
+impl Staged {
+    /// Serializes and writes the record (two fsyncs), unless a newer revision is on disk.
+    fn write(&self, journal: &Journal) -> std::io::Result<()> {
+        let data = serde_json::to_vec(&self.record).map_err(std::io::Error::other)?;
+        journal.write_revision(&self.record.job_id, self.rev, &data)
+    }
 }
 
 /// Why a journaled job cannot go on after a restart.

@@ -14,6 +14,12 @@ use std::time::{Duration, Instant};
 pub const AGENT: &str = env!("CARGO_BIN_EXE_patch-agent");
 pub const PATCHCTL: &str = env!("CARGO_BIN_EXE_patchctl");
 
+/// The agent binary to start: this build's, or `$PATCH_AGENT_BIN` (a benchmark can run an
+/// older build side by side with this one).
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("PATCH_AGENT_BIN").map_or_else(|| PathBuf::from(AGENT), PathBuf::from)
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
@@ -246,10 +252,10 @@ impl Agent {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, AGENT]);
+                c.args(["netns", "exec", ns]).arg(agent_bin());
                 c
             }
-            None => Command::new(AGENT),
+            None => Command::new(agent_bin()),
         };
         cmd.args(["run", "--config"])
             .arg(&cfg)
