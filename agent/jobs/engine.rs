@@ -526,8 +526,8 @@ impl Engine {
     }
 
     /// Under the lock: reports the record to the sink when its state is new to it (a final
-    /// result is committed to the sink before the journal says it was reported), and
-    /// serializes it as the entry's next revision.
+    /// result is committed to the sink before the journal says it was reported), and copies it
+    /// as the entry's next revision, for [`Engine::write`] to serialize and write.
     fn stage(&self, entry: &mut Entry) -> Staged {
         if let Some(sink) = self.sink.get() {
             let state = entry.record.state;
@@ -570,8 +570,8 @@ impl Engine {
     }
 
     /// Writes a job's record if output lines were added since it was last written. The record
-    /// is serialized under the lock; the write (two fsyncs) happens outside it, on a blocking
-    /// thread, and a newer revision written meanwhile wins.
+    /// is copied under the lock; serializing and writing (two fsyncs) happen outside it, on a
+    /// blocking thread, and a newer revision written meanwhile wins.
     async fn flush(&self, id: &str) {
         let staged = {
             let mut inner = lock(&self.inner);
