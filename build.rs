@@ -1,16 +1,18 @@
-//! Compiles `proto/` with protox (pure Rust, no protoc) and generates tonic code into OUT_DIR,
-//! together with an encoded descriptor set that the reflection service serves.
+//! Build script of the `patch-agent-wire` crate (agent/wire): compiles `proto/` with protox (pure
+//! Rust, no protoc) and generates tonic code into OUT_DIR, together with an encoded descriptor set
+//! that the reflection service serves. It sits at the top of the repository next to `proto/`.
+
+use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto");
-    let protos = [
-        "proto/patchagent/v1/agent.proto",
-        "proto/patchagent/v1/controller.proto",
-        "proto/patchagent/v1/jobs.proto",
-        "proto/patchagent/v1/packages.proto",
-    ];
-    let fds = protox::compile(protos, ["proto"])?;
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // agent/wire -> the repository root, where proto/ is.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../..");
+    let include = root.join("proto");
+    println!("cargo:rerun-if-changed={}", include.display());
+    let protos = ["agent", "controller", "jobs", "packages"]
+        .map(|p| include.join(format!("patchagent/v1/{p}.proto")));
+    let fds = protox::compile(protos, [&include])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let bytes = prost::Message::encode_to_vec(&fds);
     std::fs::write(out.join("patchagent_descriptor.bin"), bytes)?;
     tonic_prost_build::configure()

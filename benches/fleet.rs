@@ -15,7 +15,7 @@
 mod common;
 
 use common::*;
-use patch_agent::proto::v1 as pb;
+use patch_agent_wire::proto::v1 as pb;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ fn start_controller(dir: &Path, pki: &Pki) -> (Child, String) {
         ],
     );
     let log = dir.join("controller.log");
-    let mut child = Command::new(PATCHCTL)
+    let mut child = Command::new(patchctl())
         .args(["serve", "--listen", "127.0.0.1:0", "--db"])
         .arg(dir.join("controller.db"))
         .arg("--ca")
@@ -245,7 +245,7 @@ fn fan_out(tmp: &Path, pki: &Pki, ctl_addr: &str, ctl_pid: u32, agents: usize) {
     let hosts_file = tmp.join("hosts.toml");
     std::fs::write(&hosts_file, hosts).expect("hosts");
     let t0 = Instant::now();
-    let mut rollout = Command::new(PATCHCTL)
+    let mut rollout = Command::new(patchctl())
         .args(["rollout", "--json", "--serial", "100%", "--inventory"])
         .arg(&hosts_file)
         .arg("--signing-key")
@@ -295,7 +295,7 @@ fn fan_out(tmp: &Path, pki: &Pki, ctl_addr: &str, ctl_pid: u32, agents: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut finals = 0;
     while Instant::now() < deadline {
-        let out = run(Command::new(PATCHCTL)
+        let out = run(Command::new(patchctl())
             .args(["history", "--json", "--db"])
             .arg(&db));
         let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -331,7 +331,7 @@ fn fan_out(tmp: &Path, pki: &Pki, ctl_addr: &str, ctl_pid: u32, agents: usize) {
 }
 
 fn main() {
-    patch_agent::tls::install_default_provider();
+    patch_agent_service::tls::install_default_provider();
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(tmp.path(), "pki");
     let (mut ctl, addr) = start_controller(tmp.path(), &pki);

@@ -40,7 +40,7 @@ fn main() {
 
     let mut rows = Vec::new();
     for connections in [1, 4] {
-        let out = Command::new(PATCHCTL)
+        let out = Command::new(patchctl())
             .args([
                 "bench",
                 "status",
@@ -68,8 +68,9 @@ fn main() {
     }
     let after = memory(pid);
 
-    let size =
-        |name: &str| std::fs::metadata(name).map(|m| m.len()).unwrap_or(0) as f64 / 1_048_576.0;
+    let size = |name: &std::path::Path| {
+        std::fs::metadata(name).map(|m| m.len()).unwrap_or(0) as f64 / 1_048_576.0
+    };
     println!("| metric | value | target |");
     println!("|---|---|---|");
     println!(
@@ -100,11 +101,11 @@ fn main() {
     );
     println!(
         "| patch-agent binary (stripped) | {:.2} MiB | ≤ 15 MiB |",
-        size(AGENT)
+        size(&agent_bin())
     );
     println!(
         "| patchctl binary (stripped) | {:.2} MiB | — |",
-        size(PATCHCTL)
+        size(&patchctl())
     );
 }
 
@@ -113,5 +114,5 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn memory(pid: u32) -> (u64, u64) {
-    patch_agent::ctl::bench::memory_kib(pid).expect("agent memory")
+    patchctl::bench::memory_kib(pid).expect("agent memory")
 }

@@ -17,11 +17,11 @@ mod common;
 
 use common::jobs::*;
 use common::*;
-use patch_agent::proto::{AgentClient, v1 as pb};
+use patch_agent_wire::proto::{AgentClient, v1 as pb};
 use std::time::{Duration, Instant};
 
 fn main() {
-    patch_agent::tls::install_default_provider();
+    patch_agent_service::tls::install_default_provider();
     let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "property,hold,chatty".into());
     let part = |name: &str| parts.split(',').any(|p| p == name);
     let cases: u32 = std::env::var("BENCH_CASES")
@@ -87,8 +87,9 @@ fn hold(rt: &tokio::runtime::Runtime) {
     let idle = rt.block_on(latencies(probe.clone(), Duration::from_secs(3)));
     let rss_idle = rss_kib(pid);
     let addr: std::net::SocketAddr = agent.addr.parse().expect("addr");
-    let nobody = patch_agent::tls::client_config(&pki.path("ca.pem"), &nobody_cert, &nobody_key)
-        .expect("config");
+    let nobody =
+        patch_agent_service::tls::client_config(&pki.path("ca.pem"), &nobody_cert, &nobody_key)
+            .expect("config");
     let (silent, noroles, during, fresh) = rt.block_on(async {
         // 2,000 silent connections from 32 addresses (under the 64-per-address limit).
         let mut silent = Vec::new();

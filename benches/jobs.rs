@@ -12,8 +12,8 @@
 mod common;
 
 use common::*;
-use patch_agent::jobs::trust::SigningKey;
-use patch_agent::proto::{AgentClient, v1 as pb};
+use patch_agent_wire::job::trust::SigningKey;
+use patch_agent_wire::proto::{AgentClient, v1 as pb};
 use prost::Message;
 use std::path::Path;
 use std::process::Command;
@@ -36,7 +36,7 @@ fn main() {
     );
     let keys = tmp.path().join("keys");
     assert!(
-        run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys))
+        run(Command::new(patchctl()).args(["keys", "new"]).arg(&keys))
             .status
             .success()
     );
@@ -58,7 +58,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("rt");
-    patch_agent::tls::install_default_provider();
+    patch_agent_service::tls::install_default_provider();
     let channels: Vec<_> = (0..4)
         .map(|_| agent_channel(&rt, &pki, &agent.addr))
         .collect();
@@ -70,7 +70,7 @@ fn main() {
         Duration::from_secs(3),
         None,
     ));
-    let rss_before = patch_agent::ctl::bench::memory_kib(pid).expect("rss").0;
+    let rss_before = patchctl::bench::memory_kib(pid).expect("rss").0;
 
     // 1. Flood of bad signatures.
     let job = pb::Job {
@@ -130,7 +130,7 @@ fn main() {
     });
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let during = probe_thread.join().expect("probe");
-    let rss_after = patch_agent::ctl::bench::memory_kib(pid).expect("rss").0;
+    let rss_after = patchctl::bench::memory_kib(pid).expect("rss").0;
     println!("| metric | value | target |");
     println!("|---|---|---|");
     println!(
@@ -199,10 +199,10 @@ fn main() {
             std::thread::sleep(Duration::from_millis(5));
         }
         if i == 100.min(jobs) {
-            rss_100 = patch_agent::ctl::bench::memory_kib(pid).expect("rss").0;
+            rss_100 = patchctl::bench::memory_kib(pid).expect("rss").0;
         }
     }
-    let rss_last = patch_agent::ctl::bench::memory_kib(pid).expect("rss").0;
+    let rss_last = patchctl::bench::memory_kib(pid).expect("rss").0;
     let journal_dir = dir.join("state/jobs");
     let files = std::fs::read_dir(&journal_dir)
         .map(|d| d.count())

@@ -146,7 +146,7 @@ fn main() {
     );
     let agent = Agent::start(&dir, &config_text(&dir, &pki, &packages));
     agent.wait_log("Scan finished", 1);
-    let (rss, peak) = patch_agent::ctl::bench::memory_kib(agent.child.id()).expect("memory");
+    let (rss, peak) = patchctl::bench::memory_kib(agent.child.id()).expect("memory");
     println!(
         "| agent during a scan of {count} packages | peak RSS {:.1} MiB (RSS after {:.1} MiB) | <= 16 MiB |",
         peak as f64 / 1024.0,

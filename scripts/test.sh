@@ -6,4 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
+# The integration tests run the workspace's real binaries, which belong to other crates than the
+# tests: build them first, so no test ever runs a stale binary.
+cargo build --locked --bins
 exec cargo test --locked "$@"

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use nix::sys::signal::Signal;
-use patch_agent::proto::v1 as pb;
+use patch_agent_wire::proto::v1 as pb;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -116,10 +116,10 @@ impl Controller {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, PATCHCTL]);
+                c.args(["netns", "exec", ns]).arg(patchctl());
                 c
             }
-            None => Command::new(PATCHCTL),
+            None => Command::new(patchctl()),
         };
         cmd.args(["serve", "--listen", listen, "--db"])
             .arg(dir.join("controller.db"))
@@ -314,7 +314,7 @@ impl Fleet {
     }
 
     fn rollout_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(PATCHCTL);
+        let mut c = Command::new(patchctl());
         c.args(["rollout", "--json", "--inventory"])
             .arg(self.hosts_file())
             .arg("--signing-key")
@@ -373,7 +373,7 @@ impl Fleet {
     /// `patchctl` against node i's local socket (reachable whatever its network does).
     fn local(&self, i: usize, args: &[&str]) -> Output {
         let n = &self.nodes[i];
-        run(Command::new(PATCHCTL).args(args).args([
+        run(Command::new(patchctl()).args(args).args([
             "--agent",
             &format!("unix:{}", n.dir.join("agent.sock").display()),
         ]))
@@ -381,7 +381,7 @@ impl Fleet {
 
     fn sign(&self, id: &str, target: &str, flags: &[&str]) -> PathBuf {
         let file = self.tmp.path().join(format!("{id}.job"));
-        let out = run(Command::new(PATCHCTL)
+        let out = run(Command::new(patchctl())
             .args(["job", "sign", "--signing-key"])
             .arg(&self.key)
             .arg("-o")
@@ -413,7 +413,7 @@ impl Fleet {
 }
 
 fn history(db: &Path, job: Option<&str>) -> Vec<Value> {
-    let mut cmd = Command::new(PATCHCTL);
+    let mut cmd = Command::new(patchctl());
     cmd.args(["history", "--json", "--db"]).arg(db);
     if let Some(j) = job {
         cmd.args(["--job", j]);
@@ -566,7 +566,7 @@ fn rollout_in_batches_stops_at_the_failure_threshold_and_results_reach_the_contr
 
     // The dashboard over what the fleet reported: 7 results, 2 failed; every host sent its
     // inventory with its environment label.
-    let out = run(Command::new(PATCHCTL)
+    let out = run(Command::new(patchctl())
         .args(["compliance", "--json", "--db"])
         .arg(f.db()));
     assert!(out.status.success(), "{}", text(&out));
@@ -666,7 +666,7 @@ fn nothing_is_lost_when_the_controller_or_an_agent_is_killed_or_a_link_is_cut() 
 
 #[test]
 fn the_controller_trusts_only_its_ca_refuses_plaintext_and_spoofed_host_ids() {
-    patch_agent::tls::install_default_provider();
+    patch_agent_service::tls::install_default_provider();
     let (tmp, pki) = setup("trust");
     issue_ctl_cert(tmp.path(), &pki, "127.0.0.1");
     let ctl = Controller::start(tmp.path(), &pki, "127.0.0.1:0", None);
@@ -759,7 +759,7 @@ fn the_controller_trusts_only_its_ca_refuses_plaintext_and_spoofed_host_ids() {
 
 #[test]
 fn compliance_figures_from_a_database_built_by_reports() {
-    patch_agent::tls::install_default_provider();
+    patch_agent_service::tls::install_default_provider();
     let (tmp, pki) = setup("compliance");
     issue_ctl_cert(tmp.path(), &pki, "127.0.0.1");
     let ctl = Controller::start(tmp.path(), &pki, "127.0.0.1:0", None);
@@ -960,7 +960,7 @@ fn compliance_figures_from_a_database_built_by_reports() {
         .await
         .expect("the controller stores what it can and never panics");
     });
-    let out = run(Command::new(PATCHCTL)
+    let out = run(Command::new(patchctl())
         .args(["history", "--db"])
         .arg(tmp.path().join("controller.db"))
         .args(["--job", "evil"]));
@@ -971,7 +971,7 @@ fn compliance_figures_from_a_database_built_by_reports() {
         !t.chars().any(|c| c != '\n' && c.is_control()),
         "control characters reached the terminal: {t:?}"
     );
-    let out = run(Command::new(PATCHCTL)
+    let out = run(Command::new(patchctl())
         .args(["compliance", "--json", "--db"])
         .arg(tmp.path().join("controller.db")));
     assert!(out.status.success(), "{}", text(&out));
@@ -1025,7 +1025,7 @@ fn compliance_figures_from_a_database_built_by_reports() {
     assert!((rate - 100.0 / 3.0).abs() < 1e-9);
     assert_eq!(d["reboot_success_rate_percent"], 50.0);
     // The terminal view shows the same figures.
-    let out = run(Command::new(PATCHCTL)
+    let out = run(Command::new(patchctl())
         .args(["compliance", "--db"])
         .arg(tmp.path().join("controller.db")));
     let t = text(&out);
@@ -1036,7 +1036,7 @@ fn compliance_figures_from_a_database_built_by_reports() {
         "{t}"
     );
     // A tighter --stale-after makes every host unknown.
-    let out = run(Command::new(PATCHCTL)
+    let out = run(Command::new(patchctl())
         .args(["compliance", "--json", "--stale-after", "1s", "--db"])
         .arg(tmp.path().join("controller.db")));
     let d: Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -1075,7 +1075,7 @@ fn an_unreachable_agent_counts_as_failed() {
     )
     .expect("hosts");
     let rollout = |id: &str, args: &[&str]| {
-        let out = run(Command::new(PATCHCTL)
+        let out = run(Command::new(patchctl())
             .args(["rollout", "--json", "--id", id, "--inventory"])
             .arg(&hosts)
             .arg("--signing-key")

@@ -114,7 +114,7 @@ fn grpcurl_lists_describes_and_gets_real_host_facts_over_mtls() {
     assert_eq!(health["status"], "SERVING");
 
     // patchctl status, readable and JSON, over mTLS.
-    let out = run(Command::new(PATCHCTL)
+    let out = run(Command::new(patchctl())
         .args(["status", "--agent", &agent.addr, "--json"])
         .env("PATCHCTL_CA", pki.path("ca.pem"))
         .env("PATCHCTL_CERT", pki.path("viewer.pem"))
@@ -123,7 +123,7 @@ fn grpcurl_lists_describes_and_gets_real_host_facts_over_mtls() {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
     assert_eq!(j["host_id"], "test-host");
     assert_eq!(j["caller_role"], "viewer");
-    let out = run(Command::new(PATCHCTL)
+    let out = run(Command::new(patchctl())
         .args(["status", "--agent", &agent.addr, "--ca"])
         .arg(pki.path("ca.pem"))
         .arg("--cert")
@@ -158,7 +158,7 @@ fn local_socket_is_root_only_and_maps_uids_to_roles() {
     let h = json(&agent.grpcurl_unix(&["grpc.health.v1.Health/Check"]));
     assert_eq!(h["status"], "SERVING");
 
-    let out = run(Command::new(PATCHCTL).args([
+    let out = run(Command::new(patchctl()).args([
         "status",
         "--agent",
         &format!("unix:{}", agent.socket.display()),
@@ -349,7 +349,7 @@ fn check_config_reports_every_problem_and_exits_2() {
     let cfg = dir.join("agent.toml");
     let good = config_text(&dir, &pki, "");
     std::fs::write(&cfg, &good).expect("write");
-    let out = run(Command::new(AGENT)
+    let out = run(Command::new(agent_bin())
         .args(["check-config", "--config"])
         .arg(&cfg));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -358,7 +358,7 @@ fn check_config_reports_every_problem_and_exits_2() {
         .replace("[server]\n", "[server]\nlistne = \"0.0.0.0:1\"\n")
         .replace("[auth]\n", "[auth]\nadmins = []\n");
     std::fs::write(&cfg, bad).expect("write");
-    let out = run(Command::new(AGENT)
+    let out = run(Command::new(agent_bin())
         .args(["check-config", "--config"])
         .arg(&cfg));
     let t = text(&out);
@@ -381,7 +381,7 @@ fn check_config_reports_every_problem_and_exits_2() {
             "/nonexistent/ca.pem",
         );
     std::fs::write(&cfg, mismatched).expect("write");
-    let out = run(Command::new(AGENT)
+    let out = run(Command::new(agent_bin())
         .args(["check-config", "--config"])
         .arg(&cfg));
     let t = text(&out);
@@ -395,7 +395,7 @@ fn check_config_reports_every_problem_and_exits_2() {
         ),
     )
     .expect("write");
-    let out = run(Command::new(AGENT)
+    let out = run(Command::new(agent_bin())
         .args(["check-config", "--config"])
         .arg(&cfg));
     assert!(text(&out).contains("do not match"), "{}", text(&out));

@@ -6,8 +6,8 @@ mod common;
 
 use common::jobs::*;
 use common::*;
-use patch_agent::jobs::trust::SigningKey;
-use patch_agent::proto::v1 as pb;
+use patch_agent_wire::job::trust::SigningKey;
+use patch_agent_wire::proto::v1 as pb;
 use prost::Message;
 use serde_json::Value;
 use std::path::Path;
@@ -301,7 +301,7 @@ fn closed_within(s: &mut std::net::TcpStream, wait: Duration) -> bool {
 
 #[test]
 fn held_connections_cannot_lock_out_a_controller() {
-    patch_agent::tls::install_default_provider();
+    patch_agent_service::tls::install_default_provider();
     let (tmp, pki) = setup("slots");
     // A certificate the CA signed but that has no role on the agent.
     let (nobody_cert, nobody_key) = pki.issue(
@@ -338,8 +338,9 @@ fn held_connections_cannot_lock_out_a_controller() {
         silent.extend(connect_from(&src, &agent.addr).ok());
     }
     // 20 mTLS connections from 127.0.0.3 with a no-role certificate, held open.
-    let config = patch_agent::tls::client_config(&pki.path("ca.pem"), &nobody_cert, &nobody_key)
-        .expect("client config");
+    let config =
+        patch_agent_service::tls::client_config(&pki.path("ca.pem"), &nobody_cert, &nobody_key)
+            .expect("client config");
     let mut noroles = Vec::new();
     for _ in 0..20 {
         let tcp = connect_from("127.0.0.3", &agent.addr).expect("connect");
@@ -384,7 +385,7 @@ fn held_connections_cannot_lock_out_a_controller() {
         "a silent connection outlived handshake_timeout"
     );
     // An idle controller connection (handshake done, no stream) goes after idle_timeout.
-    let config = patch_agent::tls::client_config(
+    let config = patch_agent_service::tls::client_config(
         &pki.path("ca.pem"),
         &pki.path("controller.pem"),
         &pki.path("controller.key"),
@@ -569,7 +570,7 @@ fn files_the_agent_trusts_must_be_its_own_and_not_writable_by_others() {
     let cfg = dir.join("agent.toml");
     std::fs::write(&cfg, &config).expect("config");
     let check = || {
-        let out = run(Command::new(AGENT)
+        let out = run(Command::new(agent_bin())
             .args(["check-config", "--config"])
             .arg(&cfg));
         (out.status.code(), text(&out))
@@ -739,7 +740,7 @@ fn tls12_server(pki: &Pki, log: &Path) -> (std::process::Child, u16) {
 fn patchctl_and_the_reporter_refuse_tls12() {
     let (tmp, pki) = setup("tls12");
     let (mut server, port) = tls12_server(&pki, &tmp.path().join("s_server.log"));
-    let out = run(Command::new(PATCHCTL)
+    let out = run(Command::new(patchctl())
         .args(["status", "--agent", &format!("127.0.0.1:{port}")])
         .arg("--ca")
         .arg(pki.path("ca.pem"))

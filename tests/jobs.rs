@@ -6,8 +6,8 @@ mod common;
 use common::jobs::*;
 use common::*;
 use nix::sys::signal::Signal;
-use patch_agent::jobs::trust::SigningKey;
-use patch_agent::proto::v1 as pb;
+use patch_agent_wire::job::trust::SigningKey;
+use patch_agent_wire::proto::v1 as pb;
 use prost::Message;
 use serde_json::Value;
 use std::process::Command;
@@ -128,7 +128,7 @@ fn hostile_envelopes_are_refused_with_the_right_code_and_nothing_runs() {
     refusals += 1;
     // A key the agent does not trust.
     let other = f.tmp.path().join("other");
-    let out = run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&other));
+    let out = run(Command::new(patchctl()).args(["keys", "new"]).arg(&other));
     assert!(out.status.success());
     let stranger = Forge {
         key: SigningKey::read(&other.join("signing.key")).expect("key"),
@@ -475,7 +475,7 @@ fn corrupt_journal_is_quarantined_watchers_see_full_history_and_queued_jobs_canc
         let out = f.patchctl(&agent, &["submit", file.to_str().expect("path")]);
         assert!(out.status.success(), "{}", text(&out));
     }
-    let w1 = Command::new(PATCHCTL)
+    let w1 = Command::new(patchctl())
         .args([
             "watch",
             "--agent",
@@ -784,7 +784,7 @@ fn hooks_run_around_packages_and_bad_hooks_are_refused_at_admission() {
         );
     }
     // patchctl refuses to sign a path as a hook.
-    let out = run(Command::new(PATCHCTL)
+    let out = run(Command::new(patchctl())
         .args(["job", "sign", "--signing-key"])
         .arg(f.key())
         .args([

@@ -290,7 +290,7 @@ fn deb_in_a_booted_systemd_installs_restarts_upgrades_itself_by_a_signed_job_and
     assert!(scan.status.success(), "{}", text(&scan));
     c.sh_ok("apt-get update -qq 2>&1");
     let job = tmp.path().join("self.job");
-    let out = run(Command::new(PATCHCTL)
+    let out = run(Command::new(patchctl())
         .args(["job", "sign", "--signing-key"])
         .arg(&key)
         .arg("-o")
@@ -305,7 +305,7 @@ fn deb_in_a_booted_systemd_installs_restarts_upgrades_itself_by_a_signed_job_and
         ]));
     assert!(out.status.success(), "{}", text(&out));
     let agent = format!("unix:{}", c.socket().display());
-    let out = run(Command::new(PATCHCTL)
+    let out = run(Command::new(patchctl())
         .args(["submit", "--agent", &agent])
         .arg(&job));
     assert!(out.status.success(), "submit: {}", text(&out));
@@ -345,7 +345,7 @@ fn deb_in_a_booted_systemd_installs_restarts_upgrades_itself_by_a_signed_job_and
     c.wait_serving();
     assert_eq!(c.status()["agentVersion"], V3);
     let history = text(&run(
-        Command::new(PATCHCTL).args(["jobs", "--agent", &agent, "--json"])
+        Command::new(patchctl()).args(["jobs", "--agent", &agent, "--json"])
     ));
     assert!(history.contains("self-upgrade"), "{history}");
 

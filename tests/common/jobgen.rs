@@ -2,8 +2,9 @@
 //! (extreme timestamps, durations and enum values, hostile names and versions, random bytes),
 //! decoded and validated exactly as the agent does after a signature checks out.
 
-use patch_agent::jobs::{self, Policy, wire::Schema};
-use patch_agent::proto::v1 as pb;
+use patch_agent_wire::job::{self as jobs, Policy, schema::Schema};
+use patch_agent_wire::proto::v1 as pb;
+use patch_agent_wire::time::MAX_TIMESTAMP_SECS;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use std::time::{Duration, SystemTime};
@@ -26,8 +27,8 @@ fn seconds() -> impl Strategy<Value = i64> {
         any::<i64>(),
         Just(i64::MAX),
         Just(i64::MIN),
-        Just(jobs::MAX_TIMESTAMP_SECS),
-        Just(jobs::MAX_TIMESTAMP_SECS + 1),
+        Just(MAX_TIMESTAMP_SECS),
+        Just(MAX_TIMESTAMP_SECS + 1),
         (now - 86_400..now + 7 * 86_400),
     ]
 }
@@ -159,7 +160,7 @@ fn policy() -> Policy {
         max_lifetime: Duration::from_secs(24 * 3600),
         clock_skew: Duration::from_secs(300),
         max_duration: Duration::from_secs(7200),
-        hooks_dir: None,
+        hooks: None,
     }
 }
 
@@ -167,7 +168,7 @@ fn policy() -> Policy {
 /// decoding and validation for apt and for dnf. Returns (cases run, jobs admitted). A panic
 /// anywhere fails the run.
 pub fn admission_never_panics(cases: u32) -> (u32, u32) {
-    let schema = Schema::new(patch_agent::proto::FILE_DESCRIPTOR_SET).expect("schema");
+    let schema = Schema::new(patch_agent_wire::proto::FILE_DESCRIPTOR_SET).expect("schema");
     let policy = policy();
     let mut runner = TestRunner::new(Config {
         cases,

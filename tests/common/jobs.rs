@@ -3,8 +3,8 @@
 //! through the real patchctl and grpcurl.
 
 use super::*;
-use patch_agent::jobs::trust::SigningKey;
-use patch_agent::proto::v1 as pb;
+use patch_agent_wire::job::trust::SigningKey;
+use patch_agent_wire::proto::v1 as pb;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -26,7 +26,7 @@ pub fn fixture(name: &str, kind: &str, args: &[&str]) -> Fixture {
     let out = run(Command::new("bash").arg(script).arg(&sandbox).args(args));
     assert!(out.status.success(), "fixture: {}", text(&out));
     let keys = tmp.path().join("keys");
-    let out = run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys));
+    let out = run(Command::new(patchctl()).args(["keys", "new"]).arg(&keys));
     assert!(out.status.success(), "keys new: {}", text(&out));
     let trusted = tmp.path().join("trusted");
     std::fs::create_dir_all(&trusted).expect("trusted");
@@ -108,7 +108,7 @@ impl Fixture {
     /// `patchctl job sign` with the given flags; returns the job file.
     pub fn sign(&self, id: &str, flags: &[&str]) -> PathBuf {
         let file = self.tmp.path().join(format!("{id}.job"));
-        let out = run(Command::new(PATCHCTL)
+        let out = run(Command::new(patchctl())
             .args(["job", "sign", "--signing-key"])
             .arg(self.key())
             .arg("-o")
@@ -120,7 +120,7 @@ impl Fixture {
     }
 
     pub fn patchctl(&self, agent: &Agent, args: &[&str]) -> Output {
-        run(Command::new(PATCHCTL)
+        run(Command::new(patchctl())
             .args(args)
             .args(["--agent", &format!("unix:{}", agent.socket.display())]))
     }

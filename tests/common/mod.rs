@@ -11,14 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_patch-agent");
-pub const PATCHCTL: &str = env!("CARGO_BIN_EXE_patchctl");
-
-/// The agent binary to start: this build's, or `$PATCH_AGENT_BIN` (a benchmark can run an
-/// older build side by side with this one).
-pub fn agent_bin() -> PathBuf {
-    std::env::var_os("PATCH_AGENT_BIN").map_or_else(|| PathBuf::from(AGENT), PathBuf::from)
-}
+/// The binaries under test: this build's, or `$PATCH_AGENT_BIN` / `$PATCHCTL_BIN` (a benchmark
+/// can run an older build side by side with this one).
+pub use patch_agent_dist::{agent as agent_bin, patchctl};
 
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output()
@@ -41,7 +36,7 @@ pub struct Pki {
 impl Pki {
     pub fn new(parent: &Path, name: &str) -> Self {
         let dir = parent.join(name);
-        let out = run(Command::new(PATCHCTL).args(["pki", "init"]).arg(&dir));
+        let out = run(Command::new(patchctl()).args(["pki", "init"]).arg(&dir));
         assert!(out.status.success(), "pki init: {}", text(&out));
         Self { dir }
     }
@@ -52,7 +47,7 @@ impl Pki {
 
     /// Issues a certificate; returns (cert, key).
     pub fn issue(&self, out: &Path, args: &[&str]) -> (PathBuf, PathBuf) {
-        let o = run(Command::new(PATCHCTL)
+        let o = run(Command::new(patchctl())
             .args(["pki", "issue"])
             .arg(&self.dir)
             .args(args)
@@ -375,7 +370,7 @@ pub async fn controller_client(
     key: &Path,
     addr: &str,
     server_name: &str,
-) -> patch_agent::proto::ControllerClient<tonic::transport::Channel> {
+) -> patch_agent_wire::proto::ControllerClient<tonic::transport::Channel> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     let tls = ClientTlsConfig::new()
@@ -389,14 +384,14 @@ pub async fn controller_client(
         .connect()
         .await
         .expect("connect to the controller");
-    patch_agent::proto::ControllerClient::new(ch)
+    patch_agent_wire::proto::ControllerClient::new(ch)
 }
 
 /// A job-signing key pair made by `patchctl keys new` in `dir/keys`, and `dir/trusted` holding
 /// its public half (an agent's trusted_keys_dir). Returns (signing.key, trusted dir).
 pub fn signing_key(dir: &Path) -> (PathBuf, PathBuf) {
     let keys = dir.join("keys");
-    let out = run(Command::new(PATCHCTL).args(["keys", "new"]).arg(&keys));
+    let out = run(Command::new(patchctl()).args(["keys", "new"]).arg(&keys));
     assert!(out.status.success(), "keys new: {}", text(&out));
     let trusted = dir.join("trusted");
     std::fs::create_dir_all(&trusted).expect("trusted");
@@ -422,10 +417,10 @@ pub fn agent_channel(
 }
 
 /// How `patchctl` reaches the agent at `addr` as the PKI's controller.
-pub fn controller_args(pki: &Pki, addr: &str) -> patch_agent::ctl::client::AgentArgs {
-    patch_agent::ctl::client::AgentArgs {
+pub fn controller_args(pki: &Pki, addr: &str) -> patchctl::client::AgentArgs {
+    patchctl::client::AgentArgs {
         agent: addr.to_string(),
-        tls: patch_agent::ctl::client::TlsArgs {
+        tls: patchctl::client::TlsArgs {
             ca: Some(pki.path("ca.pem")),
             cert: Some(pki.path("controller.pem")),
             key: Some(pki.path("controller.key")),
@@ -437,5 +432,5 @@ pub fn controller_args(pki: &Pki, addr: &str) -> patch_agent::ctl::client::Agent
 
 /// A process's resident memory in KiB (0 when it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
-    patch_agent::ctl::bench::memory_kib(pid).map_or(0, |(rss, _)| rss)
+    patchctl::bench::memory_kib(pid).map_or(0, |(rss, _)| rss)
 }

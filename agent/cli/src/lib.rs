@@ -1,0 +1,458 @@
+//! `patchctl`, the controller-side CLI: PKI, status, and load generation.
+
+pub mod bench;
+pub mod client;
+pub mod jobs;
+pub mod pki;
+pub mod rollout;
+pub mod status;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "patchctl", version = patch_agent_wire::VERSION, about = "Controller CLI for patch-agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Certificates for development and tests.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Show an agent's host facts and how it sees you.
+    Status {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load generators.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Job signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Jobs: signing (offline).
+    #[command(subcommand)]
+    Job(Box<JobCommand>),
+    /// Send a signed job file to an agent and print the admission result.
+    Submit {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        file: PathBuf,
+    },
+    /// Follow a job until it ends; exit non-zero unless it succeeded.
+    Watch {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        job_id: String,
+    },
+    /// Recent jobs on an agent, most recent first.
+    Jobs {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued job, or a running one before its next package.
+    Cancel {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        job_id: String,
+    },
+    /// Run the reference controller: receive agents' reports over mutual TLS into SQLite.
+    Serve(patch_agent_controller::ServeArgs),
+    /// Sign and push a job to a fleet in batches, stopping at a failure threshold.
+    Rollout(Box<rollout::RolloutArgs>),
+    /// Stored job results per host, with per-package outcomes.
+    History {
+        /// The controller's database (patchctl serve --db).
+        #[arg(long)]
+        db: PathBuf,
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only this job.
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The compliance dashboard from stored reports.
+    Compliance {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// A host whose last scan is older than this counts as unknown, not compliant.
+        #[arg(long, default_value = "48h", value_parser = humantime::parse_duration)]
+        stale_after: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Write an Ed25519 key pair: DIR/NAME.key (PKCS#8 PEM, 0600) and DIR/NAME.pem (SPKI PEM,
+    /// for agents' trusted_keys_dir).
+    New {
+        dir: PathBuf,
+        #[arg(long, default_value = "signing")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Build a job from flags, check it as an agent would, sign it, write a binary SignedJob.
+    Sign {
+        /// PKCS#8 PEM Ed25519 private key (patchctl keys new, or openssl genpkey).
+        #[arg(long)]
+        signing_key: PathBuf,
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+        /// A host_id or machine_id the job may run on (repeatable).
+        #[arg(long = "target", required = true)]
+        targets: Vec<String>,
+        #[command(flatten)]
+        job: jobs::JobArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Write a dev CA and agent, controller and viewer certificates into DIR (keys 0600).
+    Init {
+        dir: PathBuf,
+        /// Names for the agent certificate (first is the CN). Default: this host's FQDN,
+        /// hostname, localhost, 127.0.0.1 and ::1.
+        #[arg(long = "agent-name")]
+        agent_names: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue one more certificate from the CA in DIR, into OUT.pem and OUT.key.
+    Issue {
+        dir: PathBuf,
+        /// The identity: CN and first SAN (a DNS name, an IP, or a URI with "://").
+        #[arg(long)]
+        name: String,
+        /// More SANs.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        #[arg(long, value_enum, default_value = "client")]
+        usage: pki::Usage,
+        /// Days of validity.
+        #[arg(long, default_value_t = 825, allow_negative_numbers = true)]
+        days: i64,
+        /// Start validity this many days ago (with --days 1 this makes an expired certificate).
+        #[arg(long, default_value_t = 0)]
+        start_days_ago: i64,
+        /// Output path prefix: writes OUT.pem and OUT.key.
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Drive GetStatus with concurrent callers; print req/s, p50/p99 and the agent's RSS.
+    Status {
+        #[command(flatten)]
+        agent: client::AgentArgs,
+        /// Concurrent callers.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Connections the callers share.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// The agent's pid, to report its RSS before and after (same host only).
+        #[arg(long)]
+        agent_pid: Option<u32>,
+        /// Threads for the load generator itself. On a small machine, keep this below the core
+        /// count so the generator does not starve the agent it measures.
+        #[arg(long, default_value_t = 1)]
+        client_threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Cli {
+    /// Worker threads the command's runtime should have.
+    pub fn threads(&self) -> usize {
+        match &self.command {
+            Command::Bench(BenchCommand::Status { client_threads, .. }) => (*client_threads).max(1),
+            _ => 2,
+        }
+    }
+}
+
+/// `text` without terminal control characters: anything an agent or a report sent (reasons,
+/// package output, summaries) is shown, never interpreted by the terminal. Newlines stay;
+/// every other control character, C1 controls included, becomes U+FFFD.
+pub fn terminal_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c == '\n' || !c.is_control() {
+                c
+            } else {
+                '\u{fffd}'
+            }
+        })
+        .collect()
+}
+
+/// Runs a parsed command.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keys(KeysCommand::New { dir, name }) => {
+            let (key, pem, id) = jobs::keys_new(&dir, &name)?;
+            println!(
+                "wrote {} (private, 0600)\nwrote {} (public: copy it into the agents' trusted_keys_dir)\nkey id {id}",
+                key.display(),
+                pem.display()
+            );
+            Ok(())
+        }
+        Command::Job(cmd) => {
+            let JobCommand::Sign {
+                signing_key,
+                output,
+                targets,
+                job,
+            } = *cmd;
+            let (env, job) = jobs::sign(&job, &targets, &signing_key)?;
+            let bytes = prost::Message::encode_to_vec(&env);
+            std::fs::write(&output, &bytes)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            println!(
+                "signed job {} with key {} ({} bytes) -> {}",
+                job.job_id,
+                env.key_id,
+                bytes.len(),
+                output.display()
+            );
+            Ok(())
+        }
+        Command::Submit { agent, file } => {
+            let status = jobs::submit(agent.connect().await?, &file).await?;
+            print!("accepted\n{}", terminal_safe(&jobs::render_status(&status)));
+            Ok(())
+        }
+        Command::Watch { agent, job_id } => {
+            let status = jobs::watch(agent.connect().await?, &job_id).await?;
+            print!("{}", terminal_safe(&jobs::render_status(&status)));
+            if jobs::succeeded(status.state) {
+                Ok(())
+            } else {
+                bail!(
+                    "job {job_id} ended {}",
+                    patch_agent_wire::convert::state_name(status.state)
+                )
+            }
+        }
+        Command::Jobs { agent, limit, json } => {
+            let list = jobs::list(agent.connect().await?, limit).await?;
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|j| serde_json::json!({"job_id": j.job_id, "state": patch_agent_wire::convert::state_name(j.state), "summary": j.summary, "reason": j.reason}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for j in &list {
+                    println!(
+                        "{:<40} {:<26} {}",
+                        terminal_safe(&j.job_id),
+                        patch_agent_wire::convert::state_name(j.state),
+                        terminal_safe(&j.summary)
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Serve(args) => {
+            patch_agent_service::telemetry::init(
+                patch_agent_service::telemetry::LogFormat::Plain,
+                "info",
+            );
+            patch_agent_controller::serve(args).await
+        }
+        Command::Rollout(args) => {
+            let json = args.json;
+            let summary = rollout::run(*args).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", terminal_safe(&rollout::render(&summary)));
+            }
+            if summary.succeeded != summary.hosts.len() {
+                bail!(
+                    "the rollout did not succeed on every host ({} failed, {} skipped)",
+                    summary.failed,
+                    summary.skipped
+                );
+            }
+            Ok(())
+        }
+        Command::History {
+            db,
+            host,
+            job,
+            json,
+        } => {
+            use patch_agent_controller::store::{SqliteStore, Store};
+            let rows = SqliteStore::open_reader(&db)
+                .map_err(anyhow::Error::msg)?
+                .history(host, job)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no job reports match");
+            } else {
+                print!("{}", terminal_safe(&status::render_history(&rows)));
+            }
+            Ok(())
+        }
+        Command::Compliance {
+            db,
+            json,
+            stale_after,
+        } => {
+            use patch_agent_controller::store::{SqliteStore, Store};
+            let snap = SqliteStore::open_reader(&db)
+                .map_err(anyhow::Error::msg)?
+                .snapshot()
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let stale = i64::try_from(stale_after.as_secs()).unwrap_or(i64::MAX);
+            let d = patch_agent_controller::compliance::compute(&snap, now, stale);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print!(
+                    "{}",
+                    terminal_safe(&patch_agent_controller::compliance::render(&d))
+                );
+            }
+            Ok(())
+        }
+        Command::Cancel { agent, job_id } => {
+            let status = jobs::cancel(agent.connect().await?, &job_id).await?;
+            print!("{}", terminal_safe(&jobs::render_status(&status)));
+            Ok(())
+        }
+        Command::Pki(PkiCommand::Init {
+            dir,
+            agent_names,
+            force,
+        }) => {
+            let files = pki::init(&dir, &agent_names, force)?;
+            for f in &files {
+                println!("wrote {}", f.display());
+            }
+            println!(
+                "\nFor the agent's config:\n\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/agent.pem\"\nkey = \"{d}/agent.key\"\n\n[auth]\ncontrollers = [\"controller\"]\nviewers = [\"viewer\"]",
+                d = dir.display()
+            );
+            Ok(())
+        }
+        Command::Pki(PkiCommand::Issue {
+            dir,
+            name,
+            sans,
+            usage,
+            days,
+            start_days_ago,
+            out,
+            force,
+        }) => {
+            if days < 1 {
+                bail!("--days must be at least 1");
+            }
+            let spec = pki::Spec {
+                name,
+                sans,
+                usage,
+                days,
+                start_days_ago,
+            };
+            for f in pki::issue(&dir, &spec, &out, force)? {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
+        Command::Status { agent, json } => {
+            let channel = agent.connect().await?;
+            let status = status::fetch(channel).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status::to_json(&status))?
+                );
+            } else {
+                print!("{}", terminal_safe(&status::render(&status)));
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Status {
+            agent,
+            concurrency,
+            connections,
+            duration,
+            agent_pid,
+            json,
+            client_threads: _,
+        }) => {
+            if concurrency == 0 || connections == 0 {
+                bail!("--concurrency and --connections must be at least 1");
+            }
+            let mut channels = Vec::with_capacity(connections);
+            for _ in 0..connections {
+                channels.push(agent.connect().await.context("bench setup")?);
+            }
+            let before = agent_pid.and_then(bench::memory_kib);
+            let report = bench::run_status_load(&channels, concurrency, duration).await;
+            let after = agent_pid.and_then(bench::memory_kib);
+            if json {
+                let v = serde_json::json!({
+                    "report": report,
+                    "agent_rss_kib_before": before.map(|m| m.0),
+                    "agent_rss_kib_after": after.map(|m| m.0),
+                    "agent_peak_rss_kib": after.map(|m| m.1),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{report}");
+                if let (Some(b), Some(a)) = (before, after) {
+                    println!(
+                        "agent RSS: {} KiB before, {} KiB after, peak {} KiB",
+                        b.0, a.0, a.1
+                    );
+                }
+            }
+            if report.requests == 0 {
+                bail!("no request succeeded");
+            }
+            Ok(())
+        }
+    }
+}

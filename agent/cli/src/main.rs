@@ -1,0 +1,25 @@
+//! `patchctl`: see the `patchctl` library.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    patch_agent_service::tls::install_default_provider();
+    let cli = patchctl::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("patchctl: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(patchctl::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("patchctl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The reference controller (`patchctl serve`): receives agents' reports over mutual TLS and
+//! keeps them in a [`store::Store`]; `patchctl history` and `patchctl compliance` read them.
+//!
+//! Trust: the TLS handshake admits only certificates chaining to `--ca`; each request's host_id
+//! must then be one of the certificate's names, so an agent reports for itself only.
+
+pub mod compliance;
+pub mod store;
+
+use patch_agent_service::auth::Peer;
+use patch_agent_wire::proto::{ControllerServer, v1 as pb};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use store::Store;
+use tonic::{Request, Response, Status};
+
+/// Implements `patchagent.v1.Controller`.
+pub struct ControllerService {
+    store: Arc<dyn Store>,
+}
+
+impl ControllerService {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The request's host_id must be one of the client certificate's names.
+fn authorize<T>(req: &Request<T>, host_id: &str) -> Result<(), Status> {
+    if host_id.is_empty() || host_id.len() > 253 || host_id.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "host_id must be 1-253 printable characters",
+        ));
+    }
+    match req
+        .extensions()
+        .get::<patch_agent_service::listener::Conn>()
+        .map(|c| c.peer.as_ref())
+    {
+        Some(Peer::Tls { names, .. }) if names.iter().any(|n| n == host_id) => Ok(()),
+        Some(Peer::Tls { names, .. }) => Err(Status::permission_denied(format!(
+            "a certificate for {names:?} may not report for host_id {host_id:?}; an agent reports only for a host_id its certificate names"
+        ))),
+        _ => Err(Status::unauthenticated(
+            "no client certificate on this connection",
+        )),
+    }
+}
+
+fn check_labels(labels: &std::collections::HashMap<String, String>) -> Result<(), Status> {
+    if labels.len() > 64 {
+        return Err(Status::invalid_argument("at most 64 labels"));
+    }
+    for (k, v) in labels {
+        patch_agent_wire::ids::check_label(k, v).map_err(Status::invalid_argument)?;
+    }
+    Ok(())
+}
+
+fn check_report_id(id: &str, host_id: &str) -> Result<(), Status> {
+    if id.len() > 512 || !id.starts_with(&format!("{host_id}:")) {
+        return Err(Status::invalid_argument(format!(
+            "report_id {id:?} must start with \"{host_id}:\" and be at most 512 bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn stored(e: String) -> Status {
+    tracing::error!(error = %e, "Store failed");
+    Status::unavailable(format!("the controller could not store the report: {e}"))
+}
+
+#[tonic::async_trait]
+impl patch_agent_wire::proto::Controller for ControllerService {
+    async fn hello(
+        &self,
+        req: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloResponse>, Status> {
+        authorize(&req, &req.get_ref().host_id)?;
+        check_labels(&req.get_ref().labels)?;
+        let h = req.into_inner();
+        tracing::info!(host = %h.host_id, version = %h.agent_version, labels = ?h.labels, "Agent hello");
+        let inventory_wanted = self.store.hello(h, now()).await.map_err(stored)?;
+        Ok(Response::new(pb::HelloResponse {
+            server_time: Some(SystemTime::now().into()),
+            inventory_wanted,
+        }))
+    }
+
+    async fn report_job(
+        &self,
+        req: Request<pb::JobReport>,
+    ) -> Result<Response<pb::ReportAck>, Status> {
+        let r = req.get_ref();
+        authorize(&req, &r.host_id)?;
+        check_labels(&r.labels)?;
+        check_report_id(&r.report_id, &r.host_id)?;
+        let Some(status) = &r.status else {
+            return Err(Status::invalid_argument("a job report needs a status"));
+        };
+        if !patch_agent_wire::ids::valid_job_id(&status.job_id) {
+            return Err(Status::invalid_argument(format!(
+                "job_id {:?} must be 1-128 characters of [A-Za-z0-9._-]",
+                status.job_id
+            )));
+        }
+        let r = req.into_inner();
+        let (host, job, state, is_final) = (
+            r.host_id.clone(),
+            r.status
+                .as_ref()
+                .map(|s| s.job_id.clone())
+                .unwrap_or_default(),
+            r.status.as_ref().map_or(0, |s| s.state),
+            r.r#final,
+        );
+        let duplicate = self.store.job_report(r, now()).await.map_err(stored)?;
+        tracing::info!(host = %host, job = %job, state = patch_agent_wire::convert::state_name(state), is_final, duplicate, "Job report");
+        Ok(Response::new(pb::ReportAck { duplicate }))
+    }
+
+    async fn report_inventory(
+        &self,
+        req: Request<pb::InventoryReport>,
+    ) -> Result<Response<pb::InventoryAck>, Status> {
+        let r = req.get_ref();
+        authorize(&req, &r.host_id)?;
+        check_labels(&r.labels)?;
+        check_report_id(&r.report_id, &r.host_id)?;
+        if r.checksum.len() != 64 || !r.checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(
+                "checksum must be the lowercase hex SHA-256 of the encoded inventory",
+            ));
+        }
+        if let Some(inv) = &r.inventory {
+            let bytes = prost::Message::encode_to_vec(inv);
+            let sum = patch_agent_wire::ids::to_hex(
+                ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref(),
+            );
+            if sum != r.checksum {
+                return Err(Status::invalid_argument(format!(
+                    "the inventory's SHA-256 is {sum}, not the checksum {}",
+                    r.checksum
+                )));
+            }
+        }
+        let r = req.into_inner();
+        let full = r.inventory.is_some();
+        let host = r.host_id.clone();
+        let known = self.store.inventory(r, now()).await.map_err(stored)?;
+        if full {
+            tracing::info!(host = %host, "Inventory stored");
+        }
+        Ok(Response::new(pb::InventoryAck {
+            need_full: !full && !known,
+        }))
+    }
+}
+
+/// `patchctl serve` settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on, e.g. 0.0.0.0:7000 (port 0 picks one; the address is printed).
+    #[arg(long)]
+    pub listen: String,
+    /// The SQLite database (created if missing).
+    #[arg(long)]
+    pub db: std::path::PathBuf,
+    /// CA certificate (PEM) that agent certificates must chain to.
+    #[arg(long)]
+    pub ca: std::path::PathBuf,
+    /// The controller's certificate (PEM).
+    #[arg(long)]
+    pub cert: std::path::PathBuf,
+    /// The controller's private key (PEM, 0600).
+    #[arg(long)]
+    pub key: std::path::PathBuf,
+    /// Connections served at once, counted from accept; over it a connection is closed.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Connections from one source address at once (NAT gateways may need more).
+    #[arg(long, default_value_t = 64)]
+    pub max_connections_per_ip: usize,
+    /// A TLS handshake not finished in this long is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: std::time::Duration,
+    /// A connection with no open stream for this long is closed.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// Largest request message, in bytes (a full inventory is the largest).
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE)]
+    pub max_message_size: usize,
+}
+
+/// Default largest request: 4 MiB holds the inventory of a host with tens of thousands of
+/// packages.
+pub const DEFAULT_MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// Concurrent streams per connection: an agent needs a few, an operator's rollout one per call.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// Runs the controller until SIGTERM or SIGINT.
+pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tokio::signal::unix::{SignalKind, signal};
+    let tls = patch_agent_service::tls::server_config(&patch_agent_service::tls::TlsSection {
+        ca: a.ca.clone(),
+        cert: a.cert.clone(),
+        key: a.key.clone(),
+    })
+    .map_err(|ps| {
+        anyhow::anyhow!(
+            "{}",
+            ps.into_iter()
+                .map(|(k, m)| format!("--{}: {m}", k.trim_start_matches("tls.")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    let store: Arc<dyn Store> =
+        Arc::new(store::SqliteStore::open_writer(&a.db).map_err(anyhow::Error::msg)?);
+    let listen: std::net::SocketAddr = a
+        .listen
+        .parse()
+        .with_context(|| format!("--listen {:?} is not ADDRESS:PORT", a.listen))?;
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = tcp.local_addr()?;
+    let (_tls_tx, tls_rx) = tokio::sync::watch::channel(tls);
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let incoming = patch_agent_service::listener::tls_incoming(
+        tcp,
+        patch_agent_service::listener::TlsAccept {
+            config: tls_rx,
+            // Agents and operators are authorized per RPC by their certificate's names.
+            policy: None,
+            handshake_timeout: a.handshake_timeout,
+            limits: patch_agent_service::listener::Limits::new(
+                a.max_connections,
+                a.max_connections_per_ip,
+                a.idle_timeout,
+            ),
+            shutdown: shutdown_rx.clone(),
+        },
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ControllerServer<ControllerService>>()
+        .await;
+    let service = ControllerServer::new(ControllerService::new(store))
+        .max_decoding_message_size(a.max_message_size);
+    // Reflection, so admins can use grpcurl without the .proto files.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(patch_agent_wire::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection().build_v1()?;
+    let v1alpha = reflection().build_v1alpha()?;
+    let mut stop = shutdown_rx.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .layer(patch_agent_service::listener::ActivityLayer)
+            .add_service(service)
+            .add_service(health_service)
+            .add_service(v1)
+            .add_service(v1alpha)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }),
+    );
+    println!(
+        "patchctl serve: listening on {addr} (mutual TLS), database {}",
+        a.db.display()
+    );
+    patch_agent_service::notify::Notifier::from_env()
+        .notify(&format!("READY=1\nSTATUS=Listening on {addr}"));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("Stopping");
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
+    Ok(())
+}

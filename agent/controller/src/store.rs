@@ -1,0 +1,790 @@
+//! Where the controller keeps what agents report.
+//!
+//! [`Store`] is the seam: [`SqliteStore`] is the embedded store (one file, WAL, one writer);
+//! a PostgreSQL store for fleets that outgrow one controller implements the same trait.
+//!
+//! The SQLite writer is one thread that owns the write connection. Requests queue to it; it
+//! takes everything queued (up to a batch), applies each in its own savepoint inside one
+//! transaction, commits once (`synchronous = FULL`: durable before anyone is told), and only
+//! then answers each caller. An agent removes a report from its outbox only after that answer,
+//! so a report is never lost between the two; and the report id is a primary key, so a report
+//! sent twice is stored once.
+
+use patch_agent_wire::proto::v1 as pb;
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use tokio::sync::oneshot;
+
+pub type Result<T> = std::result::Result<T, String>;
+
+/// One job on one host, as last reported.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct JobRow {
+    pub host_id: String,
+    pub job_id: String,
+    pub state: String,
+    /// The job ended: this is its result.
+    pub r#final: bool,
+    pub reason: String,
+    pub summary: String,
+    pub dry_run: bool,
+    pub key_id: String,
+    pub submitted_at: Option<i64>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub reboot_attempted: bool,
+    pub reboot_succeeded: bool,
+    pub packages: Vec<PackageRow>,
+    /// When the controller received the latest report of it.
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PackageRow {
+    pub name: String,
+    pub from_version: String,
+    pub to_version: String,
+    pub outcome: String,
+}
+
+/// A host as the controller knows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HostRow {
+    pub host_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    pub last_seen: i64,
+    pub has_inventory: bool,
+    /// Scan and repository errors in the host's last inventory.
+    pub scan_errors: i64,
+    /// When the scan behind the last inventory finished (or, without that, when it arrived).
+    pub scanned_at: Option<i64>,
+    pub reboot_required: bool,
+    pub dropped_progress: u64,
+    pub dropped_final: u64,
+}
+
+/// A pending update on a host. `since` starts its SLA clock: the advisory's issue date, or
+/// when it was first seen pending.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PendingRow {
+    pub host_id: String,
+    pub name: String,
+    pub sla_class: i32,
+    pub since: i64,
+}
+
+/// An update that was pending and no longer is.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ResolvedRow {
+    pub host_id: String,
+    pub name: String,
+    pub sla_class: i32,
+    pub since: i64,
+    pub resolved_at: i64,
+}
+
+/// What the compliance dashboard is computed from.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub hosts: Vec<HostRow>,
+    pub pending: Vec<PendingRow>,
+    pub resolved: Vec<ResolvedRow>,
+    pub jobs: Vec<JobRow>,
+}
+
+/// The controller's storage. Writes are durable when they return.
+#[tonic::async_trait]
+pub trait Store: Send + Sync {
+    /// Records a hello; true when the store has no inventory for the host.
+    async fn hello(&self, h: pb::HelloRequest, now: i64) -> Result<bool>;
+    /// Stores a job report; true when its id was stored before (nothing changed).
+    async fn job_report(&self, r: pb::JobReport, now: i64) -> Result<bool>;
+    /// Stores an inventory report. Without an inventory, true when the stored checksum is the
+    /// same (the host is marked seen); false means the full inventory is needed.
+    async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<bool>;
+    async fn history(&self, host: Option<String>, job: Option<String>) -> Result<Vec<JobRow>>;
+    async fn snapshot(&self) -> Result<Snapshot>;
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS hosts(
+  host_id TEXT PRIMARY KEY,
+  labels TEXT NOT NULL DEFAULT '{}',
+  agent_version TEXT NOT NULL DEFAULT '',
+  hello BLOB,
+  first_seen INTEGER NOT NULL,
+  last_seen INTEGER NOT NULL,
+  dropped_progress INTEGER NOT NULL DEFAULT 0,
+  dropped_final INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS reports(
+  report_id TEXT PRIMARY KEY,
+  host_id TEXT NOT NULL,
+  received_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs(
+  host_id TEXT NOT NULL,
+  job_id TEXT NOT NULL,
+  state TEXT NOT NULL,
+  final INTEGER NOT NULL,
+  reboot_attempted INTEGER NOT NULL,
+  reboot_succeeded INTEGER NOT NULL,
+  status BLOB NOT NULL,
+  updated_at INTEGER NOT NULL,
+  PRIMARY KEY(host_id, job_id));
+CREATE INDEX IF NOT EXISTS jobs_by_job ON jobs(job_id);
+CREATE TABLE IF NOT EXISTS inventories(
+  host_id TEXT PRIMARY KEY,
+  checksum TEXT NOT NULL,
+  data BLOB NOT NULL,
+  reboot_required INTEGER NOT NULL,
+  scanned_at INTEGER,
+  received_at INTEGER NOT NULL,
+  scan_errors INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS pending(
+  host_id TEXT NOT NULL,
+  name TEXT NOT NULL,
+  arch TEXT NOT NULL,
+  candidate TEXT NOT NULL,
+  sla_class INTEGER NOT NULL,
+  since INTEGER NOT NULL,
+  first_seen INTEGER NOT NULL,
+  PRIMARY KEY(host_id, name, arch));
+CREATE TABLE IF NOT EXISTS resolved(
+  host_id TEXT NOT NULL,
+  name TEXT NOT NULL,
+  arch TEXT NOT NULL,
+  candidate TEXT NOT NULL,
+  sla_class INTEGER NOT NULL,
+  since INTEGER NOT NULL,
+  resolved_at INTEGER NOT NULL);
+";
+
+fn open(path: &Path, write: bool) -> Result<Connection> {
+    let flags = if write {
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+    } else {
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+    } | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| {
+        format!(
+            "cannot open the database {}: {e}{}",
+            path.display(),
+            if write {
+                ""
+            } else {
+                " (is it a controller database made by `patchctl serve --db`?)"
+            }
+        )
+    })?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    if write {
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+            .and_then(|()| conn.execute_batch(SCHEMA))
+            .and_then(|()| add_missing_columns(&conn))
+            .map_err(|e| format!("cannot prepare the database {}: {e}", path.display()))?;
+    } else {
+        let ok: bool = conn
+            .query_row(
+                "SELECT count(*) = 6 FROM sqlite_master WHERE type = 'table' AND name IN ('hosts','reports','jobs','inventories','pending','resolved')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| format!("{} is not a controller database: {e}", path.display()))?;
+        if !ok {
+            return Err(format!(
+                "{} is not a controller database (made by `patchctl serve --db`)",
+                path.display()
+            ));
+        }
+    }
+    Ok(conn)
+}
+
+/// Columns added after a database may have been created: added in place, once.
+fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
+    let has: bool = c.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('inventories') WHERE name = 'scan_errors'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        c.execute_batch(
+            "ALTER TABLE inventories ADD COLUMN scan_errors INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
+}
+
+enum Op {
+    Hello(Box<pb::HelloRequest>, i64, oneshot::Sender<Result<bool>>),
+    Job(Box<pb::JobReport>, i64, oneshot::Sender<Result<bool>>),
+    Inventory(Box<pb::InventoryReport>, i64, oneshot::Sender<Result<bool>>),
+}
+
+/// The embedded store; see the module documentation.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Option<Mutex<mpsc::Sender<Op>>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+/// Most requests applied in one transaction.
+const BATCH: usize = 512;
+
+impl SqliteStore {
+    /// Opens (creating) the database for writing, with its writer thread.
+    pub fn open_writer(path: &Path) -> Result<Self> {
+        let conn = open(path, true)?;
+        let reader = open(path, false)?;
+        let (tx, rx) = mpsc::channel::<Op>();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(|e| format!("cannot start the database writer: {e}"))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer: Some(Mutex::new(tx)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    /// Opens an existing database read-only (`patchctl history`, `compliance`).
+    pub fn open_reader(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(format!(
+                "{} does not exist; pass the --db that `patchctl serve` writes",
+                path.display()
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer: None,
+            reader: Arc::new(Mutex::new(open(path, false)?)),
+        })
+    }
+
+    async fn send<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let writer = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| format!("{} is open read-only", self.path.display()))?;
+        writer
+            .lock()
+            .map_err(|_| "the database writer failed".to_string())?
+            .send(make(tx))
+            .map_err(|_| "the database writer stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the database writer stopped".to_string())?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader
+                .lock()
+                .map_err(|_| "the database reader failed".to_string())?;
+            f(&conn).map_err(|e| format!("database read failed: {e}"))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        {
+            Ok(tx) => tx,
+            Err(e) => {
+                let msg = format!("cannot start a transaction: {e}");
+                for op in batch {
+                    reply_err(op, &msg);
+                }
+                continue;
+            }
+        };
+        for op in batch {
+            let result = (|| {
+                let sp = tx.savepoint()?;
+                let r = match &op {
+                    Op::Hello(h, now, _) => apply_hello(&sp, h, *now),
+                    Op::Job(r, now, _) => apply_job(&sp, r, *now),
+                    Op::Inventory(r, now, _) => apply_inventory(&sp, r, *now),
+                }?;
+                sp.commit()?;
+                Ok::<bool, rusqlite::Error>(r)
+            })()
+            .map_err(|e| format!("database write failed: {e}"));
+            replies.push((op, result));
+        }
+        if let Err(e) = tx.commit() {
+            let msg = format!("database commit failed: {e}");
+            for (op, _) in replies {
+                reply_err(op, &msg);
+            }
+            continue;
+        }
+        for (op, result) in replies {
+            match op {
+                Op::Hello(_, _, r) | Op::Job(_, _, r) | Op::Inventory(_, _, r) => {
+                    let _ = r.send(result);
+                }
+            }
+        }
+    }
+}
+
+fn reply_err(op: Op, msg: &str) {
+    match op {
+        Op::Hello(_, _, r) | Op::Job(_, _, r) | Op::Inventory(_, _, r) => {
+            let _ = r.send(Err(msg.to_string()));
+        }
+    }
+}
+
+fn labels_json(labels: &HashMap<String, String>) -> String {
+    let sorted: BTreeMap<_, _> = labels.iter().collect();
+    serde_json::to_string(&sorted).unwrap_or_else(|_| "{}".into())
+}
+
+fn touch_host(
+    c: &Connection,
+    host_id: &str,
+    labels: &HashMap<String, String>,
+    outbox: Option<&pb::OutboxStats>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let (dp, df) = outbox.map_or((None, None), |o| {
+        (
+            Some(o.dropped_progress as i64),
+            Some(o.dropped_final as i64),
+        )
+    });
+    c.execute(
+        "INSERT INTO hosts(host_id, labels, first_seen, last_seen, dropped_progress, dropped_final)
+         VALUES(?1, ?2, ?3, ?3, coalesce(?4, 0), coalesce(?5, 0))
+         ON CONFLICT(host_id) DO UPDATE SET labels = excluded.labels, last_seen = ?3,
+           dropped_progress = coalesce(?4, dropped_progress), dropped_final = coalesce(?5, dropped_final)",
+        params![host_id, labels_json(labels), now, dp, df],
+    )?;
+    Ok(())
+}
+
+fn apply_hello(c: &Connection, h: &pb::HelloRequest, now: i64) -> rusqlite::Result<bool> {
+    touch_host(c, &h.host_id, &h.labels, h.outbox.as_ref(), now)?;
+    c.execute(
+        "UPDATE hosts SET agent_version = ?2, hello = ?3 WHERE host_id = ?1",
+        params![h.host_id, h.agent_version, h.encode_to_vec()],
+    )?;
+    let has: bool = c.query_row(
+        "SELECT count(*) > 0 FROM inventories WHERE host_id = ?1",
+        [&h.host_id],
+        |r| r.get(0),
+    )?;
+    Ok(!has)
+}
+
+fn apply_job(c: &Connection, r: &pb::JobReport, now: i64) -> rusqlite::Result<bool> {
+    let new = c.execute(
+        "INSERT OR IGNORE INTO reports(report_id, host_id, received_at) VALUES(?1, ?2, ?3)",
+        params![r.report_id, r.host_id, now],
+    )?;
+    if new == 0 {
+        return Ok(true);
+    }
+    touch_host(c, &r.host_id, &r.labels, r.outbox.as_ref(), now)?;
+    let Some(status) = &r.status else {
+        return Ok(false);
+    };
+    // A result is final: a late progress report (or a second result) never replaces it.
+    c.execute(
+        "INSERT INTO jobs(host_id, job_id, state, final, reboot_attempted, reboot_succeeded, status, updated_at)
+         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT(host_id, job_id) DO UPDATE SET state = excluded.state, final = excluded.final,
+           reboot_attempted = excluded.reboot_attempted, reboot_succeeded = excluded.reboot_succeeded,
+           status = excluded.status, updated_at = excluded.updated_at
+         WHERE jobs.final = 0",
+        params![
+            r.host_id,
+            status.job_id,
+            patch_agent_wire::convert::state_name(status.state),
+            r.r#final,
+            r.reboot_attempted,
+            r.reboot_succeeded,
+            status.encode_to_vec(),
+            now
+        ],
+    )?;
+    Ok(false)
+}
+
+/// A reported timestamp in unix seconds, clamped to 1970..=9999 so no later arithmetic on it
+/// can overflow, whatever an agent sent.
+fn secs(t: Option<&prost_types::Timestamp>) -> Option<i64> {
+    t.map(|t| {
+        t.seconds
+            .clamp(0, patch_agent_wire::time::MAX_TIMESTAMP_SECS)
+    })
+}
+
+fn apply_inventory(c: &Connection, r: &pb::InventoryReport, now: i64) -> rusqlite::Result<bool> {
+    touch_host(c, &r.host_id, &r.labels, r.outbox.as_ref(), now)?;
+    let Some(inv) = &r.inventory else {
+        let same = c.execute(
+            "UPDATE inventories SET scanned_at = ?3, received_at = ?4 WHERE host_id = ?1 AND checksum = ?2",
+            params![r.host_id, r.checksum, secs(r.scanned_at.as_ref()), now],
+        )?;
+        return Ok(same > 0);
+    };
+    let reboot = inv.reboot.as_ref().is_some_and(|b| b.required);
+    c.execute(
+        "INSERT INTO inventories(host_id, checksum, data, reboot_required, scanned_at, received_at, scan_errors)
+         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT(host_id) DO UPDATE SET checksum = excluded.checksum, data = excluded.data,
+           reboot_required = excluded.reboot_required, scanned_at = excluded.scanned_at,
+           received_at = excluded.received_at, scan_errors = excluded.scan_errors",
+        params![
+            r.host_id,
+            r.checksum,
+            inv.encode_to_vec(),
+            reboot,
+            secs(r.scanned_at.as_ref()),
+            now,
+            (inv.repo_errors.len() + inv.scan_errors.len()) as i64
+        ],
+    )?;
+    // Pending updates: keep the earliest first-seen time of each (name, arch); what is no
+    // longer pending was resolved now.
+    let mut old: HashMap<(String, String), (String, i32, i64, i64)> = HashMap::new();
+    {
+        let mut q = c.prepare(
+            "SELECT name, arch, candidate, sla_class, since, first_seen FROM pending WHERE host_id = ?1",
+        )?;
+        let rows = q.query_map([&r.host_id], |row| {
+            Ok((
+                (row.get::<_, String>(0)?, row.get::<_, String>(1)?),
+                (row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?),
+            ))
+        })?;
+        for row in rows {
+            let (k, v) = row?;
+            old.insert(k, v);
+        }
+    }
+    c.execute("DELETE FROM pending WHERE host_id = ?1", [&r.host_id])?;
+    let resolved_at = secs(r.scanned_at.as_ref()).unwrap_or(now);
+    {
+        let mut ins = c.prepare(
+            "INSERT OR REPLACE INTO pending(host_id, name, arch, candidate, sla_class, since, first_seen)
+             VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for u in &inv.updates {
+            let key = (u.name.clone(), u.architecture.clone());
+            let agent_seen = secs(u.first_seen.as_ref()).unwrap_or(now);
+            let first_seen = old
+                .remove(&key)
+                .map_or(agent_seen, |(_, _, _, f)| f.min(agent_seen));
+            let since = secs(u.issued.as_ref()).unwrap_or(first_seen);
+            ins.execute(params![
+                r.host_id,
+                u.name,
+                u.architecture,
+                u.candidate_version,
+                u.sla_class,
+                since,
+                first_seen
+            ])?;
+        }
+    }
+    let mut res = c.prepare(
+        "INSERT INTO resolved(host_id, name, arch, candidate, sla_class, since, resolved_at)
+         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for ((name, arch), (candidate, sla, since, _)) in old {
+        res.execute(params![
+            r.host_id,
+            name,
+            arch,
+            candidate,
+            sla,
+            since,
+            resolved_at
+        ])?;
+    }
+    Ok(true)
+}
+
+fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    let blob: Vec<u8> = row.get(6)?;
+    let s = pb::JobStatus::decode(blob.as_slice()).unwrap_or_default();
+    Ok(JobRow {
+        host_id: row.get(0)?,
+        job_id: row.get(1)?,
+        state: row.get(2)?,
+        r#final: row.get(3)?,
+        reboot_attempted: row.get(4)?,
+        reboot_succeeded: row.get(5)?,
+        updated_at: row.get(7)?,
+        reason: s.reason,
+        summary: s.summary,
+        dry_run: s.dry_run,
+        key_id: s.key_id,
+        submitted_at: secs(s.submitted_at.as_ref()),
+        started_at: secs(s.started_at.as_ref()),
+        finished_at: secs(s.finished_at.as_ref()),
+        packages: s
+            .packages
+            .into_iter()
+            .map(|p| PackageRow {
+                name: p.name,
+                from_version: p.from_version,
+                to_version: p.to_version,
+                outcome: p.outcome,
+            })
+            .collect(),
+    })
+}
+
+const JOB_COLUMNS: &str =
+    "host_id, job_id, state, final, reboot_attempted, reboot_succeeded, status, updated_at";
+
+#[tonic::async_trait]
+impl Store for SqliteStore {
+    async fn hello(&self, h: pb::HelloRequest, now: i64) -> Result<bool> {
+        self.send(|tx| Op::Hello(Box::new(h), now, tx)).await
+    }
+
+    async fn job_report(&self, r: pb::JobReport, now: i64) -> Result<bool> {
+        self.send(|tx| Op::Job(Box::new(r), now, tx)).await
+    }
+
+    async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<bool> {
+        self.send(|tx| Op::Inventory(Box::new(r), now, tx)).await
+    }
+
+    async fn history(&self, host: Option<String>, job: Option<String>) -> Result<Vec<JobRow>> {
+        self.read(move |c| {
+            let mut q = c.prepare(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR host_id = ?1)
+                 AND (?2 IS NULL OR job_id = ?2) ORDER BY updated_at, host_id, job_id"
+            ))?;
+            q.query_map(params![host, job], job_row)?.collect()
+        })
+        .await
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        self.read(|c| {
+            let hosts = c
+                .prepare(
+                    "SELECT h.host_id, h.labels, h.agent_version, h.last_seen, i.host_id IS NOT NULL,
+                       coalesce(i.reboot_required, 0), h.dropped_progress, h.dropped_final,
+                       coalesce(i.scan_errors, 0), coalesce(i.scanned_at, i.received_at)
+                     FROM hosts h LEFT JOIN inventories i ON i.host_id = h.host_id ORDER BY h.host_id",
+                )?
+                .query_map([], |row| {
+                    let labels: String = row.get(1)?;
+                    Ok(HostRow {
+                        host_id: row.get(0)?,
+                        labels: serde_json::from_str(&labels).unwrap_or_default(),
+                        agent_version: row.get(2)?,
+                        last_seen: row.get(3)?,
+                        has_inventory: row.get(4)?,
+                        reboot_required: row.get(5)?,
+                        dropped_progress: row.get::<_, i64>(6)? as u64,
+                        dropped_final: row.get::<_, i64>(7)? as u64,
+                        scan_errors: row.get(8)?,
+                        scanned_at: row.get(9)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let pending = c
+                .prepare("SELECT host_id, name, sla_class, since FROM pending ORDER BY host_id, name")?
+                .query_map([], |row| {
+                    Ok(PendingRow {
+                        host_id: row.get(0)?,
+                        name: row.get(1)?,
+                        sla_class: row.get(2)?,
+                        since: row.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let resolved = c
+                .prepare("SELECT host_id, name, sla_class, since, resolved_at FROM resolved")?
+                .query_map([], |row| {
+                    Ok(ResolvedRow {
+                        host_id: row.get(0)?,
+                        name: row.get(1)?,
+                        sla_class: row.get(2)?,
+                        since: row.get(3)?,
+                        resolved_at: row.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let jobs = c
+                .prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE final = 1"))?
+                .query_map([], job_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Snapshot {
+                hosts,
+                pending,
+                resolved,
+                jobs,
+            })
+        })
+        .await
+    }
+}
+
+/// The latest inventory of a host, if any (for `patchctl` views and tests).
+pub fn read_inventory(path: &Path, host_id: &str) -> Result<Option<pb::Inventory>> {
+    let c = open(path, false)?;
+    let blob: Option<Vec<u8>> = c
+        .query_row(
+            "SELECT data FROM inventories WHERE host_id = ?1",
+            [host_id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| e.to_string())?;
+    blob.map(|b| pb::Inventory::decode(b.as_slice()).map_err(|e| e.to_string()))
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(host: &str, job: &str, state: pb::JobState, n: &str) -> pb::JobReport {
+        pb::JobReport {
+            report_id: format!("{host}:{job}:{n}"),
+            host_id: host.into(),
+            status: Some(pb::JobStatus {
+                job_id: job.into(),
+                state: state as i32,
+                ..Default::default()
+            }),
+            r#final: n == "final",
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_stored_once_and_a_result_is_never_replaced() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = dir.path().join("c.db");
+        let s = SqliteStore::open_writer(&db).expect("open");
+        assert!(
+            !s.job_report(job("h1", "j", pb::JobState::Applying, "3"), 10)
+                .await
+                .expect("w")
+        );
+        assert!(
+            !s.job_report(job("h1", "j", pb::JobState::Succeeded, "final"), 11)
+                .await
+                .expect("w")
+        );
+        assert!(
+            s.job_report(job("h1", "j", pb::JobState::Succeeded, "final"), 12)
+                .await
+                .expect("w")
+        );
+        // A late progress report does not turn a result back into progress.
+        s.job_report(job("h1", "j", pb::JobState::Verifying, "9"), 13)
+            .await
+            .expect("w");
+        let rows = SqliteStore::open_reader(&db)
+            .expect("reader")
+            .history(None, None)
+            .await
+            .expect("history");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].state.as_str(), rows[0].r#final),
+            ("SUCCEEDED", true)
+        );
+    }
+
+    #[tokio::test]
+    async fn inventory_checksums_and_resolved_updates() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = dir.path().join("c.db");
+        let s = SqliteStore::open_writer(&db).expect("open");
+        let upd = |name: &str| pb::Update {
+            name: name.into(),
+            sla_class: pb::SlaClass::High as i32,
+            first_seen: Some(prost_types::Timestamp {
+                seconds: 100,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let report = |sum: &str, inv: Option<pb::Inventory>, at: i64| pb::InventoryReport {
+            host_id: "h1".into(),
+            checksum: sum.into(),
+            inventory: inv,
+            scanned_at: Some(prost_types::Timestamp {
+                seconds: at,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        assert!(!s.inventory(report("a", None, 150), 150).await.expect("w"));
+        let inv = pb::Inventory {
+            updates: vec![upd("x"), upd("y")],
+            ..Default::default()
+        };
+        assert!(
+            s.inventory(report("a", Some(inv), 150), 150)
+                .await
+                .expect("w")
+        );
+        assert!(s.inventory(report("a", None, 160), 160).await.expect("w"));
+        let inv = pb::Inventory {
+            updates: vec![upd("y")],
+            ..Default::default()
+        };
+        s.inventory(report("b", Some(inv), 400), 400)
+            .await
+            .expect("w");
+        let snap = SqliteStore::open_reader(&db)
+            .expect("reader")
+            .snapshot()
+            .await
+            .expect("snap");
+        assert_eq!(snap.pending.len(), 1);
+        assert_eq!(snap.pending[0].name, "y");
+        assert_eq!(snap.pending[0].since, 100);
+        assert_eq!(snap.resolved.len(), 1);
+        assert_eq!(
+            (snap.resolved[0].name.as_str(), snap.resolved[0].resolved_at),
+            ("x", 400)
+        );
+    }
+
+    #[test]
+    fn reader_refuses_what_is_not_a_controller_database() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let missing = SqliteStore::open_reader(&dir.path().join("nope.db"));
+        assert!(missing.err().is_some_and(|e| e.contains("does not exist")));
+        let other = dir.path().join("other.db");
+        std::fs::write(&other, b"hello").expect("write");
+        assert!(SqliteStore::open_reader(&other).is_err());
+    }
+}

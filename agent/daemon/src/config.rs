@@ -1,0 +1,821 @@
+//! The agent's configuration file (TOML).
+//!
+//! Every key is documented here and, with its default, in `packaging/agent.toml`. Unknown keys
+//! are errors. [`load`] reports every problem it can find at once, each naming the file, the key
+//! and what to do, so `patch-agent check-config` is useful in one run.
+
+pub use patch_agent_service::auth::AuthSection;
+pub use patch_agent_service::telemetry::LogFormat;
+pub use patch_agent_service::tls::TlsSection;
+pub use patch_agent_wire::ids::check_host_id;
+use patch_agent_wire::ids::{check_label, host_part, is_host_port};
+use serde::{Deserialize, Deserializer};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where `patch-agent run` looks for its configuration unless `--config` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/patch-agent/agent.toml";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub agent: AgentSection,
+    pub server: ServerSection,
+    pub tls: TlsSection,
+    pub auth: AuthSection,
+    pub log: LogSection,
+    pub packages: PackagesSection,
+    pub jobs: JobsSection,
+    pub report: ReportSection,
+}
+
+/// `[agent]`: who this host is and where the agent keeps its state.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// The id jobs are addressed to. Default: empty, meaning the host's FQDN, else its hostname.
+    pub host_id: String,
+    /// Directory for the agent's durable state, created 0700. Default: `/var/lib/patch-agent`.
+    pub state_dir: PathBuf,
+    /// Where the current boot id is read (it changes at every boot; reboots are confirmed by
+    /// it). Default: `/proc/sys/kernel/random/boot_id`.
+    pub boot_id_path: PathBuf,
+    /// Labels that travel with every report to the controller, e.g.
+    /// `labels = { environment = "production", team = "web" }`. Keys: 1-63 of `[a-z0-9_.-]`;
+    /// values: up to 256 printable characters. Default: none.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            host_id: String::new(),
+            state_dir: PathBuf::from("/var/lib/patch-agent"),
+            boot_id_path: PathBuf::from("/proc/sys/kernel/random/boot_id"),
+            labels: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// `[server]`: where the agent listens.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// TCP address for gRPC over mutual TLS. Port 0 picks a free port (tests). Default:
+    /// `0.0.0.0:7443`.
+    pub listen: String,
+    /// Optional Unix socket without TLS for admins on the host, created 0600. uid 0 peers get the
+    /// controller role, other peers the viewer role. Default: unset (no local socket).
+    pub local_socket: Option<PathBuf>,
+    /// How long a TLS handshake may take before the connection is dropped. Default: `10s`.
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// On SIGTERM, how long health reports NOT_SERVING before the listeners close, so load
+    /// balancers and watchers notice. Default: `1s`.
+    #[serde(deserialize_with = "duration")]
+    pub drain_grace: Duration,
+    /// On SIGTERM, how long in-flight calls may take to finish after the listeners close.
+    /// Default: `10s`.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    /// Most TCP connections served at once, counted from accept (before the handshake). When
+    /// all are taken, the oldest connection still in its TLS handshake gives up its slot to the
+    /// newcomer; with none in a handshake, the newcomer is closed at once. Default: `1024`.
+    pub max_connections: usize,
+    /// Most TCP connections from one source address at once; over it, a new connection is
+    /// closed at once, so one client cannot take every slot. Default: `64`.
+    pub max_connections_per_ip: usize,
+    /// A connection (TCP or local) with no open stream for this long is closed. Default: `5m`.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Most local-socket connections at once; a connection over it is closed at once.
+    /// Default: `64`.
+    pub max_local_connections: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:7443".into(),
+            local_socket: None,
+            handshake_timeout: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            max_connections_per_ip: 64,
+            idle_timeout: Duration::from_secs(300),
+            max_local_connections: 64,
+        }
+    }
+}
+
+/// `[packages]`: which package manager, how often to scan, and where its database lives.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PackagesSection {
+    /// `auto` (from os-release ID/ID_LIKE, then the binaries present), `apt`, `dnf` or `yum`.
+    /// Default: `auto`.
+    pub manager: ManagerChoice,
+    /// Scan installed packages, pending updates and reboot state this often (plus up to 10 %
+    /// random jitter). Default: `1h`.
+    #[serde(deserialize_with = "duration")]
+    pub scan_interval: Duration,
+    /// Scan once at start. Default: `true`.
+    pub scan_on_start: bool,
+    /// Refresh repository metadata (apt-get update, dnf makecache) when it is older than this;
+    /// never more often unless a caller asks. Default: `6h`.
+    #[serde(deserialize_with = "duration")]
+    pub refresh_interval: Duration,
+    /// Wait this long for a held dpkg/rpm lock, then fail naming the holder. Default: `5m`.
+    #[serde(deserialize_with = "duration")]
+    pub lock_timeout: Duration,
+    /// Deadline for one scan command (simulation, check-update, rpm -qa). Default: `10m`.
+    #[serde(deserialize_with = "duration")]
+    pub command_timeout: Duration,
+    /// Deadline for a metadata refresh. Default: `15m`.
+    #[serde(deserialize_with = "duration")]
+    pub refresh_timeout: Duration,
+    /// apt: `dist-upgrade` or `upgrade` defines what is pending. Default: `dist-upgrade`.
+    pub apt_upgrade: crate::pkg::apt::UpgradeMode,
+    /// apt: exported as APT_CONFIG for every apt command (point apt at another root).
+    /// Default: unset.
+    pub apt_config: Option<PathBuf>,
+    /// apt: extra `-o` options for every apt command, e.g. `["Acquire::Retries=3"]`.
+    /// Default: none.
+    pub apt_options: Vec<String>,
+    /// dpkg's status database, read directly for the inventory. Its directory holds the dpkg
+    /// locks. Default: `/var/lib/dpkg/status`.
+    pub dpkg_status: PathBuf,
+    /// Debian family reboot flag; `.pkgs` beside it names the packages. Default:
+    /// `/var/run/reboot-required`.
+    pub reboot_required_file: PathBuf,
+    /// dnf/yum: extra arguments for every command, e.g. `["--installroot=/srv/root",
+    /// "--setopt=reposdir=/srv/repos"]`. Default: none.
+    pub dnf_args: Vec<String>,
+    /// rpm: `--root` for inventory and reboot checks. Default: unset (the host).
+    pub rpm_root: Option<PathBuf>,
+    /// dpkg: extra arguments when the agent runs dpkg itself (`--audit`, `--configure -a`),
+    /// e.g. `["--root=/srv/root"]`; `--admindir` comes from `dpkg_status`. Default: none.
+    pub dpkg_args: Vec<String>,
+    /// Deadline for one package operation of a job. Default: `30m`.
+    #[serde(deserialize_with = "duration")]
+    pub apply_timeout: Duration,
+}
+
+impl Default for PackagesSection {
+    fn default() -> Self {
+        Self {
+            manager: ManagerChoice::Auto,
+            scan_interval: Duration::from_secs(3600),
+            scan_on_start: true,
+            refresh_interval: Duration::from_secs(6 * 3600),
+            lock_timeout: Duration::from_secs(300),
+            command_timeout: Duration::from_secs(600),
+            refresh_timeout: Duration::from_secs(900),
+            apt_upgrade: crate::pkg::apt::UpgradeMode::DistUpgrade,
+            apt_config: None,
+            apt_options: Vec::new(),
+            dpkg_status: PathBuf::from("/var/lib/dpkg/status"),
+            reboot_required_file: PathBuf::from("/var/run/reboot-required"),
+            dnf_args: Vec::new(),
+            rpm_root: None,
+            dpkg_args: Vec::new(),
+            apply_timeout: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// `[jobs]`: who may sign jobs, and the limits every job lives within.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsSection {
+    /// Ed25519 public keys (PEM SubjectPublicKeyInfo, `*.pem` or `*.pub`) whose signatures are
+    /// trusted. SIGHUP reloads it. Default: `/etc/patch-agent/trusted-keys`.
+    pub trusted_keys_dir: PathBuf,
+    /// Longest allowed time between a job's start of validity and its expiry. Default: `24h`.
+    #[serde(deserialize_with = "duration")]
+    pub max_job_lifetime: Duration,
+    /// Allowance for clocks that disagree, on not_before and expires_at. Default: `5m`.
+    #[serde(deserialize_with = "duration")]
+    pub clock_skew: Duration,
+    /// Default and upper bound of a job's max_duration. Default: `2h`.
+    #[serde(deserialize_with = "duration")]
+    pub max_job_duration: Duration,
+    /// Jobs waiting to run; a submission beyond this is refused (RESOURCE_EXHAUSTED).
+    /// Default: `16`.
+    pub queue_size: usize,
+    /// Finished jobs stay in the journal at least this long, and always until they expire (so
+    /// a replay is recognised). Default: `7d`.
+    #[serde(deserialize_with = "duration")]
+    pub history_retention: Duration,
+    /// Refuse to apply when any of `free_space_paths` has less free space than this (MiB).
+    /// Default: `500`.
+    pub min_free_mib: u64,
+    /// File systems checked before applying; missing paths are skipped. Default:
+    /// `["/", "/var", "/boot"]`.
+    pub free_space_paths: Vec<PathBuf>,
+    /// Where hooks named by jobs live: root-owned executables, not group/world-writable.
+    /// Default: `/etc/patch-agent/hooks.d`.
+    pub hooks_dir: PathBuf,
+    /// Deadline for one hook; its process group is killed after. Default: `5m`.
+    #[serde(deserialize_with = "duration")]
+    pub hook_timeout: Duration,
+    /// Post-patch checks: how long each may keep failing before the job fails. Default: `2m`.
+    #[serde(deserialize_with = "duration")]
+    pub check_timeout: Duration,
+    /// Post-patch checks: the pause between attempts. Default: `2s`.
+    #[serde(deserialize_with = "duration")]
+    pub check_interval: Duration,
+    /// The command that reboots the host (argv, no shell). Default: `["systemctl", "reboot"]`.
+    pub reboot_command: Vec<String>,
+    /// After the reboot command, how long until a job whose boot id has not changed fails with
+    /// "reboot did not happen". Default: `10m`.
+    #[serde(deserialize_with = "duration")]
+    pub reboot_grace: Duration,
+}
+
+impl Default for JobsSection {
+    fn default() -> Self {
+        Self {
+            trusted_keys_dir: PathBuf::from("/etc/patch-agent/trusted-keys"),
+            max_job_lifetime: Duration::from_secs(24 * 3600),
+            clock_skew: Duration::from_secs(300),
+            max_job_duration: Duration::from_secs(2 * 3600),
+            queue_size: 16,
+            history_retention: Duration::from_secs(7 * 24 * 3600),
+            min_free_mib: 500,
+            free_space_paths: vec!["/".into(), "/var".into(), "/boot".into()],
+            hooks_dir: PathBuf::from("/etc/patch-agent/hooks.d"),
+            hook_timeout: Duration::from_secs(300),
+            check_timeout: Duration::from_secs(120),
+            check_interval: Duration::from_secs(2),
+            reboot_command: vec!["systemctl".into(), "reboot".into()],
+            reboot_grace: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[report]`: where the agent reports job results and inventory. Unset `controller` means no
+/// reporting. Reports wait in a durable outbox in `state_dir` until the controller has them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportSection {
+    /// The controller, `HOST:PORT`, reached over mutual TLS with the `[tls]` certificate and key.
+    /// Default: unset (reports are not sent).
+    pub controller: String,
+    /// The name to verify in the controller's certificate. Default: the host part of
+    /// `controller`.
+    pub server_name: String,
+    /// The CA the controller's certificate must chain to. Default: `[tls] ca`.
+    pub ca: Option<PathBuf>,
+    /// Reports kept while the controller cannot be reached. When full, intermediate progress
+    /// is dropped first, then the oldest results; drops are counted and reported. Default:
+    /// `1000`.
+    pub outbox_size: usize,
+    /// First pause after a failed send; it doubles (with jitter) up to `retry_max`.
+    /// Default: `1s`.
+    #[serde(deserialize_with = "duration")]
+    pub retry_initial: Duration,
+    /// Longest pause between attempts. Default: `5m`.
+    #[serde(deserialize_with = "duration")]
+    pub retry_max: Duration,
+    /// Deadline for one call to the controller. Default: `15s`.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for ReportSection {
+    fn default() -> Self {
+        Self {
+            controller: String::new(),
+            server_name: String::new(),
+            ca: None,
+            outbox_size: 1000,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl ReportSection {
+    /// The name to verify in the controller's certificate.
+    pub fn server_name(&self) -> &str {
+        if !self.server_name.is_empty() {
+            return &self.server_name;
+        }
+        host_part(&self.controller).unwrap_or_default()
+    }
+}
+
+/// `[packages] manager`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ManagerChoice {
+    #[default]
+    Auto,
+    Apt,
+    Dnf,
+    Yum,
+}
+
+/// `[log]`: how the agent logs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `plain` (lines suited to journald) or `json`. `--log-format` overrides. Default: `plain`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `patch_agent=debug,info`. `RUST_LOG` overrides.
+    /// Default: `info`.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Plain,
+            level: "info".into(),
+        }
+    }
+}
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// Dotted key (`tls.key`), or empty when the problem is with the file as a whole.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The TCP listen address, already validated by [`load`].
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.server.listen.parse().map_err(|e| {
+            format!(
+                "`{}` is not an address:port ({e}); use e.g. \"0.0.0.0:7443\" or \"[::]:7443\"",
+                self.server.listen
+            )
+        })
+    }
+}
+
+/// Reads, parses and checks the configuration at `path`, returning every problem found.
+/// Checks only the file itself; certificate files are checked by [`patch_agent_service::tls`].
+pub fn load(path: &Path) -> Result<Config, Problems> {
+    let problem = |key: &str, message: String| Problem {
+        file: path.to_path_buf(),
+        key: key.to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![problem(
+            "",
+            format!("cannot read the configuration ({e}); pass --config FILE or create it (packaging/agent.toml documents every key)"),
+        )])
+    })?;
+    let (config, mut problems) = parse(&text);
+    let Some(config) = config else {
+        return Err(Problems(
+            problems.into_iter().map(|(k, m)| problem(&k, m)).collect(),
+        ));
+    };
+    problems.extend(validate(&config));
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(Problems(
+            problems.into_iter().map(|(k, m)| problem(&k, m)).collect(),
+        ))
+    }
+}
+
+/// Parses TOML text into a [`Config`], collecting every structural problem (syntax, unknown keys,
+/// wrong types) as `(key, message)`. Returns `None` only when the text is not TOML at all.
+pub fn parse(text: &str) -> (Option<Config>, Vec<(String, String)>) {
+    let mut table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = e.to_string().trim_end().replace('\n', " | ");
+            return (
+                None,
+                vec![(String::new(), format!("not valid TOML: {msg}"))],
+            );
+        }
+    };
+    let mut problems = Vec::new();
+    // A bad key is reported, removed, and parsing resumes, so all bad keys are found in one run.
+    // Each round removes one key, so this terminates; the bound guards against surprises.
+    for _ in 0..256 {
+        let value = toml::Value::Table(table.clone());
+        match serde_path_to_error::deserialize::<_, Config>(value) {
+            Ok(config) => return (Some(config), problems),
+            Err(err) => {
+                let mut path: Vec<String> = err
+                    .path()
+                    .iter()
+                    .filter_map(|seg| match seg {
+                        serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                        serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                        _ => None,
+                    })
+                    .collect();
+                let inner = err.inner().to_string();
+                let message = if let Some(name) = unknown_field(&inner) {
+                    if path.last().map(String::as_str) != Some(name) {
+                        path.push(name.to_string());
+                    }
+                    match inner.split_once(", expected ") {
+                        Some((_, expected)) => format!("unknown key; expected {expected}"),
+                        None => "unknown key".to_string(),
+                    }
+                } else {
+                    inner.clone()
+                };
+                let key = path.join(".");
+                problems.push((key, message));
+                if !remove_path(&mut table, &path) {
+                    return (None, problems);
+                }
+            }
+        }
+    }
+    (None, problems)
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split_once('`').map(|(name, _)| name)
+}
+
+fn remove_path(table: &mut toml::Table, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => table.remove(last).is_some(),
+        [first, rest @ ..] => match table.get_mut(first) {
+            Some(toml::Value::Table(inner)) => remove_path(inner, rest),
+            Some(toml::Value::Array(items)) => {
+                // An element of an array: drop the whole array, reported once.
+                let _ = items;
+                table.remove(first).is_some()
+            }
+            _ => false,
+        },
+    }
+}
+
+/// Semantic checks on a structurally valid configuration; returns `(key, message)` pairs.
+pub fn validate(config: &Config) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut bad = |key: &str, msg: String| out.push((key.to_string(), msg));
+
+    if let Err(e) = config.listen_addr() {
+        bad("server.listen", e);
+    }
+    if let Some(sock) = &config.server.local_socket
+        && !sock.is_absolute()
+    {
+        bad(
+            "server.local_socket",
+            format!("`{}` must be an absolute path", sock.display()),
+        );
+    }
+    if config.server.handshake_timeout.is_zero() {
+        bad("server.handshake_timeout", "must be greater than 0".into());
+    }
+    if config.server.idle_timeout.is_zero() {
+        bad("server.idle_timeout", "must be greater than 0".into());
+    }
+    if config.server.max_connections_per_ip == 0 {
+        bad("server.max_connections_per_ip", "must be at least 1".into());
+    }
+    if config.server.max_local_connections == 0 {
+        bad("server.max_local_connections", "must be at least 1".into());
+    }
+    if config.server.max_connections == 0 {
+        bad("server.max_connections", "must be at least 1".into());
+    }
+    if !config.agent.state_dir.is_absolute() {
+        bad(
+            "agent.state_dir",
+            format!(
+                "`{}` must be an absolute path",
+                config.agent.state_dir.display()
+            ),
+        );
+    }
+    if !config.agent.host_id.is_empty()
+        && let Err(e) = check_host_id(&config.agent.host_id)
+    {
+        bad("agent.host_id", e);
+    }
+    for (key, path) in [
+        ("tls.ca", &config.tls.ca),
+        ("tls.cert", &config.tls.cert),
+        ("tls.key", &config.tls.key),
+    ] {
+        if path.as_os_str().is_empty() {
+            bad(key, "must name a PEM file".into());
+        }
+    }
+    for (key, list) in [
+        ("auth.controllers", &config.auth.controllers),
+        ("auth.viewers", &config.auth.viewers),
+    ] {
+        for (i, id) in list.iter().enumerate() {
+            if id.is_empty()
+                || id.len() > 1024
+                || id.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                bad(
+                    &format!("{key}.{i}"),
+                    format!(
+                        "{id:?} is not an identity: use a certificate's SAN DNS name or URI, without spaces"
+                    ),
+                );
+            }
+        }
+    }
+    for id in &config.auth.controllers {
+        if config.auth.viewers.contains(id) {
+            bad(
+                "auth.viewers",
+                format!("{id:?} is listed as both controller and viewer; keep it in one list"),
+            );
+        }
+    }
+    let p = &config.packages;
+    for (key, d) in [
+        ("packages.scan_interval", p.scan_interval),
+        ("packages.refresh_interval", p.refresh_interval),
+        ("packages.command_timeout", p.command_timeout),
+        ("packages.refresh_timeout", p.refresh_timeout),
+    ] {
+        if d < Duration::from_secs(1) {
+            bad(key, "must be at least 1s".into());
+        }
+    }
+    for (key, path) in [
+        ("packages.dpkg_status", Some(&p.dpkg_status)),
+        (
+            "packages.reboot_required_file",
+            Some(&p.reboot_required_file),
+        ),
+        ("packages.apt_config", p.apt_config.as_ref()),
+        ("packages.rpm_root", p.rpm_root.as_ref()),
+    ] {
+        if let Some(path) = path
+            && !path.is_absolute()
+        {
+            bad(
+                key,
+                format!("`{}` must be an absolute path", path.display()),
+            );
+        }
+    }
+    for (key, list) in [
+        ("packages.apt_options", &p.apt_options),
+        ("packages.dnf_args", &p.dnf_args),
+    ] {
+        for (i, o) in list.iter().enumerate() {
+            if o.is_empty() || o.contains(['\n', '\0']) {
+                bad(
+                    &format!("{key}.{i}"),
+                    format!("{o:?} is not a usable option"),
+                );
+            }
+        }
+    }
+    for (k, v) in &config.agent.labels {
+        if let Err(e) = check_label(k, v) {
+            bad(&format!("agent.labels.{k}"), e);
+        }
+    }
+    let r = &config.report;
+    if !r.controller.is_empty() {
+        if !is_host_port(&r.controller) {
+            bad(
+                "report.controller",
+                format!(
+                    "`{}` is not HOST:PORT; use e.g. \"controller.example:7000\"",
+                    r.controller
+                ),
+            );
+        }
+    } else if !r.server_name.is_empty() || r.ca.is_some() {
+        bad(
+            "report.controller",
+            "server_name and ca are set but controller is not; set controller = \"HOST:PORT\""
+                .into(),
+        );
+    }
+    if r.outbox_size < 2 {
+        bad("report.outbox_size", "must be at least 2".into());
+    }
+    if r.retry_initial.is_zero() || r.retry_max < r.retry_initial {
+        bad(
+            "report.retry_initial",
+            "must be greater than 0 and at most report.retry_max".into(),
+        );
+    }
+    if r.timeout.is_zero() {
+        bad("report.timeout", "must be greater than 0".into());
+    }
+    let j = &config.jobs;
+    if !j.trusted_keys_dir.is_absolute() {
+        bad(
+            "jobs.trusted_keys_dir",
+            format!(
+                "`{}` must be an absolute path",
+                j.trusted_keys_dir.display()
+            ),
+        );
+    }
+    if j.reboot_command.is_empty() || j.reboot_command[0].is_empty() {
+        bad(
+            "jobs.reboot_command",
+            "must name a program, e.g. [\"systemctl\", \"reboot\"]".into(),
+        );
+    }
+    if j.queue_size == 0 {
+        bad("jobs.queue_size", "must be at least 1".into());
+    }
+    if j.max_job_lifetime.is_zero() || j.max_job_duration.is_zero() {
+        bad(
+            "jobs.max_job_lifetime",
+            "max_job_lifetime and max_job_duration must be greater than 0".into(),
+        );
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        bad(
+            "log.level",
+            format!(
+                "`{}` is not a log filter ({e}); use e.g. \"info\" or \"patch_agent=debug,info\"",
+                config.log.level
+            ),
+        );
+    }
+    out
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{s}` is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"5m\" or \"6h\""
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let (c, p) = parse("");
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(c, Some(Config::default()));
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_at_once() {
+        let (c, p) = parse(
+            "bogus = 1\n[server]\nlisten = \"127.0.0.1:1\"\nlistne = \"x\"\n[tls]\ncert = \"/a\"\nkye = \"/b\"\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["bogus", "server.listne", "tls.kye"], "{p:?}");
+        assert!(p[1].1.contains("listen"), "suggests valid keys: {}", p[1].1);
+        let c = c.expect("rest still parses");
+        assert_eq!(c.server.listen, "127.0.0.1:1");
+        assert_eq!(c.tls.cert, PathBuf::from("/a"));
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let (_, p) = parse("[server]\ndrain_timeout = \"soon\"\nmax_connections = \"many\"\n");
+        let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["server.drain_timeout", "server.max_connections"],
+            "{p:?}"
+        );
+        assert!(p[0].1.contains("not a duration"), "{}", p[0].1);
+    }
+
+    #[test]
+    fn syntax_error_is_one_problem() {
+        let (c, p) = parse("[server\nlisten=");
+        assert!(c.is_none());
+        assert_eq!(p.len(), 1);
+        assert!(p[0].1.starts_with("not valid TOML"), "{}", p[0].1);
+    }
+
+    #[test]
+    fn semantic_problems() {
+        let mut c = Config::default();
+        c.server.listen = "localhost".into();
+        c.agent.state_dir = "relative".into();
+        c.agent.host_id = "bad host".into();
+        c.auth.controllers = vec!["ops".into(), "".into()];
+        c.auth.viewers = vec!["ops".into()];
+        let keys: Vec<String> = validate(&c).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.listen",
+                "agent.state_dir",
+                "agent.host_id",
+                "auth.controllers.1",
+                "auth.viewers"
+            ]
+        );
+    }
+
+    #[test]
+    fn packaged_config_is_valid() {
+        let text = include_str!("../../../packaging/agent.toml");
+        let (c, p) = parse(text);
+        assert!(p.is_empty(), "{p:?}");
+        let c = c.expect("parses");
+        assert!(validate(&c).is_empty());
+        // The packaged file shows the defaults, and turns the local socket on.
+        let mut expected = Config::default();
+        expected.server.local_socket = Some("/run/patch-agent/agent.sock".into());
+        assert_eq!(c, expected);
+    }
+
+    #[test]
+    fn report_and_labels_are_checked() {
+        let text = "[agent]\nlabels = { Environment = \"x\", ok = \"a\\u0007b\" }\n\
+                    [report]\ncontroller = \"nohost\"\noutbox_size = 1\nretry_initial = \"10m\"\n";
+        let (c, p) = parse(text);
+        assert!(p.is_empty(), "{p:?}");
+        let keys: Vec<String> = validate(&c.expect("parses"))
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        for k in [
+            "agent.labels.Environment",
+            "agent.labels.ok",
+            "report.controller",
+            "report.outbox_size",
+            "report.retry_initial",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} not in {keys:?}");
+        }
+        let (c, _) = parse("[report]\nserver_name = \"ctl\"\n");
+        assert!(
+            validate(&c.expect("parses"))
+                .iter()
+                .any(|(k, m)| k == "report.controller" && m.contains("HOST:PORT"))
+        );
+        let r = ReportSection {
+            controller: "[::1]:7000".into(),
+            ..ReportSection::default()
+        };
+        assert_eq!(r.server_name(), "::1");
+    }
+
+    #[test]
+    fn parse_never_panics_on_junk() {
+        for text in [
+            "\u{0}",
+            "[[agent]]",
+            "agent = 3",
+            "[auth]\ncontrollers = [1, {a=1}]",
+            "[server]\nlisten = []",
+        ] {
+            let _ = parse(text);
+        }
+    }
+}

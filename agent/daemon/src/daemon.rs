@@ -1,0 +1,463 @@
+//! `patch-agent run`: wires configuration, TLS, listeners and services together, and handles the
+//! process lifecycle: READY once listeners are up, SIGHUP reloads, SIGTERM drains and exits 0.
+
+use crate::config::{self, Config, LogFormat};
+use crate::host::{HostFacts, Sources};
+use crate::jobs::engine::Engine;
+use crate::report::{self, outbox::Outbox};
+use crate::server::{self, AgentService, Health};
+use patch_agent_service::auth::{AuthLayer, Policy};
+use patch_agent_service::listener::{self, TlsAccept};
+use patch_agent_service::notify::{self, Notifier};
+use patch_agent_service::telemetry::{self, FilterHandle};
+use patch_agent_service::tls;
+use patch_agent_wire::job::trust::TrustStore;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+/// Exit codes shared by the binaries.
+pub mod exit {
+    /// A configuration or TLS file is wrong; fix it and start again.
+    pub const CONFIG: i32 = 2;
+    /// The agent could not start or failed while running.
+    pub const RUNTIME: i32 = 1;
+}
+
+/// Everything `check` loads.
+pub struct Checked {
+    pub config: Config,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub trust: TrustStore,
+}
+
+/// Loads the configuration, TLS material and trust store, returning every problem as
+/// printable lines.
+pub fn check(path: &Path) -> Result<Checked, Vec<String>> {
+    let config =
+        config::load(path).map_err(|p| p.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let problem = |key: &str, message: String| {
+        config::Problem {
+            file: path.to_path_buf(),
+            key: key.to_string(),
+            message,
+        }
+        .to_string()
+    };
+    let mut problems = Vec::new();
+    // Whoever can write these can make the agent run code as root.
+    let trusted = [
+        patch_agent_service::trusted_files::check("config", path).err(),
+        patch_agent_service::trusted_files::check("agent.state_dir", &config.agent.state_dir).err(),
+        patch_agent_service::trusted_files::check("jobs.hooks_dir", &config.jobs.hooks_dir).err(),
+    ];
+    problems.extend(trusted.into_iter().flatten());
+    problems.extend(patch_agent_service::trusted_files::check_dir_and_files(
+        "jobs.trusted_keys_dir",
+        &config.jobs.trusted_keys_dir,
+        Some("pem"),
+    ));
+    let tls = tls::server_config(&config.tls)
+        .map_err(|ps| problems.extend(ps.into_iter().map(|(key, msg)| problem(&key, msg))))
+        .ok();
+    let trust = TrustStore::load(&config.jobs.trusted_keys_dir)
+        .map_err(|ps| {
+            problems.extend(ps.into_iter().map(|m| problem("jobs.trusted_keys_dir", m)));
+        })
+        .ok();
+    match (tls, trust) {
+        (Some(tls), Some(trust)) if problems.is_empty() => Ok(Checked { config, tls, trust }),
+        _ => Err(problems),
+    }
+}
+
+/// What is allowed but probably not meant: printed by `check-config`, logged at start.
+pub fn warnings(c: &Checked) -> Vec<String> {
+    let mut out = Vec::new();
+    if c.trust.is_empty() {
+        out.push(format!(
+            "jobs.trusted_keys_dir {} holds no key (*.pem): every job will be refused until one is added",
+            c.config.jobs.trusted_keys_dir.display()
+        ));
+    }
+    if c.config.auth.controllers.is_empty() && c.config.auth.viewers.is_empty() {
+        out.push(
+            "auth: no controllers or viewers: only root on the local socket can call the agent"
+                .into(),
+        );
+    }
+    out
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Returns the process exit code.
+pub fn run(config_path: PathBuf, log_format: Option<LogFormat>) -> i32 {
+    let started = Instant::now();
+    tls::install_default_provider();
+    let checked = match check(&config_path) {
+        Ok(ok) => ok,
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("patch-agent: {p}");
+            }
+            eprintln!(
+                "patch-agent: refusing to start: {} problem(s) in the configuration",
+                problems.len()
+            );
+            return exit::CONFIG;
+        }
+    };
+    let filter = telemetry::init(
+        log_format.unwrap_or(checked.config.log.format),
+        &checked.config.log.level,
+    );
+    for w in warnings(&checked) {
+        tracing::warn!("{w}");
+    }
+    // Two workers at most: the agent serves a handful of admins and one controller, and every
+    // thread costs resident memory on every host of the fleet.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .max_blocking_threads(16)
+        .thread_name("patch-agent")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start the async runtime");
+            return exit::RUNTIME;
+        }
+    };
+    let result = runtime.block_on(serve(config_path, checked, filter, started));
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "Agent stopped");
+            exit::RUNTIME
+        }
+    }
+}
+
+fn prepare_state_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create state_dir {}: {e}", dir.display()))?;
+    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot stat {}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("state_dir {} is not a directory", dir.display()));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = format!("{:04o}", meta.permissions().mode() & 0o7777), "Tightening state_dir to 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot chmod {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+async fn serve(
+    config_path: PathBuf,
+    checked: Checked,
+    filter: FilterHandle,
+    started: Instant,
+) -> Result<(), String> {
+    let Checked {
+        config,
+        tls: tls_config,
+        trust,
+    } = checked;
+    let notifier = Notifier::from_env();
+    prepare_state_dir(&config.agent.state_dir)?;
+    let sources = Sources {
+        boot_id: config.agent.boot_id_path.clone(),
+        ..Sources::default()
+    };
+    let facts = Arc::new(HostFacts::read(&sources, &config.agent.host_id)?);
+    tracing::info!(
+        version = crate::VERSION,
+        host_id = %facts.host_id,
+        os = %facts.os.pretty_name,
+        kernel = %facts.kernel_release,
+        "Starting patch-agent"
+    );
+
+    let (tls_tx, tls_rx) = watch::channel(tls_config);
+    let (policy_tx, policy_rx) = watch::channel(Arc::new(Policy::new(&config.auth)));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let scanner = match crate::pkg::backend(&config.packages, &facts.os).await {
+        Ok(backend) => {
+            let schedule = crate::pkg::scanner::Schedule {
+                scan_interval: config.packages.scan_interval,
+                refresh_interval: config.packages.refresh_interval,
+                scan_on_start: config.packages.scan_on_start,
+            };
+            tracing::info!(manager = backend.name(), "Package manager");
+            Some(Arc::new(crate::pkg::scanner::Scanner::new(
+                backend,
+                schedule,
+                facts.boot_time,
+                &config.agent.state_dir,
+            )))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Package features disabled");
+            None
+        }
+    };
+    tracing::info!(keys = trust.len(), dir = %config.jobs.trusted_keys_dir.display(), "Trust store loaded");
+    let policy = patch_agent_wire::job::Policy {
+        host_id: facts.host_id.clone(),
+        machine_id: facts.machine_id.clone(),
+        max_lifetime: config.jobs.max_job_lifetime,
+        clock_skew: config.jobs.clock_skew,
+        max_duration: config.jobs.max_job_duration,
+        hooks: Some(patch_agent_wire::job::Hooks {
+            dir: config.jobs.hooks_dir.clone(),
+            check: crate::jobs::hooks::check_hook,
+        }),
+    };
+    let engine = Engine::open(
+        &config.agent.boot_id_path,
+        &config.agent.state_dir,
+        trust,
+        policy,
+        config.jobs.clone(),
+        scanner.clone(),
+    )
+    .await?;
+    let reporter = if config.report.controller.is_empty() {
+        tracing::info!("No [report] controller: job results and inventory are not reported");
+        None
+    } else {
+        let outbox = Arc::new(Outbox::open(
+            &config.agent.state_dir.join("outbox"),
+            config.report.outbox_size,
+        )?);
+        let origin = report::Origin {
+            host_id: facts.host_id.clone(),
+            labels: config.agent.labels.clone(),
+        };
+        engine.set_report_sink(Arc::new(report::JobSink {
+            origin: origin.clone(),
+            outbox: outbox.clone(),
+        }));
+        // The controller may have lost it, or never had it: the checksum alone settles that.
+        outbox.want_inventory();
+        tracing::info!(controller = %config.report.controller, pending = outbox.len(), "Reporting to the controller");
+        Some(Arc::new(report::Reporter {
+            cfg: config.report.clone(),
+            tls: config.tls.clone(),
+            facts: facts.clone(),
+            origin,
+            scanner: scanner.clone(),
+            outbox,
+        }))
+    };
+    let (routes, health) = server::routes(AgentService::new(
+        facts.clone(),
+        scanner.clone(),
+        engine.clone(),
+    ))
+    .await?;
+
+    let listen = config.listen_addr()?;
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let tcp_addr = tcp.local_addr().map_err(|e| e.to_string())?;
+    let incoming = listener::tls_incoming(
+        tcp,
+        TlsAccept {
+            config: tls_rx,
+            policy: Some(policy_rx.clone()),
+            handshake_timeout: config.server.handshake_timeout,
+            limits: listener::Limits::new(
+                config.server.max_connections,
+                config.server.max_connections_per_ip,
+                config.server.idle_timeout,
+            ),
+            shutdown: shutdown_rx.clone(),
+        },
+    );
+    let mut servers = tokio::task::JoinSet::new();
+    let builder = || {
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(256))
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+            .layer(listener::ActivityLayer)
+            .layer(AuthLayer::new(policy_rx.clone()))
+            .add_routes(routes.clone())
+    };
+    let stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    servers.spawn(builder().serve_with_incoming_shutdown(incoming, stop(shutdown_rx.clone())));
+    tracing::info!(address = %tcp_addr, "Listening for gRPC over mutual TLS");
+
+    let mut status = format!("Listening on {tcp_addr} (mTLS)");
+    let local_socket = config.server.local_socket.clone();
+    if let Some(path) = &local_socket {
+        let unix = listener::bind_unix(path)?;
+        let limits = listener::Limits::new(
+            config.server.max_local_connections,
+            config.server.max_local_connections,
+            config.server.idle_timeout,
+        );
+        let incoming = listener::unix_incoming(unix, limits, shutdown_rx.clone());
+        servers.spawn(builder().serve_with_incoming_shutdown(incoming, stop(shutdown_rx.clone())));
+        tracing::info!(path = %path.display(), "Listening for gRPC on the local socket");
+        status.push_str(&format!(" and {}", path.display()));
+    }
+
+    if let Some(scanner) = scanner {
+        tokio::spawn(scanner.run());
+    }
+    tokio::spawn(engine.clone().run());
+    if let Some(r) = reporter {
+        tokio::spawn(r.run());
+    }
+    health.set(true).await;
+    notifier.notify(&format!(
+        "READY=1\nSTATUS={status}\nMAINPID={}",
+        std::process::id()
+    ));
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "Ready");
+
+    if let Some(every) = notify::watchdog_interval() {
+        let notifier = Notifier::from_env();
+        tracing::info!(interval = ?every, "Feeding the systemd watchdog");
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                notifier.notify("WATCHDOG=1");
+            }
+        });
+    }
+
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut running = config.clone();
+    let failure = loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                notifier.notify("RELOADING=1");
+                reload(&config_path, &mut running, &tls_tx, &policy_tx, &filter, &engine);
+                notifier.notify("READY=1");
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break None; }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); break None; }
+            Some(done) = servers.join_next() => {
+                // A server ending on its own is a failure: stop everything and report it.
+                let why = match done {
+                    Ok(Ok(())) => "a listener stopped unexpectedly".to_string(),
+                    Ok(Err(e)) => format!("a listener failed: {e}"),
+                    Err(e) => format!("a listener task failed: {e}"),
+                };
+                break Some(why);
+            }
+        }
+    };
+    drain(&health, &notifier, &running, shutdown_tx, servers).await;
+    if let Some(path) = &local_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    match failure {
+        None => {
+            tracing::info!("Stopped");
+            Ok(())
+        }
+        Some(why) => Err(why),
+    }
+}
+
+async fn drain(
+    health: &Health,
+    notifier: &Notifier,
+    config: &Config,
+    shutdown: watch::Sender<bool>,
+    mut servers: tokio::task::JoinSet<Result<(), tonic::transport::Error>>,
+) {
+    health.set(false).await;
+    notifier.notify("STOPPING=1");
+    // Let health watchers and load balancers see NOT_SERVING before the listeners go away.
+    tokio::time::sleep(config.server.drain_grace).await;
+    let _ = shutdown.send(true);
+    let drained = tokio::time::timeout(config.server.drain_timeout, async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?config.server.drain_timeout, "Calls still open after drain_timeout; closing them");
+        servers.abort_all();
+    }
+}
+
+/// Re-reads the configuration; applies what can change at run time, keeps the last good set
+/// otherwise, and says which changes need a restart.
+fn reload(
+    path: &Path,
+    running: &mut Config,
+    tls_tx: &watch::Sender<Arc<rustls::ServerConfig>>,
+    policy_tx: &watch::Sender<Arc<Policy>>,
+    filter: &FilterHandle,
+    engine: &Engine,
+) {
+    let Checked {
+        config: new,
+        tls: tls_config,
+        trust,
+    } = match check(path) {
+        Ok(ok) => ok,
+        Err(problems) => {
+            for p in &problems {
+                tracing::error!(problem = %p, "Reload rejected");
+            }
+            tracing::error!(
+                problems = problems.len(),
+                "SIGHUP: keeping the last good configuration and certificates"
+            );
+            return;
+        }
+    };
+    let _ = tls_tx.send(tls_config);
+    let keys = trust.len();
+    engine.set_trust(trust);
+    let _ = policy_tx.send(Arc::new(Policy::new(&new.auth)));
+    if let Err(e) = filter.set(&new.log.level) {
+        tracing::warn!(error = %e, "Cannot apply log.level");
+    }
+    let restart_needed: Vec<&str> = [
+        ("server", new.server != running.server),
+        ("agent", new.agent != running.agent),
+        ("report", new.report != running.report),
+        ("log.format", new.log.format != running.log.format),
+    ]
+    .into_iter()
+    .filter_map(|(k, changed)| changed.then_some(k))
+    .collect();
+    if !restart_needed.is_empty() {
+        tracing::warn!(sections = ?restart_needed, "These changes take effect on restart");
+    }
+    tracing::info!(
+        controllers = new.auth.controllers.len(),
+        viewers = new.auth.viewers.len(),
+        trusted_keys = keys,
+        "SIGHUP: reloaded certificates, access lists and trusted keys"
+    );
+    let keep_server = running.server.clone();
+    let keep_agent = running.agent.clone();
+    let keep_report = running.report.clone();
+    let keep_format = running.log.format;
+    *running = new;
+    running.server = keep_server;
+    running.agent = keep_agent;
+    running.report = keep_report;
+    running.log.format = keep_format;
+}

@@ -1,0 +1,380 @@
+//! Reporting to the controller: job reports and inventory, sent at least once from a durable
+//! outbox, with exponential backoff and jitter while the controller cannot be reached.
+//!
+//! The engine commits each job report to the [`outbox::Outbox`] (as its `ReportSink`) before
+//! the journal records it as reported; the [`Reporter`] task sends the oldest report, and
+//! removes it only when the controller acknowledged it. The controller deduplicates on the
+//! report id, so a report sent twice (an acknowledgement lost with the connection) is stored
+//! once. On every new connection the agent says hello first (version, labels, capabilities).
+
+pub mod outbox;
+
+use crate::config::{ReportSection, TlsSection};
+use crate::host::HostFacts;
+use crate::jobs::engine::ReportSink;
+use crate::jobs::journal::Record;
+use crate::pkg::scanner::Scanner;
+use outbox::Outbox;
+use patch_agent_wire::proto::{ControllerClient, v1 as pb};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+use tonic::transport::{Channel, Endpoint};
+
+/// Who this agent is, as every report says.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub host_id: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The engine's sink: job records become outbox items.
+pub struct JobSink {
+    pub origin: Origin,
+    pub outbox: Arc<Outbox>,
+}
+
+fn ts_ms(ms: u64) -> prost_types::Timestamp {
+    (UNIX_EPOCH + Duration::from_millis(ms)).into()
+}
+
+impl ReportSink for JobSink {
+    fn job(&self, record: &Record) -> bool {
+        let is_final = record.state.is_terminal();
+        let suffix = if is_final {
+            "final".to_string()
+        } else {
+            record.event_count.to_string()
+        };
+        let report = pb::JobReport {
+            report_id: format!("{}:{}:{suffix}", self.origin.host_id, record.job_id),
+            host_id: self.origin.host_id.clone(),
+            labels: self.origin.labels.clone().into_iter().collect(),
+            status: Some(crate::convert::status(record)),
+            r#final: is_final,
+            reboot_attempted: record.reboot_boot_id.is_some(),
+            reboot_succeeded: record.reboot_verified,
+            reported_at: Some(ts_ms(crate::jobs::journal::now_ms())),
+            outbox: None,
+        };
+        self.outbox.push(&report)
+    }
+}
+
+/// Exponential backoff with jitter: each pause is between half and all of the current step,
+/// and the step doubles up to the maximum.
+#[derive(Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    step: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            step: initial,
+        }
+    }
+
+    /// The next pause; `r` is a random number.
+    pub fn next(&mut self, r: u64) -> Duration {
+        let step = self.step;
+        self.step = (self.step * 2).min(self.max);
+        let half = step / 2;
+        let jitter_ms = half.as_millis() as u64;
+        half + Duration::from_millis(if jitter_ms == 0 {
+            0
+        } else {
+            r % (jitter_ms + 1)
+        })
+    }
+
+    pub fn reset(&mut self) {
+        self.step = self.initial;
+    }
+}
+
+/// Sends the outbox and owed inventory to the controller, forever.
+pub struct Reporter {
+    pub cfg: ReportSection,
+    pub tls: TlsSection,
+    pub facts: Arc<HostFacts>,
+    pub origin: Origin,
+    pub scanner: Option<Arc<Scanner>>,
+    pub outbox: Arc<Outbox>,
+}
+
+enum Failure {
+    /// The call failed: reconnect and retry after a pause.
+    Retry(String),
+}
+
+impl Reporter {
+    /// Runs the sender, and marks inventory owed after every scan.
+    pub async fn run(self: Arc<Self>) {
+        if let Some(scanner) = &self.scanner {
+            let mut scans = scanner.subscribe();
+            let outbox = self.outbox.clone();
+            tokio::spawn(async move {
+                while scans.changed().await.is_ok() {
+                    outbox.want_inventory();
+                }
+            });
+        }
+        let mut backoff = Backoff::new(self.cfg.retry_initial, self.cfg.retry_max);
+        let mut client: Option<ControllerClient<Channel>> = None;
+        let mut failures = 0u64;
+        loop {
+            if !self.outbox.has_work() {
+                self.outbox.wait().await;
+                continue;
+            }
+            match self.attempt(&mut client).await {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            controller = %self.cfg.controller,
+                            failed_attempts = failures,
+                            pending = self.outbox.len(),
+                            "Reaching the controller again"
+                        );
+                    }
+                    failures = 0;
+                    backoff.reset();
+                }
+                Err(Failure::Retry(why)) => {
+                    client = None;
+                    failures += 1;
+                    let pause = backoff.next(crate::pkg::scanner::random_u64());
+                    // The first failure and then every tenth, so a long outage stays readable.
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        tracing::warn!(
+                            controller = %self.cfg.controller,
+                            error = %why,
+                            pending = self.outbox.len(),
+                            retry_in = ?pause,
+                            failed_attempts = failures,
+                            "Cannot report to the controller; reports wait in the outbox"
+                        );
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, client: &mut Option<ControllerClient<Channel>>) -> Result<(), Failure> {
+        let c = match client {
+            Some(c) => c,
+            None => {
+                let channel = self.connect().await.map_err(Failure::Retry)?;
+                let mut c = ControllerClient::new(channel);
+                let hello = c
+                    .hello(self.hello())
+                    .await
+                    .map_err(|s| Failure::Retry(status_text("hello", &s)))?
+                    .into_inner();
+                if hello.inventory_wanted {
+                    self.outbox.want_inventory();
+                }
+                client.insert(c)
+            }
+        };
+        if let Some((seq, report)) = self.outbox.oldest() {
+            match c.report_job(report.clone()).await {
+                Ok(_) => self.outbox.ack(seq),
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    // The controller will never take it: keep the queue moving, say so loudly.
+                    tracing::error!(report = %report.report_id, error = %s.message(), "The controller refused a report as invalid; dropping it");
+                    self.outbox.ack(seq);
+                }
+                Err(s) => return Err(Failure::Retry(status_text("ReportJob", &s))),
+            }
+            return Ok(());
+        }
+        if self.outbox.inventory_due() {
+            self.send_inventory(c).await?;
+            self.outbox.inventory_sent();
+        }
+        Ok(())
+    }
+
+    async fn send_inventory(&self, c: &mut ControllerClient<Channel>) -> Result<(), Failure> {
+        let Some(scanner) = &self.scanner else {
+            return Ok(());
+        };
+        let snap = scanner.snapshot().await;
+        let Some(scanned_at) = snap.updates_at.or(snap.inventory_at) else {
+            // No scan yet: the scan's end will owe it again.
+            return Ok(());
+        };
+        let inventory = inventory(&self.facts, scanner.manager(), &snap);
+        let bytes = prost::Message::encode_to_vec(&inventory);
+        let checksum = patch_agent_wire::ids::to_hex(
+            ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref(),
+        );
+        let mut report = pb::InventoryReport {
+            report_id: format!("{}:inventory:{}", self.origin.host_id, &checksum[..16]),
+            host_id: self.origin.host_id.clone(),
+            labels: self.origin.labels.clone().into_iter().collect(),
+            checksum,
+            inventory: None,
+            scanned_at: Some(scanned_at.into()),
+            outbox: Some(self.outbox.stats()),
+        };
+        let ack = c
+            .report_inventory(report.clone())
+            .await
+            .map_err(|s| Failure::Retry(status_text("ReportInventory", &s)))?
+            .into_inner();
+        if ack.need_full {
+            report.inventory = Some(inventory);
+            c.report_inventory(report)
+                .await
+                .map_err(|s| Failure::Retry(status_text("ReportInventory", &s)))?;
+            tracing::info!(
+                packages = snap.packages.len(),
+                updates = snap.updates.updates.len(),
+                bytes = bytes.len(),
+                "Sent the full inventory"
+            );
+        }
+        Ok(())
+    }
+
+    fn hello(&self) -> pb::HelloRequest {
+        let f = &self.facts;
+        let mut capabilities = vec![
+            "jobs.v1".to_string(),
+            "dry-run".into(),
+            "reboot".into(),
+            "maintenance-window".into(),
+            "hooks".into(),
+            "checks".into(),
+        ];
+        if let Some(s) = &self.scanner {
+            capabilities.insert(0, s.manager().to_string());
+        }
+        pb::HelloRequest {
+            host_id: self.origin.host_id.clone(),
+            agent_version: crate::VERSION.to_string(),
+            labels: self.origin.labels.clone().into_iter().collect(),
+            capabilities,
+            hostname: f.hostname.clone(),
+            machine_id: f.machine_id.clone(),
+            os: Some(os(f)),
+            kernel_release: f.kernel_release.clone(),
+            architecture: f.architecture.clone(),
+            boot_time: Some(f.boot_time.into()),
+            outbox: Some(self.outbox.stats()),
+        }
+    }
+
+    /// A fresh connection; certificates are re-read, so a renewed certificate is used on the
+    /// next reconnect.
+    async fn connect(&self) -> Result<Channel, String> {
+        let ca = self.cfg.ca.as_deref().unwrap_or(&self.tls.ca);
+        let config = patch_agent_service::tls::client_config(ca, &self.tls.cert, &self.tls.key)?;
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.cfg.controller))
+            .map_err(|e| format!("report.controller {:?}: {e}", self.cfg.controller))?
+            .connect_timeout(self.cfg.timeout)
+            .timeout(self.cfg.timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(self.cfg.timeout);
+        patch_agent_service::tls::connect(
+            endpoint,
+            &self.cfg.controller,
+            self.cfg.server_name(),
+            config,
+        )
+        .await
+        .map_err(|e| {
+            let mut msg = format!("cannot connect to {}: {e}", self.cfg.controller);
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            msg
+        })
+    }
+}
+
+fn status_text(call: &str, s: &tonic::Status) -> String {
+    format!("{call}: {:?}: {}", s.code(), s.message())
+}
+
+fn os(f: &HostFacts) -> pb::OsRelease {
+    pb::OsRelease {
+        id: f.os.id.clone(),
+        id_like: f.os.id_like.clone(),
+        version_id: f.os.version_id.clone(),
+        pretty_name: f.os.pretty_name.clone(),
+        version_codename: f.os.version_codename.clone(),
+    }
+}
+
+/// The inventory as the controller stores it: everything but what changes at every scan, so
+/// its checksum changes only when the host does.
+pub fn inventory(
+    f: &HostFacts,
+    manager: &str,
+    snap: &crate::pkg::scanner::Snapshot,
+) -> pb::Inventory {
+    let mut updates: Vec<pb::Update> = snap
+        .updates
+        .updates
+        .iter()
+        .map(patch_agent_wire::convert::update)
+        .collect();
+    updates.sort_by(|a, b| (&a.name, &a.architecture).cmp(&(&b.name, &b.architecture)));
+    let (_, mut reboot) = crate::convert::summary(manager, snap);
+    reboot.checked_at = None;
+    pb::Inventory {
+        hostname: f.hostname.clone(),
+        machine_id: f.machine_id.clone(),
+        boot_id: f.boot_id.clone(),
+        os: Some(os(f)),
+        kernel_release: f.kernel_release.clone(),
+        architecture: f.architecture.clone(),
+        agent_version: crate::VERSION.to_string(),
+        boot_time: Some(f.boot_time.into()),
+        manager: manager.to_string(),
+        packages: snap
+            .packages
+            .iter()
+            .map(patch_agent_wire::convert::package)
+            .collect(),
+        updates,
+        held: patch_agent_wire::convert::held(&snap.updates),
+        repo_errors: patch_agent_wire::convert::repo_errors(&snap.updates),
+        reboot: Some(reboot),
+        scan_errors: snap.errors.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_maximum() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        let pauses: Vec<Duration> = (0..6).map(|i| b.next(i * 7919)).collect();
+        let steps = [1u64, 2, 4, 8, 8, 8];
+        for (p, s) in pauses.iter().zip(steps) {
+            let s = Duration::from_secs(s);
+            assert!(
+                *p >= s / 2 && *p <= s,
+                "{p:?} not within [{:?}, {s:?}]",
+                s / 2
+            );
+        }
+        b.reset();
+        assert!(b.next(0) <= Duration::from_secs(1));
+    }
+}
