@@ -1018,3 +1018,107 @@ fn reboots_are_recorded_verified_after_restart_and_happen_at_most_once() {
     );
     assert_eq!(reboots(), "2");
 }
+
+/// One unary call over the local socket, as JSON.
+fn call(agent: &Agent, method: &str, body: &str) -> Value {
+    let out = agent.grpcurl_unix(&["-d", body, method]);
+    assert!(out.status.success(), "{method}: {}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn sighup_applies_jobs_and_packages_and_names_each_key_that_needs_a_restart() {
+    let f = fixture("reload", "apt", &[]);
+    let agent = f.start("apt");
+    let flag = f.sandbox.join("root/run/reboot-required");
+    let _ = std::fs::remove_file(&flag);
+    call(
+        &agent,
+        "patchagent.v1.Agent/ListUpdates",
+        r#"{"refresh":true}"#,
+    );
+    let status = call(&agent, "patchagent.v1.Agent/GetStatus", "{}");
+    // proto3 JSON leaves out a false field.
+    assert!(
+        !status["reboot"]["required"].as_bool().unwrap_or(false),
+        "{status:#}"
+    );
+
+    // A job living 1h is admitted under the default max_job_lifetime (24h).
+    let job = f.sign("reload-1", &["--scan"]);
+    let out = f.patchctl(&agent, &["submit", job.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Its scan ends before the reload, so the refresh below is a scan of its own.
+    let out = f.patchctl(&agent, &["watch", "reload-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The new file: [jobs] max_job_lifetime 10m, [packages] a reboot flag that exists, and two
+    // keys that need a restart.
+    let other_flag = f.tmp.path().join("other-reboot-required");
+    std::fs::write(&other_flag, "").expect("flag");
+    let mut config = f
+        .config("apt", "[report]\ntimeout = \"7s\"\n")
+        .replace(
+            &format!("reboot_required_file = \"{}\"", flag.display()),
+            &format!("reboot_required_file = \"{}\"", other_flag.display()),
+        )
+        .replace("[jobs]\n", "[jobs]\nmax_job_lifetime = \"10m\"\n")
+        .replace("[server]\n", "[server]\nmax_connections = 7\n");
+    config = config.replacen("[agent]\n", "[agent]\nlabels = { team = \"web\" }\n", 1);
+    std::fs::write(&agent.config, &config).expect("config");
+    let check = |expect: Option<&str>| {
+        let out = run(Command::new(agent_bin())
+            .args(["check-config", "-c"])
+            .arg(&agent.config));
+        assert!(out.status.success(), "check-config: {}", text(&out));
+        let said = text(&out)
+            .lines()
+            .find(|l| l.starts_with("restart needed for: "))
+            .map(str::to_string);
+        assert_eq!(said.as_deref(), expect, "{}", text(&out));
+    };
+    let restart = "restart needed for: agent.labels.team, server.max_connections";
+    // Before the reload: check-config compares with what runs.
+    check(Some(restart));
+    agent.signal(Signal::SIGHUP);
+    agent.wait_log("SIGHUP: reloaded", 1);
+    agent.wait_log(restart, 1);
+    // After it, the restart keys are still what differs; nothing else.
+    check(Some(restart));
+
+    // [jobs]: the same kind of job is now refused, naming the key.
+    let job = f.sign("reload-2", &["--scan"]);
+    let out = f.patchctl(&agent, &["submit", job.to_str().expect("path")]);
+    assert!(
+        !out.status.success(),
+        "admitted after the reload: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("max_job_lifetime"), "{}", text(&out));
+
+    // [packages]: the rebuilt backend reads the new reboot flag.
+    call(
+        &agent,
+        "patchagent.v1.Agent/ListUpdates",
+        r#"{"refresh":true}"#,
+    );
+    let status = call(&agent, "patchagent.v1.Agent/GetStatus", "{}");
+    assert_eq!(
+        status["reboot"]["required"],
+        true,
+        "{status:#}\n{}",
+        agent.log_text()
+    );
+    let evidence = status["reboot"]["evidence"].to_string();
+    assert!(
+        evidence.contains(&other_flag.display().to_string()),
+        "{status:#}"
+    );
+
+    // Back to the running values of the restart keys: nothing needs a restart.
+    let config = config
+        .replace("max_connections = 7\n", "")
+        .replace("labels = { team = \"web\" }\n", "");
+    std::fs::write(&agent.config, &config).expect("config");
+    check(None);
+}

@@ -9,7 +9,7 @@ pub use patch_agent_service::telemetry::LogFormat;
 pub use patch_agent_service::tls::TlsSection;
 pub use patch_agent_wire::ids::check_host_id;
 use patch_agent_wire::ids::{check_label, host_part, is_host_port};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use std::time::Duration;
 pub const DEFAULT_PATH: &str = "/etc/patch-agent/agent.toml";
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub agent: AgentSection,
@@ -33,7 +33,7 @@ pub struct Config {
 }
 
 /// `[agent]`: who this host is and where the agent keeps its state.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentSection {
     /// The id jobs are addressed to. Default: empty, meaning the host's FQDN, else its hostname.
@@ -61,7 +61,7 @@ impl Default for AgentSection {
 }
 
 /// `[server]`: where the agent listens.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
     /// TCP address for gRPC over mutual TLS. Port 0 picks a free port (tests). Default:
@@ -71,15 +71,15 @@ pub struct ServerSection {
     /// controller role, other peers the viewer role. Default: unset (no local socket).
     pub local_socket: Option<PathBuf>,
     /// How long a TLS handshake may take before the connection is dropped. Default: `10s`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub handshake_timeout: Duration,
     /// On SIGTERM, how long health reports NOT_SERVING before the listeners close, so load
     /// balancers and watchers notice. Default: `1s`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub drain_grace: Duration,
     /// On SIGTERM, how long in-flight calls may take to finish after the listeners close.
     /// Default: `10s`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub drain_timeout: Duration,
     /// Most TCP connections served at once, counted from accept (before the handshake). When
     /// all are taken, the oldest connection still in its TLS handshake gives up its slot to the
@@ -89,7 +89,7 @@ pub struct ServerSection {
     /// closed at once, so one client cannot take every slot. Default: `64`.
     pub max_connections_per_ip: usize,
     /// A connection (TCP or local) with no open stream for this long is closed. Default: `5m`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub idle_timeout: Duration,
     /// Most local-socket connections at once; a connection over it is closed at once.
     /// Default: `64`.
@@ -113,7 +113,7 @@ impl Default for ServerSection {
 }
 
 /// `[packages]`: which package manager, how often to scan, and where its database lives.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PackagesSection {
     /// `auto` (from os-release ID/ID_LIKE, then the binaries present), `apt`, `dnf` or `yum`.
@@ -121,22 +121,22 @@ pub struct PackagesSection {
     pub manager: ManagerChoice,
     /// Scan installed packages, pending updates and reboot state this often (plus up to 10 %
     /// random jitter). Default: `1h`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub scan_interval: Duration,
     /// Scan once at start. Default: `true`.
     pub scan_on_start: bool,
     /// Refresh repository metadata (apt-get update, dnf makecache) when it is older than this;
     /// never more often unless a caller asks. Default: `6h`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub refresh_interval: Duration,
     /// Wait this long for a held dpkg/rpm lock, then fail naming the holder. Default: `5m`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub lock_timeout: Duration,
     /// Deadline for one scan command (simulation, check-update, rpm -qa). Default: `10m`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub command_timeout: Duration,
     /// Deadline for a metadata refresh. Default: `15m`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub refresh_timeout: Duration,
     /// apt: `dist-upgrade` or `upgrade` defines what is pending. Default: `dist-upgrade`.
     pub apt_upgrade: crate::pkg::apt::UpgradeMode,
@@ -161,7 +161,7 @@ pub struct PackagesSection {
     /// e.g. `["--root=/srv/root"]`; `--admindir` comes from `dpkg_status`. Default: none.
     pub dpkg_args: Vec<String>,
     /// Deadline for one package operation of a job. Default: `30m`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub apply_timeout: Duration,
 }
 
@@ -189,27 +189,27 @@ impl Default for PackagesSection {
 }
 
 /// `[jobs]`: who may sign jobs, and the limits every job lives within.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobsSection {
     /// Ed25519 public keys (PEM SubjectPublicKeyInfo, `*.pem` or `*.pub`) whose signatures are
     /// trusted. SIGHUP reloads it. Default: `/etc/patch-agent/trusted-keys`.
     pub trusted_keys_dir: PathBuf,
     /// Longest allowed time between a job's start of validity and its expiry. Default: `24h`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub max_job_lifetime: Duration,
     /// Allowance for clocks that disagree, on not_before and expires_at. Default: `5m`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub clock_skew: Duration,
     /// Default and upper bound of a job's max_duration. Default: `2h`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub max_job_duration: Duration,
     /// Jobs waiting to run; a submission beyond this is refused (RESOURCE_EXHAUSTED).
     /// Default: `16`.
     pub queue_size: usize,
     /// Finished jobs stay in the journal at least this long, and always until they expire (so
     /// a replay is recognised). Default: `7d`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub history_retention: Duration,
     /// Refuse to apply when any of `free_space_paths` has less free space than this (MiB).
     /// Default: `500`.
@@ -221,19 +221,19 @@ pub struct JobsSection {
     /// Default: `/etc/patch-agent/hooks.d`.
     pub hooks_dir: PathBuf,
     /// Deadline for one hook; its process group is killed after. Default: `5m`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub hook_timeout: Duration,
     /// Post-patch checks: how long each may keep failing before the job fails. Default: `2m`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub check_timeout: Duration,
     /// Post-patch checks: the pause between attempts. Default: `2s`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub check_interval: Duration,
     /// The command that reboots the host (argv, no shell). Default: `["systemctl", "reboot"]`.
     pub reboot_command: Vec<String>,
     /// After the reboot command, how long until a job whose boot id has not changed fails with
     /// "reboot did not happen". Default: `10m`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub reboot_grace: Duration,
 }
 
@@ -260,7 +260,7 @@ impl Default for JobsSection {
 
 /// `[report]`: where the agent reports job results and inventory. Unset `controller` means no
 /// reporting. Reports wait in a durable outbox in `state_dir` until the controller has them.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReportSection {
     /// The controller, `HOST:PORT`, reached over mutual TLS with the `[tls]` certificate and key.
@@ -277,13 +277,13 @@ pub struct ReportSection {
     pub outbox_size: usize,
     /// First pause after a failed send; it doubles (with jitter) up to `retry_max`.
     /// Default: `1s`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub retry_initial: Duration,
     /// Longest pause between attempts. Default: `5m`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub retry_max: Duration,
     /// Deadline for one call to the controller. Default: `15s`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub timeout: Duration,
 }
 
@@ -312,7 +312,7 @@ impl ReportSection {
 }
 
 /// `[packages] manager`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ManagerChoice {
     #[default]
@@ -323,7 +323,7 @@ pub enum ManagerChoice {
 }
 
 /// `[log]`: how the agent logs.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
     /// `plain` (lines suited to journald) or `json`. `--log-format` overrides. Default: `plain`.
@@ -685,6 +685,11 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
         );
     }
     out
+}
+
+/// A duration as the file writes it (`5m`, `1h 30m`), for `running-config.json`.
+fn show_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -191,11 +191,7 @@ async fn serve(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let scanner = match crate::pkg::backend(&config.packages, &facts.os).await {
         Ok(backend) => {
-            let schedule = crate::pkg::scanner::Schedule {
-                scan_interval: config.packages.scan_interval,
-                refresh_interval: config.packages.refresh_interval,
-                scan_on_start: config.packages.scan_on_start,
-            };
+            let schedule = schedule(&config.packages);
             tracing::info!(manager = backend.name(), "Package manager");
             Some(Arc::new(crate::pkg::scanner::Scanner::new(
                 backend,
@@ -210,26 +206,16 @@ async fn serve(
         }
     };
     tracing::info!(keys = trust.len(), dir = %config.jobs.trusted_keys_dir.display(), "Trust store loaded");
-    let policy = patch_agent_wire::job::Policy {
-        host_id: facts.host_id.clone(),
-        machine_id: facts.machine_id.clone(),
-        max_lifetime: config.jobs.max_job_lifetime,
-        clock_skew: config.jobs.clock_skew,
-        max_duration: config.jobs.max_job_duration,
-        hooks: Some(patch_agent_wire::job::Hooks {
-            dir: config.jobs.hooks_dir.clone(),
-            check: crate::jobs::hooks::check_hook,
-        }),
-    };
     let engine = Engine::open(
         &config.agent.boot_id_path,
         &config.agent.state_dir,
         trust,
-        policy,
+        job_policy(&facts, &config.jobs),
         config.jobs.clone(),
         scanner.clone(),
     )
     .await?;
+    let (report_tx, report_rx) = watch::channel((config.report.clone(), config.tls.clone()));
     let reporter = if config.report.controller.is_empty() {
         tracing::info!("No [report] controller: job results and inventory are not reported");
         None
@@ -250,8 +236,7 @@ async fn serve(
         outbox.want_inventory();
         tracing::info!(controller = %config.report.controller, pending = outbox.len(), "Reporting to the controller");
         Some(Arc::new(report::Reporter {
-            cfg: config.report.clone(),
-            tls: config.tls.clone(),
+            settings: report_rx,
             facts: facts.clone(),
             origin,
             scanner: scanner.clone(),
@@ -314,8 +299,8 @@ async fn serve(
         status.push_str(&format!(" and {}", path.display()));
     }
 
-    if let Some(scanner) = scanner {
-        tokio::spawn(scanner.run());
+    if let Some(scanner) = &scanner {
+        tokio::spawn(scanner.clone().run());
     }
     tokio::spawn(engine.clone().run());
     if let Some(r) = reporter {
@@ -344,11 +329,21 @@ async fn serve(
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut running = config.clone();
+    crate::reload::record_running(&running);
+    let live = Live {
+        tls: tls_tx,
+        policy: policy_tx,
+        report: report_tx,
+        filter,
+        engine,
+        scanner,
+        facts,
+    };
     let failure = loop {
         tokio::select! {
             _ = hup.recv() => {
                 notifier.notify("RELOADING=1");
-                reload(&config_path, &mut running, &tls_tx, &policy_tx, &filter, &engine);
+                reload(&config_path, &mut running, &live).await;
                 notifier.notify("READY=1");
             }
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break None; }
@@ -399,16 +394,44 @@ async fn drain(
     }
 }
 
-/// Re-reads the configuration; applies what can change at run time, keeps the last good set
-/// otherwise, and says which changes need a restart.
-fn reload(
-    path: &Path,
-    running: &mut Config,
-    tls_tx: &watch::Sender<Arc<rustls::ServerConfig>>,
-    policy_tx: &watch::Sender<Arc<Policy>>,
-    filter: &FilterHandle,
-    engine: &Engine,
-) {
+/// The scan schedule from `[packages]`.
+fn schedule(p: &config::PackagesSection) -> crate::pkg::scanner::Schedule {
+    crate::pkg::scanner::Schedule {
+        scan_interval: p.scan_interval,
+        refresh_interval: p.refresh_interval,
+        scan_on_start: p.scan_on_start,
+    }
+}
+
+/// The admission policy for this host from `[jobs]`.
+fn job_policy(facts: &HostFacts, jobs: &config::JobsSection) -> patch_agent_wire::job::Policy {
+    patch_agent_wire::job::Policy {
+        host_id: facts.host_id.clone(),
+        machine_id: facts.machine_id.clone(),
+        max_lifetime: jobs.max_job_lifetime,
+        clock_skew: jobs.clock_skew,
+        max_duration: jobs.max_job_duration,
+        hooks: Some(patch_agent_wire::job::Hooks {
+            dir: jobs.hooks_dir.clone(),
+            check: crate::jobs::hooks::check_hook,
+        }),
+    }
+}
+
+/// What a reload can reach: every part of the running agent that takes live settings.
+struct Live {
+    tls: watch::Sender<Arc<rustls::ServerConfig>>,
+    policy: watch::Sender<Arc<Policy>>,
+    report: watch::Sender<(config::ReportSection, config::TlsSection)>,
+    filter: FilterHandle,
+    engine: Arc<Engine>,
+    scanner: Option<Arc<crate::pkg::scanner::Scanner>>,
+    facts: Arc<HostFacts>,
+}
+
+/// Re-reads the configuration and applies every live key (see [`crate::reload`]); keeps the last
+/// good configuration when the new one has problems, and names each key that needs a restart.
+async fn reload(path: &Path, running: &mut Config, live: &Live) {
     let Checked {
         config: new,
         tls: tls_config,
@@ -426,38 +449,45 @@ fn reload(
             return;
         }
     };
-    let _ = tls_tx.send(tls_config);
+    let live_packages = live.scanner.is_some();
+    let changes = crate::reload::changes(
+        &crate::reload::keys(running),
+        &crate::reload::keys(&new),
+        live_packages,
+    );
+    let mut new = crate::reload::effective(running, new, live_packages);
+    if let Some(scanner) = &live.scanner
+        && new.packages != running.packages
+    {
+        match crate::pkg::backend(&new.packages, &live.facts.os).await {
+            Ok(backend) => scanner.reconfigure(backend, schedule(&new.packages)),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: cannot rebuild the package backend; keeping the running [packages]");
+                new.packages = running.packages.clone();
+            }
+        }
+    }
+    let _ = live.tls.send(tls_config);
     let keys = trust.len();
-    engine.set_trust(trust);
-    let _ = policy_tx.send(Arc::new(Policy::new(&new.auth)));
-    if let Err(e) = filter.set(&new.log.level) {
+    live.engine.set_trust(trust);
+    live.engine
+        .set_jobs(job_policy(&live.facts, &new.jobs), new.jobs.clone());
+    let _ = live.policy.send(Arc::new(Policy::new(&new.auth)));
+    live.report
+        .send_replace((new.report.clone(), new.tls.clone()));
+    if let Err(e) = live.filter.set(&new.log.level) {
         tracing::warn!(error = %e, "Cannot apply log.level");
     }
-    let restart_needed: Vec<&str> = [
-        ("server", new.server != running.server),
-        ("agent", new.agent != running.agent),
-        ("report", new.report != running.report),
-        ("log.format", new.log.format != running.log.format),
-    ]
-    .into_iter()
-    .filter_map(|(k, changed)| changed.then_some(k))
-    .collect();
-    if !restart_needed.is_empty() {
-        tracing::warn!(sections = ?restart_needed, "These changes take effect on restart");
+    if !changes.restart.is_empty() {
+        tracing::warn!("SIGHUP: restart needed for: {}", changes.restart.join(", "));
     }
     tracing::info!(
         controllers = new.auth.controllers.len(),
         viewers = new.auth.viewers.len(),
         trusted_keys = keys,
-        "SIGHUP: reloaded certificates, access lists and trusted keys"
+        applied = ?changes.live,
+        "SIGHUP: reloaded certificates, access lists, trusted keys and every live key"
     );
-    let keep_server = running.server.clone();
-    let keep_agent = running.agent.clone();
-    let keep_report = running.report.clone();
-    let keep_format = running.log.format;
     *running = new;
-    running.server = keep_server;
-    running.agent = keep_agent;
-    running.report = keep_report;
-    running.log.format = keep_format;
+    crate::reload::record_running(running);
 }

@@ -16,6 +16,7 @@ pub mod exec;
 pub mod host;
 pub mod jobs;
 pub mod pkg;
+pub mod reload;
 pub mod report;
 pub mod server;
 

@@ -44,6 +44,11 @@ fn main() {
                     for w in daemon::warnings(&checked) {
                         println!("warning: {w}");
                     }
+                    if let Some(keys) = patch_agent::reload::restart_needed(&checked.config)
+                        && !keys.is_empty()
+                    {
+                        println!("restart needed for: {}", keys.join(", "));
+                    }
                     println!("{}: OK", config.display());
                     0
                 }

@@ -7,7 +7,7 @@
 //! [`Caller`] in the request extensions.
 
 use patch_agent_wire::proto::v1 as pb;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use tokio::sync::watch;
 
 /// `[auth]`: client identities per role (a SAN DNS name or URI; the CN only if there is no SAN).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
     /// May read, submit and cancel jobs. Default: none.

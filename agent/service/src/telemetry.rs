@@ -2,12 +2,12 @@
 //! `$JOURNAL_STREAM` says stderr goes to the journal), or JSON. The filter can be replaced at
 //! run time (SIGHUP reloads `[log] level`).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{EnvFilter, reload};
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]

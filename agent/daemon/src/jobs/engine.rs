@@ -75,8 +75,9 @@ pub struct Engine {
     journal: Arc<Journal>,
     schema: Schema,
     trust: RwLock<Arc<TrustStore>>,
-    policy: Policy,
-    cfg: JobsSection,
+    /// `[jobs]` and the admission policy built from it; a SIGHUP replaces both. A running job
+    /// reads them as it goes, so a new hook_timeout or reboot_grace applies to its next step.
+    settings: RwLock<(Arc<Policy>, Arc<JobsSection>)>,
     scanner: Option<Arc<Scanner>>,
     boot_id_path: std::path::PathBuf,
     inner: Mutex<Inner>,
@@ -95,6 +96,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Engine {
+    /// The current `[jobs]` section.
+    fn cfg(&self) -> Arc<JobsSection> {
+        self.settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+            .clone()
+    }
+
+    /// The current admission policy.
+    fn policy(&self) -> Arc<Policy> {
+        self.settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    /// Applies a reloaded `[jobs]` section and the policy built from it.
+    pub fn set_jobs(&self, policy: Policy, cfg: JobsSection) {
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (Arc::new(policy), Arc::new(cfg));
+    }
+
     /// Opens the journal and recovers: APPLYING jobs become INTERRUPTED (after repairing the
     /// package database), QUEUED ones are queued again unless they expired meanwhile.
     pub async fn open(
@@ -121,8 +148,7 @@ impl Engine {
             journal: Arc::new(journal),
             schema,
             trust: RwLock::new(Arc::new(trust)),
-            policy,
-            cfg,
+            settings: RwLock::new((Arc::new(policy), Arc::new(cfg))),
             scanner,
             boot_id_path: boot_id_path.to_path_buf(),
             inner: Mutex::new(Inner::default()),
@@ -274,7 +300,7 @@ impl Engine {
         patch_agent_wire::job::validate(
             job,
             &r.key_id,
-            &self.policy,
+            &self.policy(),
             self.manager(),
             SystemTime::now(),
         )
@@ -333,7 +359,7 @@ impl Engine {
             env,
             &trust,
             &self.schema,
-            &self.policy,
+            &self.policy(),
             self.manager(),
             SystemTime::now(),
         );
@@ -351,11 +377,11 @@ impl Engine {
             ));
             return Err(self.refuse(why, &env.key_id, Some(record)));
         }
-        if inner.queue.len() >= self.cfg.queue_size {
+        if inner.queue.len() >= self.cfg().queue_size {
             drop(inner);
             let why = Rejection::QueueFull(format!(
                 "{} jobs are already queued ([jobs] queue_size)",
-                self.cfg.queue_size
+                self.cfg().queue_size
             ));
             return Err(self.refuse(why, &env.key_id, None));
         }
@@ -848,7 +874,7 @@ impl Engine {
         let mut inner = lock(&self.inner);
         let removed = self.journal.gc(
             inner.jobs.values().map(|e| &e.record),
-            self.cfg.history_retention,
+            self.cfg().history_retention,
         );
         for id in removed {
             inner.jobs.remove(&id);
@@ -883,7 +909,7 @@ impl Engine {
             .scanner
             .clone()
             .ok_or_else(|| Stop::Failed("no supported package manager on this host".into()))?;
-        let backend = scanner.backend().clone();
+        let backend = scanner.backend();
         self.note(id, "refreshing metadata and scanning".into());
         let snap = scanner.scan(true).await;
         if !snap.errors.is_empty() {
@@ -1075,7 +1101,7 @@ impl Engine {
             Ok(None) => {}
             Err(e) => return Err(Stop::Failed(format!("package database repair failed: {e}"))),
         }
-        free_space(&self.cfg).map_err(Stop::Failed)?;
+        free_space(&self.cfg()).map_err(Stop::Failed)?;
         let mut failure = None;
         for op in &ops {
             if cancel.load(Ordering::SeqCst) {
@@ -1184,7 +1210,7 @@ impl Engine {
         let Some(scanner) = self.scanner.clone() else {
             return;
         };
-        let backend = scanner.backend().clone();
+        let backend = scanner.backend();
         self.note(
             id,
             "the agent restarted while this job was applying; waiting for the package manager"
@@ -1250,7 +1276,7 @@ impl Engine {
     /// the host did not go down within the grace period (or the command failed).
     async fn reboot(&self, id: &str, why: &str) -> Stop {
         let boot_id = read_boot_id(&self.boot_id_path);
-        let cmd = match self.cfg.reboot_command.split_first() {
+        let cmd = match self.cfg().reboot_command.split_first() {
             Some((program, args)) => {
                 crate::exec::Cmd::new(program, Duration::from_secs(120)).args(args.iter().cloned())
             }
@@ -1284,11 +1310,11 @@ impl Engine {
             }
             Err(e) => return Stop::Failed(format!("reboot command failed: {e}")),
         }
-        tokio::time::sleep(self.cfg.reboot_grace).await;
+        tokio::time::sleep(self.cfg().reboot_grace).await;
         Stop::Failed(format!(
             "reboot did not happen: the boot id is still {} {:?} after the reboot command",
             read_boot_id(&self.boot_id_path),
-            self.cfg.reboot_grace
+            self.cfg().reboot_grace
         ))
     }
 
@@ -1310,14 +1336,14 @@ impl Engine {
         };
         let now_id = read_boot_id(&self.boot_id_path);
         if now_id == before {
-            let grace = self.cfg.reboot_grace.as_millis() as u64;
+            let grace = self.cfg().reboot_grace.as_millis() as u64;
             let elapsed = journal::now_ms().saturating_sub(at);
             if elapsed < grace {
                 tokio::time::sleep(Duration::from_millis(grace - elapsed)).await;
             }
             let why = format!(
                 "reboot did not happen: the boot id is still {before} {:?} after the reboot command",
-                self.cfg.reboot_grace
+                self.cfg().reboot_grace
             );
             let _ = self.step(id, Event::Fail(why.clone()), format!("FAILED: {why}"));
             return;
@@ -1376,7 +1402,7 @@ impl Engine {
         checks: &[patch_agent_wire::job::Check],
         job_deadline: Deadline,
     ) -> Result<(), Stop> {
-        let deadline = tokio::time::Instant::now() + self.cfg.check_timeout;
+        let deadline = tokio::time::Instant::now() + self.cfg().check_timeout;
         for check in checks {
             let mut attempts = 0;
             loop {
@@ -1390,7 +1416,9 @@ impl Engine {
                     Err(_) if job_deadline.passed() => {
                         return Err(job_deadline.timed_out(&format!("while checking {check}")));
                     }
-                    Err(e) if tokio::time::Instant::now() + self.cfg.check_interval >= deadline => {
+                    Err(e)
+                        if tokio::time::Instant::now() + self.cfg().check_interval >= deadline =>
+                    {
                         return Err(Stop::Failed(format!(
                             "post-patch check failed: {check}: {e} (after {attempts} attempts)"
                         )));
@@ -1399,7 +1427,7 @@ impl Engine {
                         if attempts == 1 {
                             self.note(id, format!("check not yet passing: {check}: {e}; retrying"));
                         }
-                        tokio::time::sleep(job_deadline.cap(self.cfg.check_interval)).await;
+                        tokio::time::sleep(job_deadline.cap(self.cfg().check_interval)).await;
                     }
                 }
             }
@@ -1418,11 +1446,12 @@ impl Engine {
     ) -> Result<(), Stop> {
         for name in hooks {
             // Checked at admission, and again now: the file may have changed since.
-            let path = super::hooks::check_hook(&self.cfg.hooks_dir, name).map_err(Stop::Failed)?;
+            let path =
+                super::hooks::check_hook(&self.cfg().hooks_dir, name).map_err(Stop::Failed)?;
             deadline.check(&format!("before {phase}-hook {name}"))?;
             self.note(id, format!("running {phase}-hook {name}"));
             // The hook's timeout ends with the job's: at either, exec kills its process group.
-            let cmd = crate::exec::Cmd::new(path, deadline.cap(self.cfg.hook_timeout))
+            let cmd = crate::exec::Cmd::new(path, deadline.cap(self.cfg().hook_timeout))
                 .env("PATCH_AGENT_JOB_ID", id)
                 .env("PATCH_AGENT_PHASE", phase)
                 .env("PATCH_AGENT_PACKAGES", packages.join(" "));

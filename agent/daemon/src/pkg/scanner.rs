@@ -41,8 +41,10 @@ pub struct Snapshot {
 
 /// Owns the backend and the latest snapshot.
 pub struct Scanner {
-    backend: Arc<dyn PackageManager>,
-    schedule: Schedule,
+    /// The backend and the schedule; a SIGHUP that changes `[packages]` replaces both.
+    setup: std::sync::RwLock<(Arc<dyn PackageManager>, Schedule)>,
+    /// Wakes the schedule loop when the schedule changes.
+    reconfigured: tokio::sync::Notify,
     boot_time: SystemTime,
     refresh_stamp: PathBuf,
     seen_file: PathBuf,
@@ -73,8 +75,8 @@ impl Scanner {
             .and_then(|d| serde_json::from_slice(&d).ok())
             .unwrap_or_default();
         Self {
-            backend,
-            schedule,
+            setup: std::sync::RwLock::new((backend, schedule)),
+            reconfigured: tokio::sync::Notify::new(),
             boot_time,
             refresh_stamp,
             seen_file,
@@ -88,12 +90,29 @@ impl Scanner {
         }
     }
 
-    pub fn manager(&self) -> &'static str {
-        self.backend.name()
+    fn setup(&self) -> (Arc<dyn PackageManager>, Schedule) {
+        self.setup
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
-    pub fn backend(&self) -> &Arc<dyn PackageManager> {
-        &self.backend
+    pub fn manager(&self) -> &'static str {
+        self.backend().name()
+    }
+
+    /// The current backend; a job keeps the one it started with.
+    pub fn backend(&self) -> Arc<dyn PackageManager> {
+        self.setup().0
+    }
+
+    /// Applies a reloaded `[packages]` section: a new backend (same manager) and schedule.
+    pub fn reconfigure(&self, backend: Arc<dyn PackageManager>, schedule: Schedule) {
+        *self
+            .setup
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (backend, schedule);
+        self.reconfigured.notify_one();
     }
 
     pub fn boot_time(&self) -> SystemTime {
@@ -149,16 +168,17 @@ impl Scanner {
             return now;
         }
         let started = SystemTime::now();
+        let (backend, schedule) = self.setup();
         let mut next = (*now).clone();
         next.errors.clear();
 
         let stale = now.refreshed_at.is_none_or(|t| {
-            started.duration_since(t).unwrap_or_default() >= self.schedule.refresh_interval
+            started.duration_since(t).unwrap_or_default() >= schedule.refresh_interval
         });
         let mut repo_errors = Vec::new();
         if refresh || stale {
             next.refreshes += 1;
-            match self.backend.refresh().await {
+            match backend.refresh().await {
                 Ok(errs) => {
                     repo_errors = errs;
                     next.refreshed_at = Some(started);
@@ -174,7 +194,7 @@ impl Scanner {
         }
 
         let mut packages = Vec::new();
-        match self.backend.inventory(&mut |p| packages.push(p)).await {
+        match backend.inventory(&mut |p| packages.push(p)).await {
             Ok(()) => {
                 packages.sort_unstable_by(|a, b| (&a.name, &a.arch).cmp(&(&b.name, &b.arch)));
                 packages.shrink_to_fit();
@@ -183,7 +203,7 @@ impl Scanner {
             }
             Err(e) => next.errors.push(format!("inventory: {e}")),
         }
-        match self.backend.updates().await {
+        match backend.updates().await {
             Ok(mut scan) => {
                 self.stamp_first_seen(&mut scan);
                 for e in repo_errors {
@@ -196,13 +216,13 @@ impl Scanner {
             }
             Err(e) => next.errors.push(format!("pending updates: {e}")),
         }
-        next.reboot = self.backend.reboot_required(self.boot_time).await;
+        next.reboot = backend.reboot_required(self.boot_time).await;
         next.reboot_at = Some(SystemTime::now());
         next.scans += 1;
         let elapsed = started.elapsed().unwrap_or_default();
         if next.errors.is_empty() {
             tracing::info!(
-                manager = self.backend.name(),
+                manager = backend.name(),
                 packages = next.packages.len(),
                 updates = next.updates.updates.len(),
                 held = next.updates.held.len(),
@@ -212,7 +232,7 @@ impl Scanner {
                 "Scan finished"
             );
         } else {
-            tracing::warn!(manager = self.backend.name(), errors = ?next.errors, "Scan finished with errors");
+            tracing::warn!(manager = backend.name(), errors = ?next.errors, "Scan finished with errors");
         }
         let next = Arc::new(next);
         *self.snapshot.write().await = next.clone();
@@ -227,12 +247,18 @@ impl Scanner {
 
     /// Scans at start (if configured) and then on the schedule, forever.
     pub async fn run(self: Arc<Self>) {
-        if self.schedule.scan_on_start {
+        if self.setup().1.scan_on_start {
             self.scan(false).await;
         }
         loop {
-            tokio::time::sleep(with_jitter(self.schedule.scan_interval, random_u64())).await;
-            self.scan(false).await;
+            let every = with_jitter(self.setup().1.scan_interval, random_u64());
+            tokio::select! {
+                () = tokio::time::sleep(every) => {
+                    self.scan(false).await;
+                }
+                // A new schedule starts a new wait.
+                () = self.reconfigured.notified() => {}
+            }
         }
     }
 }

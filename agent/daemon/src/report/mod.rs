@@ -99,8 +99,8 @@ impl Backoff {
 
 /// Sends the outbox and owed inventory to the controller, forever.
 pub struct Reporter {
-    pub cfg: ReportSection,
-    pub tls: TlsSection,
+    /// `[report]` and `[tls]`; a SIGHUP sends new ones, used from the next connection on.
+    pub settings: tokio::sync::watch::Receiver<(ReportSection, TlsSection)>,
     pub facts: Arc<HostFacts>,
     pub origin: Origin,
     pub scanner: Option<Arc<Scanner>>,
@@ -113,6 +113,11 @@ enum Failure {
 }
 
 impl Reporter {
+    /// The current `[report]` section.
+    fn cfg(&self) -> ReportSection {
+        self.settings.borrow().0.clone()
+    }
+
     /// Runs the sender, and marks inventory owed after every scan.
     pub async fn run(self: Arc<Self>) {
         if let Some(scanner) = &self.scanner {
@@ -124,10 +129,17 @@ impl Reporter {
                 }
             });
         }
-        let mut backoff = Backoff::new(self.cfg.retry_initial, self.cfg.retry_max);
+        let mut settings = self.settings.clone();
+        let backoff_of = |r: &ReportSection| Backoff::new(r.retry_initial, r.retry_max);
+        let mut backoff = backoff_of(&settings.borrow_and_update().0);
         let mut client: Option<ControllerClient<Channel>> = None;
         let mut failures = 0u64;
         loop {
+            if settings.has_changed().unwrap_or(false) {
+                // Reloaded: reconnect with the new address, names, files and timeouts.
+                backoff = backoff_of(&settings.borrow_and_update().0);
+                client = None;
+            }
             if !self.outbox.has_work() {
                 self.outbox.wait().await;
                 continue;
@@ -136,7 +148,7 @@ impl Reporter {
                 Ok(()) => {
                     if failures > 0 {
                         tracing::info!(
-                            controller = %self.cfg.controller,
+                            controller = %self.cfg().controller,
                             failed_attempts = failures,
                             pending = self.outbox.len(),
                             "Reaching the controller again"
@@ -152,7 +164,7 @@ impl Reporter {
                     // The first failure and then every tenth, so a long outage stays readable.
                     if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(
-                            controller = %self.cfg.controller,
+                            controller = %self.cfg().controller,
                             error = %why,
                             pending = self.outbox.len(),
                             retry_in = ?pause,
@@ -276,31 +288,27 @@ impl Reporter {
     /// A fresh connection; certificates are re-read, so a renewed certificate is used on the
     /// next reconnect.
     async fn connect(&self) -> Result<Channel, String> {
-        let ca = self.cfg.ca.as_deref().unwrap_or(&self.tls.ca);
-        let config = patch_agent_service::tls::client_config(ca, &self.tls.cert, &self.tls.key)?;
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.cfg.controller))
-            .map_err(|e| format!("report.controller {:?}: {e}", self.cfg.controller))?
-            .connect_timeout(self.cfg.timeout)
-            .timeout(self.cfg.timeout)
+        let (cfg, tls) = self.settings.borrow().clone();
+        let ca = cfg.ca.as_deref().unwrap_or(&tls.ca);
+        let config = patch_agent_service::tls::client_config(ca, &tls.cert, &tls.key)?;
+        let endpoint = Endpoint::from_shared(format!("http://{}", cfg.controller))
+            .map_err(|e| format!("report.controller {:?}: {e}", cfg.controller))?
+            .connect_timeout(cfg.timeout)
+            .timeout(cfg.timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(self.cfg.timeout);
-        patch_agent_service::tls::connect(
-            endpoint,
-            &self.cfg.controller,
-            self.cfg.server_name(),
-            config,
-        )
-        .await
-        .map_err(|e| {
-            let mut msg = format!("cannot connect to {}: {e}", self.cfg.controller);
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            msg
-        })
+            .keep_alive_timeout(cfg.timeout);
+        patch_agent_service::tls::connect(endpoint, &cfg.controller, cfg.server_name(), config)
+            .await
+            .map_err(|e| {
+                let mut msg = format!("cannot connect to {}: {e}", cfg.controller);
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(&format!(": {s}"));
+                    src = s.source();
+                }
+                msg
+            })
     }
 }
 
