@@ -109,6 +109,7 @@ fn report(host: &str, n: usize) -> pb::JobReport {
                     from_version: "1.0-1".into(),
                     to_version: "1.1-1".into(),
                     outcome: "changed".into(),
+                    result: pb::PackageOutcome::Changed as i32,
                 })
                 .collect(),
             ..Default::default()

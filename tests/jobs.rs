@@ -27,6 +27,10 @@ fn apt_jobs_upgrade_security_exclude_install_dry_run_scan_and_approval() {
         outcome(&s, "alpha").expect("alpha")["outcome"],
         "would change (dry run)"
     );
+    assert_eq!(
+        outcome(&s, "alpha").expect("alpha")["result"],
+        "PACKAGE_OUTCOME_WOULD_CHANGE"
+    );
     assert_eq!(f.dpkg_versions(), before);
 
     // Approval delay: every update was first seen today, so nothing is old enough.
@@ -47,9 +51,15 @@ fn apt_jobs_upgrade_security_exclude_install_dry_run_scan_and_approval() {
         (
             beta["fromVersion"].as_str(),
             beta["toVersion"].as_str(),
-            beta["outcome"].as_str()
+            beta["outcome"].as_str(),
+            beta["result"].as_str()
         ),
-        (Some("1.0"), Some("1.2"), Some("changed"))
+        (
+            Some("1.0"),
+            Some("1.2"),
+            Some("changed"),
+            Some("PACKAGE_OUTCOME_CHANGED")
+        )
     );
     assert!(outcome(&s, "alpha").is_none());
     assert!(f.dpkg_versions().contains("alpha=1.0") && f.dpkg_versions().contains("beta=1.2"));

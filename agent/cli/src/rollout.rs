@@ -8,6 +8,7 @@
 use super::client::{AgentArgs, TlsArgs};
 use super::jobs::{self, JobArgs};
 use anyhow::{Context, Result, bail};
+use patch_agent_wire::job::outcome::Outcome;
 use patch_agent_wire::proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -453,7 +454,7 @@ async fn run_host(
                 let changed = status
                     .packages
                     .iter()
-                    .filter(|p| p.outcome.starts_with("changed") || p.outcome == "installed")
+                    .filter(|p| Outcome::of(p).is_some_and(Outcome::changed_the_host))
                     .count();
                 let state = patch_agent_wire::convert::state_name(status.state);
                 let result = if jobs::succeeded(status.state) {

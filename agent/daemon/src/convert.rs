@@ -60,7 +60,8 @@ pub fn status(r: &Record) -> pb::JobStatus {
                 name: p.name.clone(),
                 from_version: p.from.clone(),
                 to_version: p.to.clone(),
-                outcome: p.outcome.clone(),
+                outcome: p.outcome.text().to_string(),
+                result: p.outcome.to_proto() as i32,
             })
             .collect(),
         summary: r.summary.clone(),

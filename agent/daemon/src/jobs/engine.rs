@@ -11,6 +11,7 @@ use super::state::{Event, State};
 use crate::config::JobsSection;
 use crate::pkg::scanner::Scanner;
 use crate::pkg::{Classification, Op, Severity, Update};
+use patch_agent_wire::job::outcome::Outcome;
 use patch_agent_wire::job::schema::Schema;
 use patch_agent_wire::job::trust::TrustStore;
 use patch_agent_wire::job::{Action, Policy, Rejection, ValidJob, WindowCheck, admit};
@@ -1035,7 +1036,7 @@ impl Engine {
                         .get(op.name())
                         .map_or(String::new(), |c| c.to_string()),
                 },
-                outcome: "planned".into(),
+                outcome: Outcome::Planned,
             })
             .collect();
         let plan: Vec<String> = planned
@@ -1069,7 +1070,7 @@ impl Engine {
             let outcomes = planned
                 .into_iter()
                 .map(|p| PackageOutcome {
-                    outcome: "would change (dry run)".into(),
+                    outcome: Outcome::WouldChange,
                     ..p
                 })
                 .collect();
@@ -1652,12 +1653,12 @@ pub fn compare_with_plan(
         let to = found.cloned().unwrap_or_default();
         let on_plan = found.is_some_and(|v| p.to.is_empty() || version_matches(&p.to, v));
         let outcome = match found {
-            None => "not installed",
-            Some(_) if !on_plan && to == p.from => "unchanged",
-            Some(_) if !on_plan => "changed (not to the planned version)",
-            Some(_) if p.from.is_empty() => "installed",
-            Some(_) if to == p.from => "unchanged",
-            Some(_) => "changed",
+            None => Outcome::NotInstalled,
+            Some(_) if !on_plan && to == p.from => Outcome::Unchanged,
+            Some(_) if !on_plan => Outcome::OffPlan,
+            Some(_) if p.from.is_empty() => Outcome::Installed,
+            Some(_) if to == p.from => Outcome::Unchanged,
+            Some(_) => Outcome::Changed,
         };
         if !on_plan {
             let planned_to = if p.to.is_empty() { "installed" } else { &p.to };
@@ -1671,7 +1672,7 @@ pub fn compare_with_plan(
             name: p.name.clone(),
             from: p.from.clone(),
             to,
-            outcome: outcome.into(),
+            outcome,
         });
     }
     let mut removed: Vec<(&str, &String)> = before
@@ -1690,7 +1691,7 @@ pub fn compare_with_plan(
             name: name.to_string(),
             from: version.clone(),
             to: String::new(),
-            outcome: "removed (not planned)".into(),
+            outcome: Outcome::RemovedUnplanned,
         });
     }
     check

@@ -5,6 +5,7 @@
 //! replayed job id is recognised for as long as its signature would be accepted.
 
 use super::state::State;
+use patch_agent_wire::job::outcome::Outcome;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ pub struct PackageOutcome {
     pub name: String,
     pub from: String,
     pub to: String,
-    pub outcome: String,
+    pub outcome: Outcome,
 }
 
 /// Everything known about one job.

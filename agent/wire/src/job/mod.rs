@@ -8,6 +8,7 @@
 //! → validity window and lifetime (FAILED_PRECONDITION) → replay (ALREADY_EXISTS).
 
 pub mod names;
+pub mod outcome;
 pub mod schema;
 pub mod trust;
 
