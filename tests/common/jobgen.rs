@@ -2,7 +2,7 @@
 //! (extreme timestamps, durations and enum values, hostile names and versions, random bytes),
 //! decoded and validated exactly as the agent does after a signature checks out.
 
-use patch_agent_wire::job::{self as jobs, Policy, schema::Schema};
+use patch_agent_wire::job::{self as jobs, AdmissionPolicy, schema::Schema};
 use patch_agent_wire::proto::v1 as pb;
 use patch_agent_wire::time::MAX_TIMESTAMP_SECS;
 use proptest::prelude::*;
@@ -153,8 +153,8 @@ pub fn job() -> impl Strategy<Value = pb::Job> {
     )
 }
 
-fn policy() -> Policy {
-    Policy {
+fn policy() -> AdmissionPolicy {
+    AdmissionPolicy {
         host_id: "test-host".into(),
         machine_id: "m".into(),
         max_lifetime: Duration::from_secs(24 * 3600),

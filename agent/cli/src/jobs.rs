@@ -206,7 +206,7 @@ pub fn sign_with(
         bail!("a job needs at least one target");
     };
     let job = build(a, id, targets, now)?;
-    let policy = patch_agent_wire::job::Policy {
+    let policy = patch_agent_wire::job::AdmissionPolicy {
         host_id: first.clone(),
         machine_id: String::new(),
         max_lifetime: a.max_lifetime,

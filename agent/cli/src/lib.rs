@@ -181,21 +181,25 @@ pub enum BenchCommand {
         /// The agent's pid, to report its RSS before and after (same host only).
         #[arg(long)]
         agent_pid: Option<u32>,
-        /// Threads for the load generator itself. On a small machine, keep this below the core
-        /// count so the generator does not starve the agent it measures.
-        #[arg(long, default_value_t = 1)]
-        client_threads: usize,
+        /// Threads for the load generator itself; default: one per core. On a small machine,
+        /// keep this below the core count so the generator does not starve the agent it
+        /// measures.
+        #[arg(long)]
+        client_threads: Option<usize>,
         #[arg(long)]
         json: bool,
     },
 }
 
 impl Cli {
-    /// Worker threads the command's runtime should have.
-    pub fn threads(&self) -> usize {
+    /// Worker threads for the runtime when the command asks for a number (`bench status
+    /// --client-threads`); None leaves tokio's default.
+    pub fn worker_threads(&self) -> Option<usize> {
         match &self.command {
-            Command::Bench(BenchCommand::Status { client_threads, .. }) => (*client_threads).max(1),
-            _ => 2,
+            Command::Bench(BenchCommand::Status { client_threads, .. }) => {
+                client_threads.map(|n| n.max(1))
+            }
+            _ => None,
         }
     }
 }

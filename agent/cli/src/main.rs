@@ -5,10 +5,11 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     patch_agent_service::tls::install_default_provider();
     let cli = patchctl::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads() {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("patchctl: cannot start the async runtime: {e}");

@@ -17,7 +17,7 @@
 //!   that ran (those plus SUCCEEDED and SUCCEEDED_REBOOT_REQUIRED), dry runs excluded.
 //! - **Reboot success rate**: jobs whose host came back from their reboot over jobs that rebooted.
 
-use super::store::Snapshot;
+use super::store::FleetSnapshot;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 
@@ -115,7 +115,7 @@ enum Unknown {
 
 /// Computes the dashboard as of `now` (unix seconds); an inventory older than `stale_after`
 /// seconds makes its host unknown.
-pub fn compute(s: &Snapshot, now: i64, stale_after: i64) -> Dashboard {
+pub fn compute(s: &FleetSnapshot, now: i64, stale_after: i64) -> Dashboard {
     let why: Vec<Option<Unknown>> = s
         .hosts
         .iter()
@@ -397,7 +397,7 @@ mod tests {
     fn figures_follow_the_definitions() {
         let now = 1_000 * 86400;
         let day = 86400;
-        let s = Snapshot {
+        let s = FleetSnapshot {
             hosts: vec![
                 host("a", Some("production")),
                 host("b", Some("production")),
@@ -491,7 +491,7 @@ mod tests {
         stale.scanned_at = Some(now - 49 * 3600);
         let mut never = host("never", None);
         never.has_inventory = false;
-        let s = Snapshot {
+        let s = FleetSnapshot {
             hosts: vec![host("ok", None), errors, stale, never],
             pending: vec![PendingRow {
                 // Overdue, but on a host whose scan is stale: not counted.
@@ -500,7 +500,7 @@ mod tests {
                 sla_class: 1,
                 since: now - 10 * 86400,
             }],
-            ..Snapshot::default()
+            ..FleetSnapshot::default()
         };
         let d = compute(&s, now, 48 * 3600);
         assert_eq!((d.hosts_known, d.hosts_unknown), (1, 3));

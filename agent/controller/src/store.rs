@@ -89,7 +89,7 @@ pub struct ResolvedRow {
 
 /// What the compliance dashboard is computed from.
 #[derive(Debug, Clone, Default)]
-pub struct Snapshot {
+pub struct FleetSnapshot {
     pub hosts: Vec<HostRow>,
     pub pending: Vec<PendingRow>,
     pub resolved: Vec<ResolvedRow>,
@@ -107,7 +107,7 @@ pub trait Store: Send + Sync {
     /// same (the host is marked seen); false means the full inventory is needed.
     async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<bool>;
     async fn history(&self, host: Option<String>, job: Option<String>) -> Result<Vec<JobRow>>;
-    async fn snapshot(&self) -> Result<Snapshot>;
+    async fn snapshot(&self) -> Result<FleetSnapshot>;
 }
 
 const SCHEMA: &str = "
@@ -589,7 +589,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn snapshot(&self) -> Result<Snapshot> {
+    async fn snapshot(&self) -> Result<FleetSnapshot> {
         self.read(|c| {
             let hosts = c
                 .prepare(
@@ -641,7 +641,7 @@ impl Store for SqliteStore {
                 .prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE final = 1"))?
                 .query_map([], job_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(Snapshot {
+            Ok(FleetSnapshot {
                 hosts,
                 pending,
                 resolved,

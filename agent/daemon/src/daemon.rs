@@ -6,7 +6,7 @@ use crate::host::{HostFacts, Sources};
 use crate::jobs::engine::Engine;
 use crate::report::{self, outbox::Outbox};
 use crate::server::{self, AgentService, Health};
-use patch_agent_service::auth::{AuthLayer, Policy};
+use patch_agent_service::auth::{AccessPolicy, AuthLayer};
 use patch_agent_service::listener::{self, TlsAccept};
 use patch_agent_service::notify::{self, Notifier};
 use patch_agent_service::telemetry::{self, FilterHandle};
@@ -187,7 +187,7 @@ async fn serve(
     );
 
     let (tls_tx, tls_rx) = watch::channel(tls_config);
-    let (policy_tx, policy_rx) = watch::channel(Arc::new(Policy::new(&config.auth)));
+    let (policy_tx, policy_rx) = watch::channel(Arc::new(AccessPolicy::new(&config.auth)));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let scanner = match crate::pkg::backend(&config.packages, &facts.os).await {
         Ok(backend) => {
@@ -404,8 +404,11 @@ fn schedule(p: &config::PackagesSection) -> crate::pkg::scanner::Schedule {
 }
 
 /// The admission policy for this host from `[jobs]`.
-fn job_policy(facts: &HostFacts, jobs: &config::JobsSection) -> patch_agent_wire::job::Policy {
-    patch_agent_wire::job::Policy {
+fn job_policy(
+    facts: &HostFacts,
+    jobs: &config::JobsSection,
+) -> patch_agent_wire::job::AdmissionPolicy {
+    patch_agent_wire::job::AdmissionPolicy {
         host_id: facts.host_id.clone(),
         machine_id: facts.machine_id.clone(),
         max_lifetime: jobs.max_job_lifetime,
@@ -421,7 +424,7 @@ fn job_policy(facts: &HostFacts, jobs: &config::JobsSection) -> patch_agent_wire
 /// What a reload can reach: every part of the running agent that takes live settings.
 struct Live {
     tls: watch::Sender<Arc<rustls::ServerConfig>>,
-    policy: watch::Sender<Arc<Policy>>,
+    policy: watch::Sender<Arc<AccessPolicy>>,
     report: watch::Sender<(config::ReportSection, config::TlsSection)>,
     filter: FilterHandle,
     engine: Arc<Engine>,
@@ -472,7 +475,7 @@ async fn reload(path: &Path, running: &mut Config, live: &Live) {
     live.engine.set_trust(trust);
     live.engine
         .set_jobs(job_policy(&live.facts, &new.jobs), new.jobs.clone());
-    let _ = live.policy.send(Arc::new(Policy::new(&new.auth)));
+    let _ = live.policy.send(Arc::new(AccessPolicy::new(&new.auth)));
     live.report
         .send_replace((new.report.clone(), new.tls.clone()));
     if let Err(e) = live.filter.set(&new.log.level) {

@@ -2,7 +2,7 @@
 //!
 //! A connection carries a [`Peer`] (names from the client certificate, or the uid behind the Unix
 //! socket). For each request, [`AuthLayer`] resolves the peer to a role with the current
-//! [`Policy`] and checks the method against [`required_permission`]: an RPC not listed there is
+//! [`AccessPolicy`] and checks the method against [`required_permission`]: an RPC not listed there is
 //! denied to everyone, and a peer with no role is refused. Handlers find the resulting
 //! [`Caller`] in the request extensions.
 
@@ -124,12 +124,12 @@ impl From<&Caller> for pb::Caller {
 
 /// Identities per role, from `[auth]`; replaced whole on reload.
 #[derive(Debug, Default, Clone)]
-pub struct Policy {
+pub struct AccessPolicy {
     controllers: HashSet<String>,
     viewers: HashSet<String>,
 }
 
-impl Policy {
+impl AccessPolicy {
     pub fn new(auth: &AuthSection) -> Self {
         Self {
             controllers: auth.controllers.iter().cloned().collect(),
@@ -175,7 +175,7 @@ impl Policy {
 
 /// Checks one request: the caller must have a role, and the role must allow the method.
 pub fn authorize(
-    policy: &Policy,
+    policy: &AccessPolicy,
     peer: Option<&Peer>,
     path: &str,
 ) -> Result<Caller, tonic::Status> {
@@ -228,11 +228,11 @@ pub fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
 /// Tower layer applying [`authorize`] to every request of a tonic server.
 #[derive(Clone)]
 pub struct AuthLayer {
-    policy: watch::Receiver<Arc<Policy>>,
+    policy: watch::Receiver<Arc<AccessPolicy>>,
 }
 
 impl AuthLayer {
-    pub fn new(policy: watch::Receiver<Arc<Policy>>) -> Self {
+    pub fn new(policy: watch::Receiver<Arc<AccessPolicy>>) -> Self {
         Self { policy }
     }
 }
@@ -251,7 +251,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub struct Authorize<S> {
     inner: S,
-    policy: watch::Receiver<Arc<Policy>>,
+    policy: watch::Receiver<Arc<AccessPolicy>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -305,8 +305,8 @@ where
 mod tests {
     use super::*;
 
-    fn policy() -> Policy {
-        Policy::new(&AuthSection {
+    fn policy() -> AccessPolicy {
+        AccessPolicy::new(&AuthSection {
             controllers: vec!["ctl.example".into()],
             viewers: vec!["spiffe://fleet/viewer".into()],
         })
@@ -336,7 +336,7 @@ mod tests {
 
     #[test]
     fn unix_peers_by_uid() {
-        let p = Policy::default();
+        let p = AccessPolicy::default();
         let root = p
             .resolve(&Peer::Unix {
                 uid: 0,

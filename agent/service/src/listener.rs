@@ -17,7 +17,7 @@
 //! The TLS configuration and the access policy are read from `watch` channels at each accept,
 //! so a reload applies to the next connection without touching established ones.
 
-use crate::auth::{Peer, Policy, certificate_names};
+use crate::auth::{AccessPolicy, Peer, certificate_names};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -305,7 +305,7 @@ pub struct TlsAccept {
     pub config: watch::Receiver<Arc<rustls::ServerConfig>>,
     /// Who has a role; a certificate with none is closed after the handshake. None: every
     /// certificate the CA signed is kept (the controller authorizes per RPC instead).
-    pub policy: Option<watch::Receiver<Arc<Policy>>>,
+    pub policy: Option<watch::Receiver<Arc<AccessPolicy>>>,
     pub handshake_timeout: Duration,
     pub limits: Limits,
     pub shutdown: watch::Receiver<bool>,

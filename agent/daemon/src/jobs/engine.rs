@@ -14,7 +14,7 @@ use crate::pkg::{Classification, Op, Severity, Update};
 use patch_agent_wire::job::outcome::Outcome;
 use patch_agent_wire::job::schema::Schema;
 use patch_agent_wire::job::trust::TrustStore;
-use patch_agent_wire::job::{Action, Policy, Rejection, ValidJob, WindowCheck, admit};
+use patch_agent_wire::job::{Action, AdmissionPolicy, Rejection, ValidJob, WindowCheck, admit};
 use patch_agent_wire::proto::v1 as pb;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,7 +78,7 @@ pub struct Engine {
     trust: RwLock<Arc<TrustStore>>,
     /// `[jobs]` and the admission policy built from it; a SIGHUP replaces both. A running job
     /// reads them as it goes, so a new hook_timeout or reboot_grace applies to its next step.
-    settings: RwLock<(Arc<Policy>, Arc<JobsSection>)>,
+    settings: RwLock<(Arc<AdmissionPolicy>, Arc<JobsSection>)>,
     scanner: Option<Arc<Scanner>>,
     boot_id_path: std::path::PathBuf,
     inner: Mutex<Inner>,
@@ -107,7 +107,7 @@ impl Engine {
     }
 
     /// The current admission policy.
-    fn policy(&self) -> Arc<Policy> {
+    fn policy(&self) -> Arc<AdmissionPolicy> {
         self.settings
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -116,7 +116,7 @@ impl Engine {
     }
 
     /// Applies a reloaded `[jobs]` section and the policy built from it.
-    pub fn set_jobs(&self, policy: Policy, cfg: JobsSection) {
+    pub fn set_jobs(&self, policy: AdmissionPolicy, cfg: JobsSection) {
         *self
             .settings
             .write()
@@ -129,7 +129,7 @@ impl Engine {
         boot_id_path: &std::path::Path,
         state_dir: &std::path::Path,
         trust: TrustStore,
-        policy: Policy,
+        policy: AdmissionPolicy,
         cfg: JobsSection,
         scanner: Option<Arc<Scanner>>,
     ) -> Result<Arc<Self>, String> {

@@ -315,7 +315,7 @@ impl ValidJob {
 
 /// The host a job must name, and the limits admission applies.
 #[derive(Debug, Clone)]
-pub struct Policy {
+pub struct AdmissionPolicy {
     pub host_id: String,
     pub machine_id: String,
     pub max_lifetime: Duration,
@@ -351,7 +351,7 @@ fn time(ts: &Option<prost_types::Timestamp>) -> Option<Result<SystemTime, String
 pub fn validate(
     job: pb::Job,
     key_id: &str,
-    policy: &Policy,
+    policy: &AdmissionPolicy,
     manager: Option<&str>,
     now: SystemTime,
 ) -> Result<ValidJob, Rejection> {
@@ -616,7 +616,7 @@ pub fn admit(
     env: &pb::SignedJob,
     trust: &trust::TrustStore,
     schema: &schema::Schema,
-    policy: &Policy,
+    policy: &AdmissionPolicy,
     manager: Option<&str>,
     now: SystemTime,
 ) -> Result<ValidJob, Rejection> {
@@ -646,8 +646,8 @@ pub fn admit(
 mod tests {
     use super::*;
 
-    fn policy() -> Policy {
-        Policy {
+    fn policy() -> AdmissionPolicy {
+        AdmissionPolicy {
             host_id: "web1".into(),
             machine_id: "m1".into(),
             max_lifetime: Duration::from_secs(24 * 3600),
