@@ -92,6 +92,14 @@ pub struct Engine {
     sink: std::sync::OnceLock<Arc<dyn ReportSink>>,
 }
 
+/// A transition found at start-up (recovery). The state machine allows every one of them;
+/// one it refused would leave the record as it was, logged.
+fn recovered(r: &mut Record, event: &Event) {
+    if let Err(e) = r.apply(event, journal::now_ms()) {
+        tracing::error!(job = %r.job_id, error = %e, "Recovery transition refused");
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -175,9 +183,7 @@ impl Engine {
             match (r.state, checked) {
                 (_, Some(Err(Recheck::Untrusted(why)))) => {
                     interrupted |= r.state == State::Applying;
-                    r.state = State::Failed;
-                    r.reason = why;
-                    r.finished_ms = Some(journal::now_ms());
+                    recovered(&mut r, &Event::Untrusted(why));
                     r.event(format!(
                         "FAILED: {} (found after an agent restart)",
                         r.reason
@@ -188,9 +194,8 @@ impl Engine {
                     resume = true;
                 }
                 (State::Rebooting, Some(Err(why))) => {
-                    r.state = State::Failed;
-                    r.reason = format!("cannot be resumed after the reboot: {why}");
-                    r.finished_ms = Some(journal::now_ms());
+                    let why = format!("cannot be resumed after the reboot: {why}");
+                    recovered(&mut r, &Event::Fail(why));
                     r.event(format!("FAILED: {}", r.reason));
                 }
                 (State::Applying, Some(Ok(j))) if !r.plan.is_empty() => {
@@ -198,30 +203,25 @@ impl Engine {
                     recover = true;
                 }
                 (State::Applying, Some(Err(why))) if !r.plan.is_empty() => {
-                    r.state = State::Interrupted;
+                    recovered(&mut r, &Event::Recovered);
                     r.reason = format!("the agent stopped while applying; cannot resume: {why}");
-                    r.finished_ms = Some(journal::now_ms());
                     r.event(format!("INTERRUPTED: {}", r.reason));
                     interrupted = true;
                 }
                 (State::Applying, _) => {
-                    r.state = State::Interrupted;
+                    recovered(&mut r, &Event::Recovered);
                     r.reason = "the agent stopped while the job was applying".into();
-                    r.finished_ms = Some(journal::now_ms());
                     r.event("INTERRUPTED: found applying after an agent restart");
                     interrupted = true;
                 }
                 (State::Queued | State::WaitingWindow, _) if expired => {
-                    r.state = State::Failed;
+                    recovered(&mut r, &Event::Expired);
                     r.reason = "expired before it could run".into();
-                    r.finished_ms = Some(journal::now_ms());
                     r.event("FAILED: expired while queued across a restart");
                 }
                 (State::Queued | State::WaitingWindow, Some(Ok(j))) => job = Some(j),
                 (State::Queued | State::WaitingWindow, Some(Err(why))) => {
-                    r.state = State::Failed;
-                    r.reason = format!("cannot be resumed: {why}");
-                    r.finished_ms = Some(journal::now_ms());
+                    recovered(&mut r, &Event::Fail(format!("cannot be resumed: {why}")));
                     r.event(format!("FAILED: {}", r.reason));
                 }
                 _ => {}
@@ -500,7 +500,6 @@ impl Engine {
             State::Queued | State::WaitingWindow => {
                 self.transition(entry, &Event::Cancel, "CANCELLED: cancelled while queued")?;
                 entry.record.reason = "cancelled by a controller".into();
-                entry.record.finished_ms = Some(journal::now_ms());
                 self.persist(entry);
                 let _ = entry.tx.send(Notice::Done(Box::new(entry.record.clone())));
                 let record = entry.record.clone();
@@ -520,8 +519,10 @@ impl Engine {
     }
 
     fn transition(&self, entry: &mut Entry, event: &Event, message: &str) -> Result<(), String> {
-        let next = entry.record.state.next(event).map_err(|e| e.to_string())?;
-        entry.record.state = next;
+        entry
+            .record
+            .apply(event, journal::now_ms())
+            .map_err(|e| e.to_string())?;
         let (n, ev) = entry.record.event(message);
         let _ = entry.tx.send(Notice::Event(n, ev));
         Ok(())
@@ -623,16 +624,6 @@ impl Engine {
             let mut inner = lock(&self.inner);
             let entry = inner.jobs.get_mut(id).ok_or("job vanished")?;
             self.transition(entry, &event, &message)?;
-            match entry.record.state {
-                State::Applying => entry.record.started_ms = Some(journal::now_ms()),
-                s if s.is_terminal() => {
-                    entry.record.finished_ms = Some(journal::now_ms());
-                    if let Event::Fail(why) | Event::Untrusted(why) = &event {
-                        entry.record.reason = why.clone();
-                    }
-                }
-                _ => {}
-            }
             let done = entry
                 .record
                 .state
@@ -737,7 +728,6 @@ impl Engine {
                         .is_ok()
                     {
                         entry.record.reason = why;
-                        entry.record.finished_ms = Some(journal::now_ms());
                         self.persist(entry);
                         let _ = entry.tx.send(Notice::Done(Box::new(entry.record.clone())));
                     }

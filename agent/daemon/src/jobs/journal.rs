@@ -4,7 +4,7 @@
 //! executed. Records stay until the job has expired and `history_retention` has passed, so a
 //! replayed job id is recognised for as long as its signature would be accepted.
 
-use super::state::State;
+use super::state::{Event, NotAllowed, State};
 use patch_agent_wire::job::outcome::Outcome;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -92,6 +92,24 @@ pub fn ms(t: SystemTime) -> u64 {
 }
 
 impl Record {
+    /// The one place a job's state changes: `State::next` decides, and the record follows.
+    /// Entering APPLYING stamps `started_ms`; a terminal state stamps `finished_ms` (the only
+    /// place it is set); a failure's reason is recorded. Other reasons are the caller's.
+    pub fn apply(&mut self, event: &Event, now_ms: u64) -> Result<State, NotAllowed> {
+        let next = self.state.next(event)?;
+        self.state = next;
+        if next == State::Applying {
+            self.started_ms = Some(now_ms);
+        }
+        if next.is_terminal() {
+            self.finished_ms = Some(now_ms);
+        }
+        if let Event::Fail(why) | Event::Untrusted(why) = event {
+            self.reason.clone_from(why);
+        }
+        Ok(next)
+    }
+
     /// Appends a history entry (bounded); returns it with its number.
     pub fn event(&mut self, message: impl Into<String>) -> (u64, EventRecord) {
         let seq = self.event_count;

@@ -153,6 +153,8 @@ impl State {
             (Applying, Event::Timeout) => TimedOut,
             (Applying, Event::Recovered) => Interrupted,
             (Queued | WaitingWindow | Rebooting | Applying, Event::Untrusted(_)) => Failed,
+            // Found queued after a restart, it cannot be validated again.
+            (Queued | WaitingWindow, Event::Fail(_)) => Failed,
             (state, event) => {
                 return Err(NotAllowed {
                     state,
