@@ -213,6 +213,7 @@ async fn serve(
         job_policy(&facts, &config.jobs),
         config.jobs.clone(),
         scanner.clone(),
+        Arc::new(crate::jobs::clock::SystemClock),
     )
     .await?;
     let (report_tx, report_rx) = watch::channel((config.report.clone(), config.tls.clone()));

@@ -3,6 +3,7 @@
 //! reboots, and the hooks and checks a job may name. What a job may say and how an envelope is
 //! verified is the wire contract, in `patch_agent_wire::job`.
 
+pub mod clock;
 pub mod engine;
 pub mod hooks;
 pub mod journal;
