@@ -44,104 +44,15 @@ impl Engine {
         });
         let mut interrupted = false;
         for mut r in records.into_iter().filter(|r| !removed.contains(&r.job_id)) {
-            let mut job = None;
-            let mut resume = false;
-            let mut recover = false;
-            // A job that may go on is verified once more against the current trust store (its
-            // key may have been removed while the agent was down) and validated again.
-            let checked = matches!(
-                r.state,
-                State::Rebooting | State::Applying | State::Queued | State::WaitingWindow
-            )
-            .then(|| engine.requeue(&r));
-            let now_ms = engine.now_ms();
-            let expired = r.expires_ms <= now_ms;
-            match (r.state, checked) {
-                (_, Some(Err(Recheck::Untrusted(why)))) => {
-                    interrupted |= r.state == State::Applying;
-                    recovered(&mut r, &Event::Untrusted(why), now_ms);
-                    r.event(format!(
-                        "FAILED: {} (found after an agent restart)",
-                        r.reason
-                    ));
-                }
-                (State::Rebooting, Some(Ok(j))) => {
-                    job = Some(j);
-                    resume = true;
-                }
-                (State::Rebooting, Some(Err(why))) => {
-                    let why = format!("cannot be resumed after the reboot: {why}");
-                    recovered(&mut r, &Event::Fail(why), now_ms);
-                    r.event(format!("FAILED: {}", r.reason));
-                }
-                (State::Applying, Some(Ok(j))) if !r.plan.is_empty() => {
-                    job = Some(j);
-                    recover = true;
-                }
-                (State::Applying, Some(Err(why))) if !r.plan.is_empty() => {
-                    recovered(&mut r, &Event::Recovered, now_ms);
-                    r.reason = format!("the agent stopped while applying; cannot resume: {why}");
-                    r.event(format!("INTERRUPTED: {}", r.reason));
-                    interrupted = true;
-                }
-                (State::Applying, _) => {
-                    recovered(&mut r, &Event::Recovered, now_ms);
-                    r.reason = "the agent stopped while the job was applying".into();
-                    r.event("INTERRUPTED: found applying after an agent restart");
-                    interrupted = true;
-                }
-                (state @ (State::PreHook | State::PostHook | State::Verifying), _) => {
-                    // A hook or a check was running: whether it finished is unknown, and
-                    // neither is safe to run twice.
-                    recovered(&mut r, &Event::Recovered, now_ms);
-                    r.reason = format!(
-                        "the agent stopped while the job was in {}",
-                        patch_agent_wire::convert::state_name(state.to_proto() as i32)
-                    );
-                    r.event(format!("INTERRUPTED: {}", r.reason));
-                }
-                (State::Queued | State::WaitingWindow, _) if expired => {
-                    recovered(&mut r, &Event::Expired, now_ms);
-                    r.reason = "expired before it could run".into();
-                    r.event("FAILED: expired while queued across a restart");
-                }
-                (State::Queued | State::WaitingWindow, Some(Ok(j))) => job = Some(j),
-                (State::Queued | State::WaitingWindow, Some(Err(why))) => {
-                    recovered(
-                        &mut r,
-                        &Event::Fail(format!("cannot be resumed: {why}")),
-                        now_ms,
-                    );
-                    r.event(format!("FAILED: {}", r.reason));
-                }
-                _ => {}
-            }
-            if let Err(e) = engine.journal.write(&r) {
+            let was = r.state;
+            let next = engine.decide(&mut r);
+            interrupted |= was == State::Applying && r.state != State::Applying;
+            if r.state != was
+                && let Err(e) = engine.journal.write(&r)
+            {
                 tracing::error!(job = %r.job_id, error = %e, "Cannot update the journal during recovery");
             }
-            let queued = matches!(r.state, State::Queued | State::WaitingWindow);
-            let id = r.job_id.clone();
-            let (tx, _) = broadcast::channel(256);
-            let mut inner = lock(&engine.inner);
-            inner.jobs.insert(
-                id.clone(),
-                Entry {
-                    record: r,
-                    rev: 0,
-                    dirty: false,
-                    reported_state: None,
-                    job,
-                    cancel: Arc::default(),
-                    tx,
-                },
-            );
-            if resume {
-                inner.resume.push_back(id);
-            } else if recover {
-                inner.recover.push_back(id);
-            } else if queued {
-                inner.queue.push_back(id);
-            }
+            engine.restore(r, next);
         }
         if interrupted && let Some(s) = &engine.scanner {
             match s.backend().repair().await {
@@ -153,6 +64,97 @@ impl Engine {
             }
         }
         Ok(engine)
+    }
+
+    /// What a journaled job becomes when the agent starts: its record is moved to where it
+    /// ends (through the one transition function), and the work left is returned.
+    fn decide(&self, r: &mut Record) -> Found {
+        // A job that may go on is verified once more against the current trust store (its
+        // key may have been removed while the agent was down) and validated again.
+        let checked = matches!(
+            r.state,
+            State::Rebooting | State::Applying | State::Queued | State::WaitingWindow
+        )
+        .then(|| self.requeue(r));
+        let now_ms = self.now_ms();
+        let expired = r.expires_ms <= now_ms;
+        match (r.state, checked) {
+            (_, Some(Err(Recheck::Untrusted(why)))) => {
+                recovered(r, &Event::Untrusted(why), now_ms);
+                r.event(format!(
+                    "FAILED: {} (found after an agent restart)",
+                    r.reason
+                ));
+            }
+            (State::Rebooting, Some(Ok(j))) => return Found::Resume(j),
+            (State::Rebooting, Some(Err(why))) => {
+                let why = format!("cannot be resumed after the reboot: {why}");
+                recovered(r, &Event::Fail(why), now_ms);
+                r.event(format!("FAILED: {}", r.reason));
+            }
+            (State::Applying, Some(Ok(j))) if !r.plan.is_empty() => return Found::Recover(j),
+            (State::Applying, Some(Err(why))) if !r.plan.is_empty() => {
+                recovered(r, &Event::Recovered, now_ms);
+                r.reason = format!("the agent stopped while applying; cannot resume: {why}");
+                r.event(format!("INTERRUPTED: {}", r.reason));
+            }
+            (State::Applying, _) => {
+                recovered(r, &Event::Recovered, now_ms);
+                r.reason = "the agent stopped while the job was applying".into();
+                r.event("INTERRUPTED: found applying after an agent restart");
+            }
+            (state @ (State::PreHook | State::PostHook | State::Verifying), _) => {
+                // A hook or a check was running: whether it finished is unknown, and
+                // neither is safe to run twice.
+                recovered(r, &Event::Recovered, now_ms);
+                r.reason = format!(
+                    "the agent stopped while the job was in {}",
+                    patch_agent_wire::convert::state_name(state.to_proto() as i32)
+                );
+                r.event(format!("INTERRUPTED: {}", r.reason));
+            }
+            (State::Queued | State::WaitingWindow, _) if expired => {
+                recovered(r, &Event::Expired, now_ms);
+                r.reason = "expired before it could run".into();
+                r.event("FAILED: expired while queued across a restart");
+            }
+            (State::Queued | State::WaitingWindow, Some(Ok(j))) => return Found::Queue(j),
+            (State::Queued | State::WaitingWindow, Some(Err(why))) => {
+                recovered(r, &Event::Fail(format!("cannot be resumed: {why}")), now_ms);
+                r.event(format!("FAILED: {}", r.reason));
+            }
+            _ => {}
+        }
+        Found::Ended
+    }
+
+    /// Puts a recovered record back in the engine, with its work queued where it belongs.
+    fn restore(&self, record: Record, found: Found) {
+        let id = record.job_id.clone();
+        let (tx, _) = broadcast::channel(256);
+        let job = match &found {
+            Found::Ended => None,
+            Found::Queue(j) | Found::Resume(j) | Found::Recover(j) => Some(j.clone()),
+        };
+        let mut inner = lock(&self.inner);
+        inner.jobs.insert(
+            id.clone(),
+            Entry {
+                record,
+                rev: 0,
+                dirty: false,
+                reported_state: None,
+                job,
+                cancel: Arc::default(),
+                tx,
+            },
+        );
+        match found {
+            Found::Queue(_) => inner.queue.push_back(id),
+            Found::Resume(_) => inner.resume.push_back(id),
+            Found::Recover(_) => inner.recover.push_back(id),
+            Found::Ended => {}
+        }
     }
 
     /// Verifies a journaled envelope again with the current trust store; returns the payload.
@@ -420,4 +422,16 @@ pub(super) fn read_boot_id(path: &std::path::Path) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|e| format!("(unreadable: {e})"))
+}
+
+/// What a job found in the journal at start still needs.
+pub(super) enum Found {
+    /// Nothing: it has ended (now, or before the restart).
+    Ended,
+    /// It waits in the queue (QUEUED or WAITING_WINDOW).
+    Queue(ValidJob),
+    /// It rebooted the host: confirm the reboot and finish.
+    Resume(ValidJob),
+    /// It was applying with a plan: judge what the package manager did.
+    Recover(ValidJob),
 }
