@@ -348,6 +348,7 @@ fn time(ts: &Option<prost_types::Timestamp>) -> Option<Result<SystemTime, String
 }
 
 /// Checks a decoded job against the policy; `manager` is the backend's name, for name grammar.
+/// Each field is checked in the order below, so the first problem is the one reported.
 pub fn validate(
     job: pb::Job,
     key_id: &str,
@@ -355,7 +356,7 @@ pub fn validate(
     manager: Option<&str>,
     now: SystemTime,
 ) -> Result<ValidJob, Rejection> {
-    let invalid = |m: String| Rejection::Invalid(m);
+    let invalid = Rejection::Invalid;
     let grammar = names::Grammar::of(manager);
     if !valid_job_id(&job.job_id) {
         return Err(invalid(format!(
@@ -363,105 +364,20 @@ pub fn validate(
             job.job_id
         )));
     }
-    if pb::RebootPolicy::try_from(job.reboot_policy).is_err() {
-        return Err(invalid(format!(
-            "unknown reboot_policy {}",
-            job.reboot_policy
-        )));
-    }
-    let action = match job.action {
-        None => {
-            return Err(invalid(
-                "the job has no action (scan, upgrade or install)".into(),
-            ));
+    let reboot_policy = match pb::RebootPolicy::try_from(job.reboot_policy) {
+        Ok(pb::RebootPolicy::IfRequired) => RebootPolicy::IfRequired,
+        Ok(pb::RebootPolicy::Always) => RebootPolicy::Always,
+        Ok(_) => RebootPolicy::Never,
+        Err(_) => {
+            return Err(invalid(format!(
+                "unknown reboot_policy {}",
+                job.reboot_policy
+            )));
         }
-        Some(pb::job::Action::Scan(_)) => Action::Scan,
-        Some(pb::job::Action::Upgrade(u)) => {
-            let scope = pb::UpgradeScope::try_from(u.scope)
-                .map_err(|_| invalid(format!("unknown upgrade scope {}", u.scope)))?;
-            let min_severity = match pb::Severity::try_from(u.min_severity) {
-                Ok(pb::Severity::Unspecified) => None,
-                Ok(pb::Severity::Critical) => Some(Severity::Critical),
-                Ok(pb::Severity::Important) => Some(Severity::Important),
-                Ok(pb::Severity::Moderate) => Some(Severity::Moderate),
-                Ok(pb::Severity::Low) => Some(Severity::Low),
-                _ => {
-                    return Err(invalid(format!(
-                        "min_severity {} is not a severity floor",
-                        u.min_severity
-                    )));
-                }
-            };
-            if scope == pb::UpgradeScope::Unspecified && min_severity.is_none() {
-                return Err(invalid(
-                    "upgrade needs a scope (ALL or SECURITY) or a min_severity".into(),
-                ));
-            }
-            let mut exclude = Vec::new();
-            for (i, e) in u.exclude.into_iter().enumerate() {
-                let field = format!("upgrade.exclude[{i}] {e:?}");
-                if let Some(re) = e.strip_prefix('/').and_then(|r| r.strip_suffix('/')) {
-                    if re.is_empty() || re.len() > 1024 {
-                        return Err(invalid(format!(
-                            "{field}: a /regex/ must be 1-1024 characters"
-                        )));
-                    }
-                    let re = regex::RegexBuilder::new(&format!("^(?:{re})$"))
-                        .size_limit(1 << 20)
-                        .build()
-                        .map_err(|err| invalid(format!("{field} is not a valid regex: {err}")))?;
-                    exclude.push(Exclude::Pattern(e, re));
-                } else if e.contains(['*', '?', '[']) {
-                    let re = names::glob_regex(&e)
-                        .map_err(|why| invalid(format!("{field}: the glob {why}")))?;
-                    exclude.push(Exclude::Pattern(e, re));
-                } else if let Some(why) = names::name_problem(grammar, &e) {
-                    return Err(invalid(format!(
-                        "{field} {why}; an exclude is a package name, a glob or /regex/"
-                    )));
-                } else {
-                    exclude.push(Exclude::Name(e));
-                }
-            }
-            Action::Upgrade {
-                security_only: scope == pb::UpgradeScope::Security || min_severity.is_some(),
-                min_severity,
-                exclude,
-                approve_after_days: u.approve_after_days,
-            }
-        }
-        Some(pb::job::Action::Install(i)) => {
-            if i.packages.is_empty() {
-                return Err(invalid("install names no packages".into()));
-            }
-            let mut specs = Vec::new();
-            for (i, p) in i.packages.into_iter().enumerate() {
-                if let Some(why) = names::name_problem(grammar, &p.name) {
-                    return Err(invalid(format!(
-                        "install.packages[{i}].name {:?} {why}",
-                        p.name
-                    )));
-                }
-                let version = if p.version.is_empty() {
-                    None
-                } else if let Some(why) = names::version_problem(grammar, &p.version) {
-                    return Err(invalid(format!(
-                        "install.packages[{i}].version {:?} {why}",
-                        p.version
-                    )));
-                } else {
-                    Some(p.version)
-                };
-                specs.push((p.name, version));
-            }
-            Action::Install(specs)
-        }
-        Some(pb::job::Action::Reboot(_)) => Action::Reboot,
     };
-    for t in &job.targets {
-        if t.is_empty() || t.len() > 253 {
-            return Err(invalid(format!("target {t:?} is not a host id")));
-        }
+    let action = action(job.action, grammar).map_err(invalid)?;
+    if let Some(t) = job.targets.iter().find(|t| t.is_empty() || t.len() > 253) {
+        return Err(invalid(format!("target {t:?} is not a host id")));
     }
     let expires_at = match time(&job.expires_at) {
         None => return Err(invalid("expires_at is required".into())),
@@ -472,122 +388,27 @@ pub fn validate(
         .map_err(|e| invalid(format!("not_before: {e}")))?;
     let max_duration = match job.max_duration {
         None => policy.max_duration,
-        Some(d) => {
-            // By hand: prost-types' conversion negates the seconds of a negative duration,
-            // which overflows for i64::MIN (found by the property test).
-            let (Ok(secs), Ok(nanos)) = (u64::try_from(d.seconds), u32::try_from(d.nanos)) else {
-                return Err(invalid(format!(
-                    "max_duration {}s {}ns must be positive",
-                    d.seconds, d.nanos
-                )));
-            };
-            if nanos >= 1_000_000_000 {
-                return Err(invalid(format!(
-                    "max_duration nanos {nanos} must be below 1e9"
-                )));
-            }
-            let d = Duration::new(secs, nanos);
-            if d.is_zero() || d > policy.max_duration {
-                return Err(invalid(format!(
-                    "max_duration {d:?} must be between 0 and {:?}",
-                    policy.max_duration
-                )));
-            }
-            d
-        }
+        Some(d) => max_duration(d, policy.max_duration).map_err(invalid)?,
     };
     let window = match &job.window {
         None => None,
-        Some(w) => {
-            let (Some(start), Some(end)) = (time(&w.start), time(&w.end)) else {
-                return Err(invalid("a maintenance window needs start and end".into()));
-            };
-            let start = start.map_err(|e| invalid(format!("window start: {e}")))?;
-            let end = end.map_err(|e| invalid(format!("window end: {e}")))?;
-            if start >= end {
-                return Err(invalid(
-                    "the maintenance window ends before it starts".into(),
-                ));
-            }
-            if end > plus(expires_at, policy.clock_skew) {
-                return Err(invalid(
-                    "the maintenance window ends after the job expires".into(),
-                ));
-            }
-            Some(Window {
-                start,
-                end,
-                allow_partial: w.allow_partial,
-            })
-        }
+        Some(w) => Some(window(w, plus(expires_at, policy.clock_skew)).map_err(invalid)?),
     };
     for name in job.pre_hooks.iter().chain(&job.post_hooks) {
-        if !valid_hook_name(name) {
-            return Err(invalid(format!(
-                "hook {name:?} must be a name in the hooks directory (1-64 of [A-Za-z0-9._-]), never a path"
-            )));
-        }
-        if let Some(hooks) = &policy.hooks {
-            (hooks.check)(&hooks.dir, name).map_err(invalid)?;
-        }
+        hook(name, policy.hooks.as_ref()).map_err(invalid)?;
     }
-    let mut checks = Vec::new();
-    if let Some(c) = &job.checks {
-        for u in &c.units {
-            if !valid_unit(u) {
-                return Err(invalid(format!("{u:?} is not a systemd unit name")));
-            }
-            checks.push(Check::Unit(u.clone()));
-        }
-        for p in &c.tcp_ports {
-            let port = u16::try_from(*p)
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| invalid(format!("{p} is not a TCP port")))?;
-            checks.push(Check::Port(port));
-        }
-        for url in &c.http_urls {
-            checks.push(parse_http_url(url).map_err(invalid)?);
-        }
-    }
-    let me = [policy.host_id.as_str(), policy.machine_id.as_str()];
-    if !job
-        .targets
-        .iter()
-        .any(|t| !t.is_empty() && me.contains(&t.as_str()))
-    {
-        return Err(Rejection::OtherHost(format!(
-            "job {} targets {:?}, not this host ({} / {})",
-            job.job_id, job.targets, policy.host_id, policy.machine_id
-        )));
-    }
-    if plus(expires_at, policy.clock_skew) <= now {
-        return Err(Rejection::Precondition(format!(
-            "job {} expired at {}",
-            job.job_id,
-            humantime::format_rfc3339_seconds(expires_at)
-        )));
-    }
-    if let Some(nb) = not_before
-        && nb > plus(now, policy.clock_skew)
-    {
-        return Err(Rejection::Precondition(format!(
-            "job {} is not valid before {}",
-            job.job_id,
-            humantime::format_rfc3339_seconds(nb)
-        )));
-    }
-    // Lifetime runs from the start of validity, or from now for a job valid at once.
-    let start = not_before.unwrap_or(now);
-    let lifetime = expires_at.duration_since(start).unwrap_or_default();
-    if lifetime > policy.max_lifetime.saturating_add(policy.clock_skew) {
-        return Err(Rejection::Precondition(format!(
-            "job {} lives {:?}, longer than the allowed {:?} ([jobs] max_job_lifetime)",
-            job.job_id,
-            Duration::from_secs(lifetime.as_secs()),
-            policy.max_lifetime
-        )));
-    }
+    let checks = match &job.checks {
+        None => Vec::new(),
+        Some(c) => checks(c).map_err(invalid)?,
+    };
+    admissible_here_and_now(
+        &job.job_id,
+        &job.targets,
+        expires_at,
+        not_before,
+        policy,
+        now,
+    )?;
     Ok(ValidJob {
         id: job.job_id,
         key_id: key_id.to_string(),
@@ -601,13 +422,227 @@ pub fn validate(
         pre_hooks: job.pre_hooks,
         post_hooks: job.post_hooks,
         checks,
-        reboot_policy: match pb::RebootPolicy::try_from(job.reboot_policy) {
-            Ok(pb::RebootPolicy::IfRequired) => RebootPolicy::IfRequired,
-            Ok(pb::RebootPolicy::Always) => RebootPolicy::Always,
-            _ => RebootPolicy::Never,
-        },
+        reboot_policy,
         allow_repo_errors: job.allow_repo_errors,
     })
+}
+
+fn action(
+    action: Option<pb::job::Action>,
+    grammar: Option<names::Grammar>,
+) -> Result<Action, String> {
+    match action {
+        None => Err("the job has no action (scan, upgrade or install)".into()),
+        Some(pb::job::Action::Scan(_)) => Ok(Action::Scan),
+        Some(pb::job::Action::Upgrade(u)) => upgrade(u, grammar),
+        Some(pb::job::Action::Install(i)) => install(i, grammar),
+        Some(pb::job::Action::Reboot(_)) => Ok(Action::Reboot),
+    }
+}
+
+fn upgrade(u: pb::UpgradeAction, grammar: Option<names::Grammar>) -> Result<Action, String> {
+    let scope = pb::UpgradeScope::try_from(u.scope)
+        .map_err(|_| format!("unknown upgrade scope {}", u.scope))?;
+    let min_severity = match pb::Severity::try_from(u.min_severity) {
+        Ok(pb::Severity::Unspecified) => None,
+        Ok(pb::Severity::Critical) => Some(Severity::Critical),
+        Ok(pb::Severity::Important) => Some(Severity::Important),
+        Ok(pb::Severity::Moderate) => Some(Severity::Moderate),
+        Ok(pb::Severity::Low) => Some(Severity::Low),
+        _ => {
+            return Err(format!(
+                "min_severity {} is not a severity floor",
+                u.min_severity
+            ));
+        }
+    };
+    if scope == pb::UpgradeScope::Unspecified && min_severity.is_none() {
+        return Err("upgrade needs a scope (ALL or SECURITY) or a min_severity".into());
+    }
+    let exclude = u
+        .exclude
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| exclude(i, e, grammar))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Action::Upgrade {
+        security_only: scope == pb::UpgradeScope::Security || min_severity.is_some(),
+        min_severity,
+        exclude,
+        approve_after_days: u.approve_after_days,
+    })
+}
+
+/// `upgrade.exclude[i]`: a package name, a glob, or a `/regex/` matching the whole name.
+fn exclude(i: usize, e: String, grammar: Option<names::Grammar>) -> Result<Exclude, String> {
+    let field = format!("upgrade.exclude[{i}] {e:?}");
+    if let Some(re) = e.strip_prefix('/').and_then(|r| r.strip_suffix('/')) {
+        if re.is_empty() || re.len() > 1024 {
+            return Err(format!("{field}: a /regex/ must be 1-1024 characters"));
+        }
+        let re = regex::RegexBuilder::new(&format!("^(?:{re})$"))
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|err| format!("{field} is not a valid regex: {err}"))?;
+        return Ok(Exclude::Pattern(e, re));
+    }
+    if e.contains(['*', '?', '[']) {
+        let re = names::glob_regex(&e).map_err(|why| format!("{field}: the glob {why}"))?;
+        return Ok(Exclude::Pattern(e, re));
+    }
+    if let Some(why) = names::name_problem(grammar, &e) {
+        return Err(format!(
+            "{field} {why}; an exclude is a package name, a glob or /regex/"
+        ));
+    }
+    Ok(Exclude::Name(e))
+}
+
+fn install(i: pb::InstallAction, grammar: Option<names::Grammar>) -> Result<Action, String> {
+    if i.packages.is_empty() {
+        return Err("install names no packages".into());
+    }
+    let mut specs = Vec::new();
+    for (i, p) in i.packages.into_iter().enumerate() {
+        if let Some(why) = names::name_problem(grammar, &p.name) {
+            return Err(format!("install.packages[{i}].name {:?} {why}", p.name));
+        }
+        let version = if p.version.is_empty() {
+            None
+        } else if let Some(why) = names::version_problem(grammar, &p.version) {
+            return Err(format!(
+                "install.packages[{i}].version {:?} {why}",
+                p.version
+            ));
+        } else {
+            Some(p.version)
+        };
+        specs.push((p.name, version));
+    }
+    Ok(Action::Install(specs))
+}
+
+/// A job's own max_duration: positive, and at most the agent's.
+fn max_duration(d: prost_types::Duration, most: Duration) -> Result<Duration, String> {
+    // By hand: prost-types' conversion negates the seconds of a negative duration,
+    // which overflows for i64::MIN (found by the property test).
+    let (Ok(secs), Ok(nanos)) = (u64::try_from(d.seconds), u32::try_from(d.nanos)) else {
+        return Err(format!(
+            "max_duration {}s {}ns must be positive",
+            d.seconds, d.nanos
+        ));
+    };
+    if nanos >= 1_000_000_000 {
+        return Err(format!("max_duration nanos {nanos} must be below 1e9"));
+    }
+    let d = Duration::new(secs, nanos);
+    if d.is_zero() || d > most {
+        return Err(format!("max_duration {d:?} must be between 0 and {most:?}"));
+    }
+    Ok(d)
+}
+
+/// A maintenance window that starts before it ends, and ends before `latest` (the expiry).
+fn window(w: &pb::MaintenanceWindow, latest: SystemTime) -> Result<Window, String> {
+    let (Some(start), Some(end)) = (time(&w.start), time(&w.end)) else {
+        return Err("a maintenance window needs start and end".into());
+    };
+    let start = start.map_err(|e| format!("window start: {e}"))?;
+    let end = end.map_err(|e| format!("window end: {e}"))?;
+    if start >= end {
+        return Err("the maintenance window ends before it starts".into());
+    }
+    if end > latest {
+        return Err("the maintenance window ends after the job expires".into());
+    }
+    Ok(Window {
+        start,
+        end,
+        allow_partial: w.allow_partial,
+    })
+}
+
+/// A hook named by a job: a plain name, and a file the host allows when it has a hooks dir.
+fn hook(name: &str, hooks: Option<&Hooks>) -> Result<(), String> {
+    if !valid_hook_name(name) {
+        return Err(format!(
+            "hook {name:?} must be a name in the hooks directory (1-64 of [A-Za-z0-9._-]), never a path"
+        ));
+    }
+    if let Some(hooks) = hooks {
+        (hooks.check)(&hooks.dir, name)?;
+    }
+    Ok(())
+}
+
+fn checks(c: &pb::PostChecks) -> Result<Vec<Check>, String> {
+    let mut checks = Vec::new();
+    for u in &c.units {
+        if !valid_unit(u) {
+            return Err(format!("{u:?} is not a systemd unit name"));
+        }
+        checks.push(Check::Unit(u.clone()));
+    }
+    for p in &c.tcp_ports {
+        let port = u16::try_from(*p)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{p} is not a TCP port"))?;
+        checks.push(Check::Port(port));
+    }
+    for url in &c.http_urls {
+        checks.push(parse_http_url(url)?);
+    }
+    Ok(checks)
+}
+
+/// Whether a well-formed job is for this host, valid now, and within the allowed lifetime.
+fn admissible_here_and_now(
+    id: &str,
+    targets: &[String],
+    expires_at: SystemTime,
+    not_before: Option<SystemTime>,
+    policy: &AdmissionPolicy,
+    now: SystemTime,
+) -> Result<(), Rejection> {
+    let me = [policy.host_id.as_str(), policy.machine_id.as_str()];
+    if !targets
+        .iter()
+        .any(|t| !t.is_empty() && me.contains(&t.as_str()))
+    {
+        return Err(Rejection::OtherHost(format!(
+            "job {} targets {:?}, not this host ({} / {})",
+            id, targets, policy.host_id, policy.machine_id
+        )));
+    }
+    if plus(expires_at, policy.clock_skew) <= now {
+        return Err(Rejection::Precondition(format!(
+            "job {} expired at {}",
+            id,
+            humantime::format_rfc3339_seconds(expires_at)
+        )));
+    }
+    if let Some(nb) = not_before
+        && nb > plus(now, policy.clock_skew)
+    {
+        return Err(Rejection::Precondition(format!(
+            "job {} is not valid before {}",
+            id,
+            humantime::format_rfc3339_seconds(nb)
+        )));
+    }
+    // Lifetime runs from the start of validity, or from now for a job valid at once.
+    let start = not_before.unwrap_or(now);
+    let lifetime = expires_at.duration_since(start).unwrap_or_default();
+    if lifetime > policy.max_lifetime.saturating_add(policy.clock_skew) {
+        return Err(Rejection::Precondition(format!(
+            "job {} lives {:?}, longer than the allowed {:?} ([jobs] max_job_lifetime)",
+            id,
+            Duration::from_secs(lifetime.as_secs()),
+            policy.max_lifetime
+        )));
+    }
+    Ok(())
 }
 
 /// Verifies and decodes an envelope: size, signature over the exact payload bytes, strict
