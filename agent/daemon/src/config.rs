@@ -9,6 +9,7 @@ pub use patch_agent_service::telemetry::LogFormat;
 pub use patch_agent_service::tls::TlsSection;
 pub use patch_agent_wire::ids::check_host_id;
 use patch_agent_wire::ids::{check_label, host_part, is_host_port};
+use patch_agent_wire::job::AdmissionPolicy;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
@@ -380,13 +381,16 @@ impl fmt::Display for Problems {
 impl Config {
     /// The TCP listen address, already validated by [`load`].
     pub fn listen_addr(&self) -> Result<SocketAddr, String> {
-        self.server.listen.parse().map_err(|e| {
-            format!(
-                "`{}` is not an address:port ({e}); use e.g. \"0.0.0.0:7443\" or \"[::]:7443\"",
-                self.server.listen
-            )
-        })
+        parse_listen(&self.server.listen)
     }
+}
+
+fn parse_listen(listen: &str) -> Result<SocketAddr, String> {
+    listen.parse().map_err(|e| {
+        format!(
+            "`{listen}` is not an address:port ({e}); use e.g. \"0.0.0.0:7443\" or \"[::]:7443\""
+        )
+    })
 }
 
 /// Reads, parses and checks the configuration at `path`, returning every problem found.
@@ -494,69 +498,106 @@ fn remove_path(table: &mut toml::Table, path: &[String]) -> bool {
 }
 
 /// Semantic checks on a structurally valid configuration; returns `(key, message)` pairs.
+/// Each section checks itself.
 pub fn validate(config: &Config) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut bad = |key: &str, msg: String| out.push((key.to_string(), msg));
+    let mut out = Findings::default();
+    config.server.check(&mut out);
+    config.agent.check(&mut out);
+    check_tls(&config.tls, &mut out);
+    check_auth(&config.auth, &mut out);
+    config.packages.check(&mut out);
+    config.report.check(&mut out);
+    config.jobs.check(&mut out);
+    config.log.check(&mut out);
+    out.0
+}
 
-    if let Err(e) = config.listen_addr() {
-        bad("server.listen", e);
+/// Problems found by the section checks, as `(key, message)`.
+#[derive(Default)]
+struct Findings(Vec<(String, String)>);
+
+impl Findings {
+    fn bad(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push((key.to_string(), message.into()));
     }
-    if let Some(sock) = &config.server.local_socket
-        && !sock.is_absolute()
-    {
-        bad(
-            "server.local_socket",
-            format!("`{}` must be an absolute path", sock.display()),
-        );
-    }
-    if config.server.handshake_timeout.is_zero() {
-        bad("server.handshake_timeout", "must be greater than 0".into());
-    }
-    if config.server.idle_timeout.is_zero() {
-        bad("server.idle_timeout", "must be greater than 0".into());
-    }
-    if config.server.max_connections_per_ip == 0 {
-        bad("server.max_connections_per_ip", "must be at least 1".into());
-    }
-    if config.server.max_local_connections == 0 {
-        bad("server.max_local_connections", "must be at least 1".into());
-    }
-    if config.server.max_connections == 0 {
-        bad("server.max_connections", "must be at least 1".into());
-    }
-    if !config.agent.state_dir.is_absolute() {
-        bad(
-            "agent.state_dir",
-            format!(
-                "`{}` must be an absolute path",
-                config.agent.state_dir.display()
-            ),
-        );
-    }
-    if !config.agent.host_id.is_empty()
-        && let Err(e) = check_host_id(&config.agent.host_id)
-    {
-        bad("agent.host_id", e);
-    }
-    for (key, path) in [
-        ("tls.ca", &config.tls.ca),
-        ("tls.cert", &config.tls.cert),
-        ("tls.key", &config.tls.key),
-    ] {
-        if path.as_os_str().is_empty() {
-            bad(key, "must name a PEM file".into());
+
+    fn absolute(&mut self, key: &str, path: &Path) {
+        if !path.is_absolute() {
+            self.bad(
+                key,
+                format!("`{}` must be an absolute path", path.display()),
+            );
         }
     }
+
+    fn at_least_one(&mut self, key: &str, n: usize) {
+        if n == 0 {
+            self.bad(key, "must be at least 1");
+        }
+    }
+
+    fn positive(&mut self, key: &str, d: Duration) {
+        if d.is_zero() {
+            self.bad(key, "must be greater than 0");
+        }
+    }
+}
+
+impl ServerSection {
+    fn check(&self, out: &mut Findings) {
+        if let Err(e) = parse_listen(&self.listen) {
+            out.bad("server.listen", e);
+        }
+        if let Some(sock) = &self.local_socket {
+            out.absolute("server.local_socket", sock);
+        }
+        out.positive("server.handshake_timeout", self.handshake_timeout);
+        out.positive("server.idle_timeout", self.idle_timeout);
+        out.at_least_one("server.max_connections_per_ip", self.max_connections_per_ip);
+        out.at_least_one("server.max_local_connections", self.max_local_connections);
+        out.at_least_one("server.max_connections", self.max_connections);
+    }
+}
+
+impl AgentSection {
+    fn check(&self, out: &mut Findings) {
+        out.absolute("agent.state_dir", &self.state_dir);
+        if !self.host_id.is_empty()
+            && let Err(e) = check_host_id(&self.host_id)
+        {
+            out.bad("agent.host_id", e);
+        }
+        for (k, v) in &self.labels {
+            if let Err(e) = check_label(k, v) {
+                out.bad(&format!("agent.labels.{k}"), e);
+            }
+        }
+    }
+}
+
+fn check_tls(tls: &TlsSection, out: &mut Findings) {
+    for (key, path) in [
+        ("tls.ca", &tls.ca),
+        ("tls.cert", &tls.cert),
+        ("tls.key", &tls.key),
+    ] {
+        if path.as_os_str().is_empty() {
+            out.bad(key, "must name a PEM file");
+        }
+    }
+}
+
+fn check_auth(auth: &AuthSection, out: &mut Findings) {
     for (key, list) in [
-        ("auth.controllers", &config.auth.controllers),
-        ("auth.viewers", &config.auth.viewers),
+        ("auth.controllers", &auth.controllers),
+        ("auth.viewers", &auth.viewers),
     ] {
         for (i, id) in list.iter().enumerate() {
             if id.is_empty()
                 || id.len() > 1024
                 || id.chars().any(|c| c.is_whitespace() || c.is_control())
             {
-                bad(
+                out.bad(
                     &format!("{key}.{i}"),
                     format!(
                         "{id:?} is not an identity: use a certificate's SAN DNS name or URI, without spaces"
@@ -565,126 +606,139 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
             }
         }
     }
-    for id in &config.auth.controllers {
-        if config.auth.viewers.contains(id) {
-            bad(
+    for id in &auth.controllers {
+        if auth.viewers.contains(id) {
+            out.bad(
                 "auth.viewers",
                 format!("{id:?} is listed as both controller and viewer; keep it in one list"),
             );
         }
     }
-    let p = &config.packages;
-    for (key, d) in [
-        ("packages.scan_interval", p.scan_interval),
-        ("packages.refresh_interval", p.refresh_interval),
-        ("packages.command_timeout", p.command_timeout),
-        ("packages.refresh_timeout", p.refresh_timeout),
-    ] {
-        if d < Duration::from_secs(1) {
-            bad(key, "must be at least 1s".into());
+}
+
+impl PackagesSection {
+    fn check(&self, out: &mut Findings) {
+        for (key, d) in [
+            ("packages.scan_interval", self.scan_interval),
+            ("packages.refresh_interval", self.refresh_interval),
+            ("packages.command_timeout", self.command_timeout),
+            ("packages.refresh_timeout", self.refresh_timeout),
+        ] {
+            if d < Duration::from_secs(1) {
+                out.bad(key, "must be at least 1s");
+            }
         }
-    }
-    for (key, path) in [
-        ("packages.dpkg_status", Some(&p.dpkg_status)),
-        (
-            "packages.reboot_required_file",
-            Some(&p.reboot_required_file),
-        ),
-        ("packages.apt_config", p.apt_config.as_ref()),
-        ("packages.rpm_root", p.rpm_root.as_ref()),
-    ] {
-        if let Some(path) = path
-            && !path.is_absolute()
-        {
-            bad(
-                key,
-                format!("`{}` must be an absolute path", path.display()),
-            );
+        out.absolute("packages.dpkg_status", &self.dpkg_status);
+        out.absolute("packages.reboot_required_file", &self.reboot_required_file);
+        if let Some(p) = &self.apt_config {
+            out.absolute("packages.apt_config", p);
         }
-    }
-    for (key, list) in [
-        ("packages.apt_options", &p.apt_options),
-        ("packages.dnf_args", &p.dnf_args),
-    ] {
-        for (i, o) in list.iter().enumerate() {
-            if o.is_empty() || o.contains(['\n', '\0']) {
-                bad(
-                    &format!("{key}.{i}"),
-                    format!("{o:?} is not a usable option"),
-                );
+        if let Some(p) = &self.rpm_root {
+            out.absolute("packages.rpm_root", p);
+        }
+        for (key, list) in [
+            ("packages.apt_options", &self.apt_options),
+            ("packages.dnf_args", &self.dnf_args),
+        ] {
+            for (i, o) in list.iter().enumerate() {
+                if o.is_empty() || o.contains(['\n', '\0']) {
+                    out.bad(
+                        &format!("{key}.{i}"),
+                        format!("{o:?} is not a usable option"),
+                    );
+                }
             }
         }
     }
-    for (k, v) in &config.agent.labels {
-        if let Err(e) = check_label(k, v) {
-            bad(&format!("agent.labels.{k}"), e);
+
+    /// The scanner's schedule.
+    pub fn schedule(&self) -> crate::pkg::scanner::Schedule {
+        crate::pkg::scanner::Schedule {
+            scan_interval: self.scan_interval,
+            refresh_interval: self.refresh_interval,
+            scan_on_start: self.scan_on_start,
         }
     }
-    let r = &config.report;
-    if !r.controller.is_empty() {
-        if !is_host_port(&r.controller) {
-            bad(
+}
+
+impl ReportSection {
+    fn check(&self, out: &mut Findings) {
+        if !self.controller.is_empty() {
+            if !is_host_port(&self.controller) {
+                out.bad(
+                    "report.controller",
+                    format!(
+                        "`{}` is not HOST:PORT; use e.g. \"controller.example:7000\"",
+                        self.controller
+                    ),
+                );
+            }
+        } else if !self.server_name.is_empty() || self.ca.is_some() {
+            out.bad(
                 "report.controller",
+                "server_name and ca are set but controller is not; set controller = \"HOST:PORT\"",
+            );
+        }
+        if self.outbox_size < 2 {
+            out.bad("report.outbox_size", "must be at least 2");
+        }
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+            out.bad(
+                "report.retry_initial",
+                "must be greater than 0 and at most report.retry_max",
+            );
+        }
+        out.positive("report.timeout", self.timeout);
+    }
+}
+
+impl JobsSection {
+    fn check(&self, out: &mut Findings) {
+        out.absolute("jobs.trusted_keys_dir", &self.trusted_keys_dir);
+        if self.reboot_command.first().is_none_or(String::is_empty) {
+            out.bad(
+                "jobs.reboot_command",
+                "must name a program, e.g. [\"systemctl\", \"reboot\"]",
+            );
+        }
+        out.at_least_one("jobs.queue_size", self.queue_size);
+        if self.max_job_lifetime.is_zero() || self.max_job_duration.is_zero() {
+            out.bad(
+                "jobs.max_job_lifetime",
+                "max_job_lifetime and max_job_duration must be greater than 0",
+            );
+        }
+    }
+
+    /// What admission allows on this host (`host_id`, `machine_id`), with hook files checked
+    /// in `hooks_dir`.
+    pub fn admission_policy(&self, host_id: &str, machine_id: &str) -> AdmissionPolicy {
+        AdmissionPolicy {
+            host_id: host_id.to_string(),
+            machine_id: machine_id.to_string(),
+            max_lifetime: self.max_job_lifetime,
+            clock_skew: self.clock_skew,
+            max_duration: self.max_job_duration,
+            hooks: Some(patch_agent_wire::job::Hooks {
+                dir: self.hooks_dir.clone(),
+                check: crate::jobs::hooks::check_hook,
+            }),
+        }
+    }
+}
+
+impl LogSection {
+    fn check(&self, out: &mut Findings) {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            out.bad(
+                "log.level",
                 format!(
-                    "`{}` is not HOST:PORT; use e.g. \"controller.example:7000\"",
-                    r.controller
+                    "`{}` is not a log filter ({e}); use e.g. \"info\" or \"patch_agent=debug,info\"",
+                    self.level
                 ),
             );
         }
-    } else if !r.server_name.is_empty() || r.ca.is_some() {
-        bad(
-            "report.controller",
-            "server_name and ca are set but controller is not; set controller = \"HOST:PORT\""
-                .into(),
-        );
     }
-    if r.outbox_size < 2 {
-        bad("report.outbox_size", "must be at least 2".into());
-    }
-    if r.retry_initial.is_zero() || r.retry_max < r.retry_initial {
-        bad(
-            "report.retry_initial",
-            "must be greater than 0 and at most report.retry_max".into(),
-        );
-    }
-    if r.timeout.is_zero() {
-        bad("report.timeout", "must be greater than 0".into());
-    }
-    let j = &config.jobs;
-    if !j.trusted_keys_dir.is_absolute() {
-        bad(
-            "jobs.trusted_keys_dir",
-            format!(
-                "`{}` must be an absolute path",
-                j.trusted_keys_dir.display()
-            ),
-        );
-    }
-    if j.reboot_command.is_empty() || j.reboot_command[0].is_empty() {
-        bad(
-            "jobs.reboot_command",
-            "must name a program, e.g. [\"systemctl\", \"reboot\"]".into(),
-        );
-    }
-    if j.queue_size == 0 {
-        bad("jobs.queue_size", "must be at least 1".into());
-    }
-    if j.max_job_lifetime.is_zero() || j.max_job_duration.is_zero() {
-        bad(
-            "jobs.max_job_lifetime",
-            "max_job_lifetime and max_job_duration must be greater than 0".into(),
-        );
-    }
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
-        bad(
-            "log.level",
-            format!(
-                "`{}` is not a log filter ({e}); use e.g. \"info\" or \"patch_agent=debug,info\"",
-                config.log.level
-            ),
-        );
-    }
-    out
 }
 
 /// A duration as the file writes it (`5m`, `1h 30m`), for `running-config.json`.

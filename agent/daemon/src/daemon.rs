@@ -191,7 +191,7 @@ async fn serve(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let scanner = match crate::pkg::backend(&config.packages, &facts.os).await {
         Ok(backend) => {
-            let schedule = schedule(&config.packages);
+            let schedule = config.packages.schedule();
             tracing::info!(manager = backend.name(), "Package manager");
             Some(Arc::new(crate::pkg::scanner::Scanner::new(
                 backend,
@@ -210,7 +210,9 @@ async fn serve(
         &config.agent.boot_id_path,
         &config.agent.state_dir,
         trust,
-        job_policy(&facts, &config.jobs),
+        config
+            .jobs
+            .admission_policy(&facts.host_id, &facts.machine_id),
         config.jobs.clone(),
         scanner.clone(),
         Arc::new(crate::jobs::clock::SystemClock),
@@ -395,33 +397,6 @@ async fn drain(
     }
 }
 
-/// The scan schedule from `[packages]`.
-fn schedule(p: &config::PackagesSection) -> crate::pkg::scanner::Schedule {
-    crate::pkg::scanner::Schedule {
-        scan_interval: p.scan_interval,
-        refresh_interval: p.refresh_interval,
-        scan_on_start: p.scan_on_start,
-    }
-}
-
-/// The admission policy for this host from `[jobs]`.
-fn job_policy(
-    facts: &HostFacts,
-    jobs: &config::JobsSection,
-) -> patch_agent_wire::job::AdmissionPolicy {
-    patch_agent_wire::job::AdmissionPolicy {
-        host_id: facts.host_id.clone(),
-        machine_id: facts.machine_id.clone(),
-        max_lifetime: jobs.max_job_lifetime,
-        clock_skew: jobs.clock_skew,
-        max_duration: jobs.max_job_duration,
-        hooks: Some(patch_agent_wire::job::Hooks {
-            dir: jobs.hooks_dir.clone(),
-            check: crate::jobs::hooks::check_hook,
-        }),
-    }
-}
-
 /// What a reload can reach: every part of the running agent that takes live settings.
 struct Live {
     tls: watch::Sender<Arc<rustls::ServerConfig>>,
@@ -464,7 +439,7 @@ async fn reload(path: &Path, running: &mut Config, live: &Live) {
         && new.packages != running.packages
     {
         match crate::pkg::backend(&new.packages, &live.facts.os).await {
-            Ok(backend) => scanner.reconfigure(backend, schedule(&new.packages)),
+            Ok(backend) => scanner.reconfigure(backend, new.packages.schedule()),
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: cannot rebuild the package backend; keeping the running [packages]");
                 new.packages = running.packages.clone();
@@ -474,8 +449,11 @@ async fn reload(path: &Path, running: &mut Config, live: &Live) {
     let _ = live.tls.send(tls_config);
     let keys = trust.len();
     live.engine.set_trust(trust);
-    live.engine
-        .set_jobs(job_policy(&live.facts, &new.jobs), new.jobs.clone());
+    live.engine.set_jobs(
+        new.jobs
+            .admission_policy(&live.facts.host_id, &live.facts.machine_id),
+        new.jobs.clone(),
+    );
     let _ = live.policy.send(Arc::new(AccessPolicy::new(&new.auth)));
     live.report
         .send_replace((new.report.clone(), new.tls.clone()));
