@@ -4,6 +4,7 @@
 use crate::config::{self, Config, LogFormat};
 use crate::host::{HostFacts, Sources};
 use crate::jobs::engine::Engine;
+use crate::pkg::scanner::Scanner;
 use crate::report::{self, outbox::Outbox};
 use crate::server::{self, AgentService, Health};
 use patch_agent_service::auth::{AccessPolicy, AuthLayer};
@@ -173,38 +174,12 @@ async fn serve(
     } = checked;
     let notifier = Notifier::from_env();
     prepare_state_dir(&config.agent.state_dir)?;
-    let sources = Sources {
-        boot_id: config.agent.boot_id_path.clone(),
-        ..Sources::default()
-    };
-    let facts = Arc::new(HostFacts::read(&sources, &config.agent.host_id)?);
-    tracing::info!(
-        version = crate::VERSION,
-        host_id = %facts.host_id,
-        os = %facts.os.pretty_name,
-        kernel = %facts.kernel_release,
-        "Starting patch-agent"
-    );
+    let facts = host_facts(&config)?;
 
     let (tls_tx, tls_rx) = watch::channel(tls_config);
     let (policy_tx, policy_rx) = watch::channel(Arc::new(AccessPolicy::new(&config.auth)));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let scanner = match crate::pkg::backend(&config.packages, &facts.os).await {
-        Ok(backend) => {
-            let schedule = config.packages.schedule();
-            tracing::info!(manager = backend.name(), "Package manager");
-            Some(Arc::new(crate::pkg::scanner::Scanner::new(
-                backend,
-                schedule,
-                facts.boot_time,
-                &config.agent.state_dir,
-            )))
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "Package features disabled");
-            None
-        }
-    };
+    let scanner = open_scanner(&config, &facts).await;
     tracing::info!(keys = trust.len(), dir = %config.jobs.trusted_keys_dir.display(), "Trust store loaded");
     let engine = Engine::open(
         &config.agent.boot_id_path,
@@ -219,88 +194,20 @@ async fn serve(
     )
     .await?;
     let (report_tx, report_rx) = watch::channel((config.report.clone(), config.tls.clone()));
-    let reporter = if config.report.controller.is_empty() {
-        tracing::info!("No [report] controller: job results and inventory are not reported");
-        None
-    } else {
-        let outbox = Arc::new(Outbox::open(
-            &config.agent.state_dir.join("outbox"),
-            config.report.outbox_size,
-        )?);
-        let origin = report::Origin {
-            host_id: facts.host_id.clone(),
-            labels: config.agent.labels.clone(),
-        };
-        engine.set_report_sink(Arc::new(report::JobSink {
-            origin: origin.clone(),
-            outbox: outbox.clone(),
-        }));
-        // The controller may have lost it, or never had it: the checksum alone settles that.
-        outbox.want_inventory();
-        tracing::info!(controller = %config.report.controller, pending = outbox.len(), "Reporting to the controller");
-        Some(Arc::new(report::Reporter {
-            settings: report_rx,
-            facts: facts.clone(),
-            origin,
-            scanner: scanner.clone(),
-            outbox,
-        }))
-    };
+    let reporter = open_reporter(&config, &facts, &engine, &scanner, report_rx)?;
     let (routes, health) = server::routes(AgentService::new(
         facts.clone(),
         scanner.clone(),
         engine.clone(),
     ))
     .await?;
-
-    let listen = config.listen_addr()?;
-    let tcp = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let tcp_addr = tcp.local_addr().map_err(|e| e.to_string())?;
-    let incoming = listener::tls_incoming(
-        tcp,
-        TlsAccept {
-            config: tls_rx,
-            policy: Some(policy_rx.clone()),
-            handshake_timeout: config.server.handshake_timeout,
-            limits: listener::Limits::new(
-                config.server.max_connections,
-                config.server.max_connections_per_ip,
-                config.server.idle_timeout,
-            ),
-            shutdown: shutdown_rx.clone(),
-        },
-    );
-    let mut servers = tokio::task::JoinSet::new();
-    let builder = || {
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(256))
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
-            .layer(listener::ActivityLayer)
-            .layer(AuthLayer::new(policy_rx.clone()))
-            .add_routes(routes.clone())
+    let listeners = Listeners {
+        routes,
+        tls: tls_rx,
+        policy: policy_rx,
+        shutdown: shutdown_rx,
     };
-    let stop = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    servers.spawn(builder().serve_with_incoming_shutdown(incoming, stop(shutdown_rx.clone())));
-    tracing::info!(address = %tcp_addr, "Listening for gRPC over mutual TLS");
-
-    let mut status = format!("Listening on {tcp_addr} (mTLS)");
-    let local_socket = config.server.local_socket.clone();
-    if let Some(path) = &local_socket {
-        let unix = listener::bind_unix(path)?;
-        let limits = listener::Limits::new(
-            config.server.max_local_connections,
-            config.server.max_local_connections,
-            config.server.idle_timeout,
-        );
-        let incoming = listener::unix_incoming(unix, limits, shutdown_rx.clone());
-        servers.spawn(builder().serve_with_incoming_shutdown(incoming, stop(shutdown_rx.clone())));
-        tracing::info!(path = %path.display(), "Listening for gRPC on the local socket");
-        status.push_str(&format!(" and {}", path.display()));
-    }
+    let (servers, status) = listeners.start(&config).await?;
 
     if let Some(scanner) = &scanner {
         tokio::spawn(scanner.clone().run());
@@ -315,22 +222,8 @@ async fn serve(
         std::process::id()
     ));
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "Ready");
+    feed_watchdog();
 
-    if let Some(every) = notify::watchdog_interval() {
-        let notifier = Notifier::from_env();
-        tracing::info!(interval = ?every, "Feeding the systemd watchdog");
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                notifier.notify("WATCHDOG=1");
-            }
-        });
-    }
-
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut running = config.clone();
     crate::reload::record_running(&running);
     let live = Live {
@@ -342,11 +235,189 @@ async fn serve(
         scanner,
         facts,
     };
+    let (failure, servers) =
+        until_stopped(&config_path, &mut running, &live, &notifier, servers).await?;
+    drain(&health, &notifier, &running, shutdown_tx, servers).await;
+    if let Some(path) = &config.server.local_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    match failure {
+        None => tracing::info!("Stopped"),
+        Some(why) => return Err(why),
+    }
+    Ok(())
+}
+
+/// This host's facts, read once at start.
+fn host_facts(config: &Config) -> Result<Arc<HostFacts>, String> {
+    let sources = Sources {
+        boot_id: config.agent.boot_id_path.clone(),
+        ..Sources::default()
+    };
+    let facts = HostFacts::read(&sources, &config.agent.host_id)?;
+    tracing::info!(
+        version = crate::VERSION,
+        host_id = %facts.host_id,
+        os = %facts.os.pretty_name,
+        kernel = %facts.kernel_release,
+        "Starting patch-agent"
+    );
+    Ok(Arc::new(facts))
+}
+
+/// The package backend and its scanner; None (package features off) when no backend fits.
+async fn open_scanner(config: &Config, facts: &HostFacts) -> Option<Arc<Scanner>> {
+    match crate::pkg::backend(&config.packages, &facts.os).await {
+        Ok(backend) => {
+            tracing::info!(manager = backend.name(), "Package manager");
+            Some(Arc::new(Scanner::new(
+                backend,
+                config.packages.schedule(),
+                facts.boot_time,
+                &config.agent.state_dir,
+            )))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Package features disabled");
+            None
+        }
+    }
+}
+
+/// The outbox and the reporter when `[report] controller` is set; the engine's job reports go
+/// to the outbox from then on.
+fn open_reporter(
+    config: &Config,
+    facts: &Arc<HostFacts>,
+    engine: &Engine,
+    scanner: &Option<Arc<Scanner>>,
+    settings: watch::Receiver<(config::ReportSection, config::TlsSection)>,
+) -> Result<Option<Arc<report::Reporter>>, String> {
+    if config.report.controller.is_empty() {
+        tracing::info!("No [report] controller: job results and inventory are not reported");
+        return Ok(None);
+    }
+    let outbox = Arc::new(Outbox::open(
+        &config.agent.state_dir.join("outbox"),
+        config.report.outbox_size,
+    )?);
+    let origin = report::Origin {
+        host_id: facts.host_id.clone(),
+        labels: config.agent.labels.clone(),
+    };
+    engine.set_report_sink(Arc::new(report::JobSink {
+        origin: origin.clone(),
+        outbox: outbox.clone(),
+    }));
+    // The controller may have lost it, or never had it: the checksum alone settles that.
+    outbox.want_inventory();
+    tracing::info!(controller = %config.report.controller, pending = outbox.len(), "Reporting to the controller");
+    Ok(Some(Arc::new(report::Reporter {
+        settings,
+        facts: facts.clone(),
+        origin,
+        scanner: scanner.clone(),
+        outbox,
+    })))
+}
+
+type Servers = tokio::task::JoinSet<Result<(), tonic::transport::Error>>;
+
+/// What the gRPC listeners serve and watch.
+struct Listeners {
+    routes: tonic::service::Routes,
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+    policy: watch::Receiver<Arc<AccessPolicy>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Listeners {
+    /// Binds the TCP listener (mutual TLS) and the local socket if configured, and serves
+    /// both; returns the servers and the status line for systemd.
+    async fn start(self, config: &Config) -> Result<(Servers, String), String> {
+        let listen = config.listen_addr()?;
+        let tcp = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let tcp_addr = tcp.local_addr().map_err(|e| e.to_string())?;
+        let incoming = listener::tls_incoming(
+            tcp,
+            TlsAccept {
+                config: self.tls.clone(),
+                policy: Some(self.policy.clone()),
+                handshake_timeout: config.server.handshake_timeout,
+                limits: listener::Limits::new(
+                    config.server.max_connections,
+                    config.server.max_connections_per_ip,
+                    config.server.idle_timeout,
+                ),
+                shutdown: self.shutdown.clone(),
+            },
+        );
+        let server = || {
+            tonic::transport::Server::builder()
+                .max_concurrent_streams(Some(256))
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+                .layer(listener::ActivityLayer)
+                .layer(AuthLayer::new(self.policy.clone()))
+                .add_routes(self.routes.clone())
+        };
+        let mut servers = Servers::new();
+        let stop = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        servers.spawn(server().serve_with_incoming_shutdown(incoming, stop(self.shutdown.clone())));
+        tracing::info!(address = %tcp_addr, "Listening for gRPC over mutual TLS");
+        let mut status = format!("Listening on {tcp_addr} (mTLS)");
+        if let Some(path) = &config.server.local_socket {
+            let unix = listener::bind_unix(path)?;
+            let limits = listener::Limits::new(
+                config.server.max_local_connections,
+                config.server.max_local_connections,
+                config.server.idle_timeout,
+            );
+            let incoming = listener::unix_incoming(unix, limits, self.shutdown.clone());
+            servers.spawn(
+                server().serve_with_incoming_shutdown(incoming, stop(self.shutdown.clone())),
+            );
+            tracing::info!(path = %path.display(), "Listening for gRPC on the local socket");
+            status.push_str(&format!(" and {}", path.display()));
+        }
+        Ok((servers, status))
+    }
+}
+
+/// Feeds the systemd watchdog when the unit has one.
+fn feed_watchdog() {
+    if let Some(every) = notify::watchdog_interval() {
+        let notifier = Notifier::from_env();
+        tracing::info!(interval = ?every, "Feeding the systemd watchdog");
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                notifier.notify("WATCHDOG=1");
+            }
+        });
+    }
+}
+
+/// Reloads on SIGHUP until SIGTERM or SIGINT (None), or a listener ends on its own (why).
+async fn until_stopped(
+    config_path: &Path,
+    running: &mut Config,
+    live: &Live,
+    notifier: &Notifier,
+    mut servers: Servers,
+) -> Result<(Option<String>, Servers), String> {
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let failure = loop {
         tokio::select! {
             _ = hup.recv() => {
                 notifier.notify("RELOADING=1");
-                reload(&config_path, &mut running, &live).await;
+                reload(config_path, running, live).await;
                 notifier.notify("READY=1");
             }
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break None; }
@@ -362,17 +433,7 @@ async fn serve(
             }
         }
     };
-    drain(&health, &notifier, &running, shutdown_tx, servers).await;
-    if let Some(path) = &local_socket {
-        let _ = std::fs::remove_file(path);
-    }
-    match failure {
-        None => {
-            tracing::info!("Stopped");
-            Ok(())
-        }
-        Some(why) => Err(why),
-    }
+    Ok((failure, servers))
 }
 
 async fn drain(
@@ -380,7 +441,7 @@ async fn drain(
     notifier: &Notifier,
     config: &Config,
     shutdown: watch::Sender<bool>,
-    mut servers: tokio::task::JoinSet<Result<(), tonic::transport::Error>>,
+    mut servers: Servers,
 ) {
     health.set(false).await;
     notifier.notify("STOPPING=1");
@@ -404,7 +465,7 @@ struct Live {
     report: watch::Sender<(config::ReportSection, config::TlsSection)>,
     filter: FilterHandle,
     engine: Arc<Engine>,
-    scanner: Option<Arc<crate::pkg::scanner::Scanner>>,
+    scanner: Option<Arc<Scanner>>,
     facts: Arc<HostFacts>,
 }
 
