@@ -9,7 +9,8 @@ pub mod status;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use patch_agent_wire::convert::state_name;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
@@ -231,26 +232,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Job(cmd) => {
-            let JobCommand::Sign {
-                signing_key,
-                output,
-                targets,
-                job,
-            } = *cmd;
-            let (env, job) = jobs::sign(&job, &targets, &signing_key)?;
-            let bytes = prost::Message::encode_to_vec(&env);
-            std::fs::write(&output, &bytes)
-                .with_context(|| format!("cannot write {}", output.display()))?;
-            println!(
-                "signed job {} with key {} ({} bytes) -> {}",
-                job.job_id,
-                env.key_id,
-                bytes.len(),
-                output.display()
-            );
-            Ok(())
-        }
+        Command::Job(cmd) => sign_job(*cmd),
         Command::Submit { agent, file } => {
             let status = jobs::submit(agent.connect().await?, &file).await?;
             print!("accepted\n{}", terminal_safe(&jobs::render_status(&status)));
@@ -259,35 +241,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Watch { agent, job_id } => {
             let status = jobs::watch(agent.connect().await?, &job_id).await?;
             print!("{}", terminal_safe(&jobs::render_status(&status)));
-            if jobs::succeeded(status.state) {
-                Ok(())
-            } else {
-                bail!(
-                    "job {job_id} ended {}",
-                    patch_agent_wire::convert::state_name(status.state)
-                )
-            }
-        }
-        Command::Jobs { agent, limit, json } => {
-            let list = jobs::list(agent.connect().await?, limit).await?;
-            if json {
-                let v: Vec<_> = list
-                    .iter()
-                    .map(|j| serde_json::json!({"job_id": j.job_id, "state": patch_agent_wire::convert::state_name(j.state), "summary": j.summary, "reason": j.reason}))
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                for j in &list {
-                    println!(
-                        "{:<40} {:<26} {}",
-                        terminal_safe(&j.job_id),
-                        patch_agent_wire::convert::state_name(j.state),
-                        terminal_safe(&j.summary)
-                    );
-                }
+            if !jobs::succeeded(status.state) {
+                bail!("job {job_id} ended {}", state_name(status.state))
             }
             Ok(())
         }
+        Command::Jobs { agent, limit, json } => list_jobs(&agent, limit, json).await,
         Command::Serve(args) => {
             patch_agent_service::telemetry::init(
                 patch_agent_service::telemetry::LogFormat::Plain,
@@ -295,80 +254,146 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             patch_agent_controller::serve(args).await
         }
-        Command::Rollout(args) => {
-            let json = args.json;
-            let summary = rollout::run(*args).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
-            } else {
-                print!("{}", terminal_safe(&rollout::render(&summary)));
-            }
-            if summary.succeeded != summary.hosts.len() {
-                bail!(
-                    "the rollout did not succeed on every host ({} failed, {} skipped)",
-                    summary.failed,
-                    summary.skipped
-                );
-            }
-            Ok(())
-        }
+        Command::Rollout(args) => rollout(*args).await,
         Command::History {
             db,
             host,
             job,
             json,
-        } => {
-            use patch_agent_controller::store::{SqliteStore, Store};
-            let rows = SqliteStore::open_reader(&db)
-                .map_err(anyhow::Error::msg)?
-                .history(host, job)
-                .await
-                .map_err(anyhow::Error::msg)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else if rows.is_empty() {
-                println!("no job reports match");
-            } else {
-                print!("{}", terminal_safe(&status::render_history(&rows)));
-            }
-            Ok(())
-        }
+        } => history(&db, host, job, json).await,
         Command::Compliance {
             db,
             json,
             stale_after,
-        } => {
-            use patch_agent_controller::store::{SqliteStore, Store};
-            let snap = SqliteStore::open_reader(&db)
-                .map_err(anyhow::Error::msg)?
-                .snapshot()
-                .await
-                .map_err(anyhow::Error::msg)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            let stale = i64::try_from(stale_after.as_secs()).unwrap_or(i64::MAX);
-            let d = patch_agent_controller::compliance::compute(&snap, now, stale);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&d)?);
-            } else {
-                print!(
-                    "{}",
-                    terminal_safe(&patch_agent_controller::compliance::render(&d))
-                );
-            }
-            Ok(())
-        }
+        } => compliance(&db, json, stale_after).await,
         Command::Cancel { agent, job_id } => {
             let status = jobs::cancel(agent.connect().await?, &job_id).await?;
             print!("{}", terminal_safe(&jobs::render_status(&status)));
             Ok(())
         }
-        Command::Pki(PkiCommand::Init {
+        Command::Pki(cmd) => pki_command(cmd),
+        Command::Status { agent, json } => {
+            let status = status::fetch(agent.connect().await?).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status::to_json(&status))?
+                );
+            } else {
+                print!("{}", terminal_safe(&status::render(&status)));
+            }
+            Ok(())
+        }
+        Command::Bench(cmd) => bench_command(cmd).await,
+    }
+}
+
+/// `patchctl job sign`: validates with the agents' rules, signs, writes the envelope.
+fn sign_job(cmd: JobCommand) -> Result<()> {
+    let JobCommand::Sign {
+        signing_key,
+        output,
+        targets,
+        job,
+    } = cmd;
+    let (env, job) = jobs::sign(&job, &targets, &signing_key)?;
+    let bytes = prost::Message::encode_to_vec(&env);
+    std::fs::write(&output, &bytes)
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    println!(
+        "signed job {} with key {} ({} bytes) -> {}",
+        job.job_id,
+        env.key_id,
+        bytes.len(),
+        output.display()
+    );
+    Ok(())
+}
+
+async fn list_jobs(agent: &client::AgentArgs, limit: u32, json: bool) -> Result<()> {
+    let list = jobs::list(agent.connect().await?, limit).await?;
+    if json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|j| serde_json::json!({"job_id": j.job_id, "state": state_name(j.state), "summary": j.summary, "reason": j.reason}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for j in &list {
+            println!(
+                "{:<40} {:<26} {}",
+                terminal_safe(&j.job_id),
+                state_name(j.state),
+                terminal_safe(&j.summary)
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn rollout(args: rollout::RolloutArgs) -> Result<()> {
+    let json = args.json;
+    let summary = rollout::run(args).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", terminal_safe(&rollout::render(&summary)));
+    }
+    if summary.succeeded != summary.hosts.len() {
+        bail!(
+            "the rollout did not succeed on every host ({} failed, {} skipped)",
+            summary.failed,
+            summary.skipped
+        );
+    }
+    Ok(())
+}
+
+async fn history(db: &Path, host: Option<String>, job: Option<String>, json: bool) -> Result<()> {
+    use patch_agent_controller::store::{SqliteStore, Store};
+    let rows = SqliteStore::open_reader(db)
+        .map_err(anyhow::Error::msg)?
+        .history(host, job)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if rows.is_empty() {
+        println!("no job reports match");
+    } else {
+        print!("{}", terminal_safe(&status::render_history(&rows)));
+    }
+    Ok(())
+}
+
+async fn compliance(db: &Path, json: bool, stale_after: Duration) -> Result<()> {
+    use patch_agent_controller::compliance;
+    use patch_agent_controller::store::{SqliteStore, Store};
+    let snap = SqliteStore::open_reader(db)
+        .map_err(anyhow::Error::msg)?
+        .snapshot()
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let stale = i64::try_from(stale_after.as_secs()).unwrap_or(i64::MAX);
+    let d = compliance::compute(&snap, now, stale);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+    } else {
+        print!("{}", terminal_safe(&compliance::render(&d)));
+    }
+    Ok(())
+}
+
+fn pki_command(cmd: PkiCommand) -> Result<()> {
+    match cmd {
+        PkiCommand::Init {
             dir,
             agent_names,
             force,
-        }) => {
+        } => {
             let files = pki::init(&dir, &agent_names, force)?;
             for f in &files {
                 println!("wrote {}", f.display());
@@ -379,7 +404,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Pki(PkiCommand::Issue {
+        PkiCommand::Issue {
             dir,
             name,
             sans,
@@ -388,7 +413,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             start_days_ago,
             out,
             force,
-        }) => {
+        } => {
             if days < 1 {
                 bail!("--days must be at least 1");
             }
@@ -404,59 +429,48 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Status { agent, json } => {
-            let channel = agent.connect().await?;
-            let status = status::fetch(channel).await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status::to_json(&status))?
-                );
-            } else {
-                print!("{}", terminal_safe(&status::render(&status)));
-            }
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Status {
-            agent,
-            concurrency,
-            connections,
-            duration,
-            agent_pid,
-            json,
-            client_threads: _,
-        }) => {
-            if concurrency == 0 || connections == 0 {
-                bail!("--concurrency and --connections must be at least 1");
-            }
-            let mut channels = Vec::with_capacity(connections);
-            for _ in 0..connections {
-                channels.push(agent.connect().await.context("bench setup")?);
-            }
-            let before = agent_pid.and_then(bench::memory_kib);
-            let report = bench::run_status_load(&channels, concurrency, duration).await;
-            let after = agent_pid.and_then(bench::memory_kib);
-            if json {
-                let v = serde_json::json!({
-                    "report": report,
-                    "agent_rss_kib_before": before.map(|m| m.0),
-                    "agent_rss_kib_after": after.map(|m| m.0),
-                    "agent_peak_rss_kib": after.map(|m| m.1),
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("{report}");
-                if let (Some(b), Some(a)) = (before, after) {
-                    println!(
-                        "agent RSS: {} KiB before, {} KiB after, peak {} KiB",
-                        b.0, a.0, a.1
-                    );
-                }
-            }
-            if report.requests == 0 {
-                bail!("no request succeeded");
-            }
-            Ok(())
+    }
+}
+
+async fn bench_command(cmd: BenchCommand) -> Result<()> {
+    let BenchCommand::Status {
+        agent,
+        concurrency,
+        connections,
+        duration,
+        agent_pid,
+        json,
+        client_threads: _,
+    } = cmd;
+    if concurrency == 0 || connections == 0 {
+        bail!("--concurrency and --connections must be at least 1");
+    }
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        channels.push(agent.connect().await.context("bench setup")?);
+    }
+    let before = agent_pid.and_then(bench::memory_kib);
+    let report = bench::run_status_load(&channels, concurrency, duration).await;
+    let after = agent_pid.and_then(bench::memory_kib);
+    if json {
+        let v = serde_json::json!({
+            "report": report,
+            "agent_rss_kib_before": before.map(|m| m.0),
+            "agent_rss_kib_after": after.map(|m| m.0),
+            "agent_peak_rss_kib": after.map(|m| m.1),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{report}");
+        if let (Some(b), Some(a)) = (before, after) {
+            println!(
+                "agent RSS: {} KiB before, {} KiB after, peak {} KiB",
+                b.0, a.0, a.1
+            );
         }
     }
+    if report.requests == 0 {
+        bail!("no request succeeded");
+    }
+    Ok(())
 }
