@@ -129,19 +129,50 @@ pub fn compute(s: &FleetSnapshot, now: i64, stale_after: i64) -> Dashboard {
         .filter(|(_, w)| w.is_none())
         .map(|(h, _)| h.host_id.as_str())
         .collect();
+    let (by_class, non_compliant) = by_class(s, &inventoried, now);
+    let by_environment = by_environment(s, &inventoried, &non_compliant);
+    let jobs = job_figures(s);
+    let compliant = inventoried.len() - non_compliant.len();
+    Dashboard {
+        generated_at: now,
+        hosts: s.hosts.len(),
+        hosts_with_inventory: s.hosts.iter().filter(|h| h.has_inventory).count(),
+        hosts_known: inventoried.len(),
+        hosts_unknown: s.hosts.len() - inventoried.len(),
+        hosts_unknown_scan_errors: count(Unknown::ScanErrors),
+        hosts_unknown_stale: count(Unknown::Stale),
+        hosts_unknown_no_inventory: count(Unknown::NoInventory),
+        stale_after_hours: stale_after as f64 / 3600.0,
+        hosts_compliant: compliant,
+        overall_compliance_percent: percent(compliant, inventoried.len()),
+        by_class,
+        by_environment,
+        mean_time_to_patch_hours: mean_hours(
+            s.resolved
+                .iter()
+                .map(|r| r.resolved_at.saturating_sub(r.since)),
+        ),
+        jobs_ran: jobs.ran,
+        jobs_failed: jobs.failed,
+        patch_failure_rate_percent: percent(jobs.failed, jobs.ran),
+        reboots: jobs.reboots,
+        reboots_succeeded: jobs.reboots_ok,
+        reboot_success_rate_percent: percent(jobs.reboots_ok, jobs.reboots),
+        hosts_reboot_required: s.hosts.iter().filter(|h| h.reboot_required).count(),
+        reports_dropped: s.hosts.iter().fold((0, 0), |(p, f), h| {
+            (p + h.dropped_progress, f + h.dropped_final)
+        }),
+    }
+}
+
+/// The figures of each SLA class over the hosts whose inventory is known, and the hosts with
+/// any update past its class's allowance.
+fn by_class<'a>(
+    s: &'a FleetSnapshot,
+    inventoried: &[&'a str],
+    now: i64,
+) -> (Vec<ClassFigures>, HashSet<&'a str>) {
     let known: HashSet<&str> = inventoried.iter().copied().collect();
-    let allowance = |class: i32| {
-        CLASSES
-            .iter()
-            .find(|(c, _, _)| *c == class)
-            .map(|(_, _, a)| *a)
-    };
-    let overdue_by = |class: i32, since: i64| {
-        allowance(class).and_then(|a| {
-            let late = now.saturating_sub(since).saturating_sub(a);
-            (late > 0).then_some(late)
-        })
-    };
     let mut non_compliant: HashSet<&str> = HashSet::new();
     let mut by_class = Vec::new();
     for (class, name, allow) in CLASSES {
@@ -152,7 +183,10 @@ pub fn compute(s: &FleetSnapshot, now: i64, stale_after: i64) -> Dashboard {
             .collect();
         let late: Vec<(&str, i64)> = pending
             .iter()
-            .filter_map(|p| overdue_by(class, p.since).map(|d| (p.host_id.as_str(), d)))
+            .filter_map(|p| {
+                let late = now.saturating_sub(p.since).saturating_sub(allow);
+                (late > 0).then_some((p.host_id.as_str(), late))
+            })
             .collect();
         let hosts_late: HashSet<&str> = late.iter().map(|(h, _)| *h).collect();
         non_compliant.extend(hosts_late.iter().copied());
@@ -180,6 +214,16 @@ pub fn compute(s: &FleetSnapshot, now: i64, stale_after: i64) -> Dashboard {
             ),
         });
     }
+    (by_class, non_compliant)
+}
+
+/// Compliance by the hosts' `environment` label, over the hosts whose inventory is known.
+fn by_environment(
+    s: &FleetSnapshot,
+    inventoried: &[&str],
+    non_compliant: &HashSet<&str>,
+) -> BTreeMap<String, EnvFigures> {
+    let known: HashSet<&str> = inventoried.iter().copied().collect();
     let mut by_environment: BTreeMap<String, EnvFigures> = BTreeMap::new();
     for h in s
         .hosts
@@ -204,6 +248,19 @@ pub fn compute(s: &FleetSnapshot, now: i64, stale_after: i64) -> Dashboard {
     for e in by_environment.values_mut() {
         e.compliance_percent = percent(e.compliant, e.hosts).unwrap_or(0.0);
     }
+    by_environment
+}
+
+/// Counts over final job reports: jobs that ran (not dry runs, not refused), failures, and
+/// reboots attempted and confirmed.
+struct JobFigures {
+    ran: usize,
+    failed: usize,
+    reboots: usize,
+    reboots_ok: usize,
+}
+
+fn job_figures(s: &FleetSnapshot) -> JobFigures {
     let ran: Vec<_> = s
         .jobs
         .iter()
@@ -215,46 +272,18 @@ pub fn compute(s: &FleetSnapshot, now: i64, stale_after: i64) -> Dashboard {
             )
         })
         .collect();
-    let failed = ran
-        .iter()
-        .filter(|j| matches!(j.state.as_str(), "FAILED" | "TIMED_OUT" | "INTERRUPTED"))
-        .count();
-    let reboots = s.jobs.iter().filter(|j| j.reboot_attempted).count();
-    let reboots_ok = s
-        .jobs
-        .iter()
-        .filter(|j| j.reboot_attempted && j.reboot_succeeded)
-        .count();
-    let compliant = inventoried.len() - non_compliant.len();
-    Dashboard {
-        generated_at: now,
-        hosts: s.hosts.len(),
-        hosts_with_inventory: s.hosts.iter().filter(|h| h.has_inventory).count(),
-        hosts_known: inventoried.len(),
-        hosts_unknown: s.hosts.len() - inventoried.len(),
-        hosts_unknown_scan_errors: count(Unknown::ScanErrors),
-        hosts_unknown_stale: count(Unknown::Stale),
-        hosts_unknown_no_inventory: count(Unknown::NoInventory),
-        stale_after_hours: stale_after as f64 / 3600.0,
-        hosts_compliant: compliant,
-        overall_compliance_percent: percent(compliant, inventoried.len()),
-        by_class,
-        by_environment,
-        mean_time_to_patch_hours: mean_hours(
-            s.resolved
-                .iter()
-                .map(|r| r.resolved_at.saturating_sub(r.since)),
-        ),
-        jobs_ran: ran.len(),
-        jobs_failed: failed,
-        patch_failure_rate_percent: percent(failed, ran.len()),
-        reboots,
-        reboots_succeeded: reboots_ok,
-        reboot_success_rate_percent: percent(reboots_ok, reboots),
-        hosts_reboot_required: s.hosts.iter().filter(|h| h.reboot_required).count(),
-        reports_dropped: s.hosts.iter().fold((0, 0), |(p, f), h| {
-            (p + h.dropped_progress, f + h.dropped_final)
-        }),
+    JobFigures {
+        ran: ran.len(),
+        failed: ran
+            .iter()
+            .filter(|j| matches!(j.state.as_str(), "FAILED" | "TIMED_OUT" | "INTERRUPTED"))
+            .count(),
+        reboots: s.jobs.iter().filter(|j| j.reboot_attempted).count(),
+        reboots_ok: s
+            .jobs
+            .iter()
+            .filter(|j| j.reboot_attempted && j.reboot_succeeded)
+            .count(),
     }
 }
 
