@@ -465,10 +465,10 @@ fn rollout_in_batches_stops_at_the_failure_threshold_and_results_reach_the_contr
         "the rule is printed first: {err}"
     );
     assert!(err.contains("[host3]"), "live progress per host: {err}");
-    assert_ne!(
+    assert_eq!(
         out.status.code(),
-        Some(0),
-        "a failed host fails the rollout"
+        Some(3),
+        "a failed host fails the rollout (exit 3: it ran, and did not succeed)"
     );
     assert_eq!(
         results(&v),

@@ -135,9 +135,9 @@ impl Fixture {
         let state = status["state"].as_str().unwrap_or("").to_string();
         let ok = state == "JOB_STATE_SUCCEEDED" || state == "JOB_STATE_SUCCEEDED_REBOOT_REQUIRED";
         assert_eq!(
-            out.status.success(),
-            ok,
-            "watch exit code agrees with {state}: {}",
+            out.status.code(),
+            Some(if ok { 0 } else { 3 }),
+            "watch exits 0 for success and 3 for a job that ended otherwise ({state}): {}",
             text(&out)
         );
         status

@@ -1,6 +1,7 @@
 //! `patchctl keys`, `job sign`, `submit`, `watch`, `jobs`: signing stays separate from
 //! submitting, so a signing key can live on an offline machine.
 
+use crate::{Failure, invalid};
 use anyhow::{Context, Result, bail};
 use patch_agent_wire::convert::state_name;
 use patch_agent_wire::job::trust::{self, SigningKey};
@@ -107,7 +108,7 @@ pub fn build(a: &JobArgs, id: String, targets: &[String], now: SystemTime) -> Re
         + usize::from(a.upgrade.is_some() || a.min_severity.is_some())
         + usize::from(!a.install.is_empty());
     if actions != 1 {
-        bail!(
+        invalid!(
             "choose exactly one action: --scan, --upgrade/--min-severity, --install or --reboot-action"
         );
     }
@@ -150,7 +151,7 @@ pub fn build(a: &JobArgs, id: String, targets: &[String], now: SystemTime) -> Re
         })
     };
     if !a.exclude.is_empty() && !matches!(action, pb::job::Action::Upgrade(_)) {
-        bail!("--exclude only applies to --upgrade");
+        invalid!("--exclude only applies to --upgrade");
     }
     let reboot_policy = match a.reboot.as_str() {
         "if-required" => pb::RebootPolicy::IfRequired,
@@ -203,7 +204,7 @@ pub fn sign_with(
     now: SystemTime,
 ) -> Result<(pb::SignedJob, pb::Job)> {
     let Some(first) = targets.first() else {
-        bail!("a job needs at least one target");
+        invalid!("a job needs at least one target");
     };
     let job = build(a, id, targets, now)?;
     let policy = patch_agent_wire::job::AdmissionPolicy {
@@ -217,8 +218,14 @@ pub fn sign_with(
             .max(Duration::from_secs(2 * 3600)),
         hooks: None,
     };
-    patch_agent_wire::job::validate(job.clone(), &signer.key_id(), &policy, None, now)
-        .map_err(|e| anyhow::anyhow!("an agent would refuse this job ({:?}): {e}", e.code()))?;
+    patch_agent_wire::job::validate(job.clone(), &signer.key_id(), &policy, None, now).map_err(
+        |e| {
+            Failure::Invalid(format!(
+                "an agent would refuse this job ({:?}): {e}",
+                e.code()
+            ))
+        },
+    )?;
     let payload = job.encode_to_vec();
     let signature = signer.sign(&payload);
     Ok((

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod failure;
 pub mod jobs;
 pub mod pki;
 pub mod rollout;
@@ -9,6 +10,7 @@ pub mod status;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+pub use failure::Failure;
 use patch_agent_wire::convert::state_name;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -242,7 +244,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             let status = jobs::watch(agent.connect().await?, &job_id).await?;
             print!("{}", terminal_safe(&jobs::render_status(&status)));
             if !jobs::succeeded(status.state) {
-                bail!("job {job_id} ended {}", state_name(status.state))
+                return Err(Failure::NotSucceeded(format!(
+                    "job {job_id} ended {}",
+                    state_name(status.state)
+                ))
+                .into());
             }
             Ok(())
         }
@@ -340,11 +346,11 @@ async fn rollout(args: rollout::RolloutArgs) -> Result<()> {
         print!("{}", terminal_safe(&rollout::render(&summary)));
     }
     if summary.succeeded != summary.hosts.len() {
-        bail!(
+        return Err(Failure::NotSucceeded(format!(
             "the rollout did not succeed on every host ({} failed, {} skipped)",
-            summary.failed,
-            summary.skipped
-        );
+            summary.failed, summary.skipped
+        ))
+        .into());
     }
     Ok(())
 }
@@ -415,7 +421,7 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
             force,
         } => {
             if days < 1 {
-                bail!("--days must be at least 1");
+                invalid!("--days must be at least 1");
             }
             let spec = pki::Spec {
                 name,
@@ -443,7 +449,7 @@ async fn bench_command(cmd: BenchCommand) -> Result<()> {
         client_threads: _,
     } = cmd;
     if concurrency == 0 || connections == 0 {
-        bail!("--concurrency and --connections must be at least 1");
+        invalid!("--concurrency and --connections must be at least 1");
     }
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {

@@ -17,10 +17,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     match runtime.block_on(patchctl::run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => std::process::ExitCode::from(patchctl::failure::OK),
         Err(e) => {
             eprintln!("patchctl: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(patchctl::failure::exit_code(&e))
         }
     }
 }

@@ -7,6 +7,7 @@
 
 use super::client::{AgentArgs, TlsArgs};
 use super::jobs::{self, JobArgs};
+use crate::{Failure, invalid};
 use anyhow::{Context, Result, bail};
 use patch_agent_wire::job::outcome::Outcome;
 use patch_agent_wire::proto::v1 as pb;
@@ -125,22 +126,22 @@ pub fn read_hosts(path: &Path) -> Result<Vec<Host>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let file: HostsFile = toml::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
+        Failure::Invalid(format!(
             "{} is not a hosts file ([[host]] tables with id and address): {}",
             path.display(),
             e.to_string().trim_end()
-        )
+        ))
     })?;
     let mut seen = std::collections::HashSet::new();
     for (i, h) in file.host.iter().enumerate() {
         if h.id.is_empty() || h.id.len() > 253 || h.id.chars().any(|c| c.is_control()) {
-            bail!("{}: host {} has no usable id", path.display(), i + 1);
+            invalid!("{}: host {} has no usable id", path.display(), i + 1);
         }
         if !seen.insert(&h.id) {
-            bail!("{}: host id {:?} appears twice", path.display(), h.id);
+            invalid!("{}: host id {:?} appears twice", path.display(), h.id);
         }
         if !patch_agent_wire::ids::is_host_port(&h.address) {
-            bail!(
+            invalid!(
                 "{}: host {:?}: address {:?} is not HOST:PORT",
                 path.display(),
                 h.id,
@@ -149,7 +150,7 @@ pub fn read_hosts(path: &Path) -> Result<Vec<Host>> {
         }
     }
     if file.host.is_empty() {
-        bail!("{} lists no [[host]]", path.display());
+        invalid!("{} lists no [[host]]", path.display());
     }
     Ok(file.host)
 }
@@ -243,7 +244,7 @@ pub async fn run(a: RolloutArgs) -> Result<Summary> {
         })
         .collect();
     if hosts.is_empty() {
-        bail!("no host in {} matches the labels", a.inventory.display());
+        invalid!("no host in {} matches the labels", a.inventory.display());
     }
     let signer = patch_agent_wire::job::trust::SigningKey::read(&a.signing_key)
         .map_err(anyhow::Error::msg)?;

@@ -19,7 +19,33 @@ use std::time::Instant;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-/// Exit codes shared by the binaries.
+/// Why the agent could not start or stopped with an error; the kind chooses the exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration or a TLS file is wrong: fix it and start again. Exit 2.
+    #[error("refusing to start: {} problem(s) in the configuration", .0.len())]
+    Config(Vec<String>),
+    /// Start-up or running failed (cannot bind, state directory, a listener died). Exit 1.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => exit::CONFIG,
+            Error::Runtime(_) => exit::RUNTIME,
+        }
+    }
+}
+
+impl From<String> for Error {
+    fn from(why: String) -> Self {
+        Error::Runtime(why)
+    }
+}
+
+/// Exit statuses of `patch-agent` (README, "Exit status").
 pub mod exit {
     /// A configuration or TLS file is wrong; fix it and start again.
     pub const CONFIG: i32 = 2;
@@ -94,21 +120,26 @@ pub fn warnings(c: &Checked) -> Vec<String> {
 
 /// Runs the agent until SIGTERM or SIGINT. Returns the process exit code.
 pub fn run(config_path: PathBuf, log_format: Option<LogFormat>) -> i32 {
+    match start(config_path, log_format) {
+        Ok(()) => 0,
+        Err(e) => {
+            if let Error::Config(problems) = &e {
+                for p in problems {
+                    eprintln!("patch-agent: {p}");
+                }
+                eprintln!("patch-agent: {e}");
+            } else {
+                tracing::error!(error = %e, "Agent stopped");
+            }
+            e.exit_code()
+        }
+    }
+}
+
+fn start(config_path: PathBuf, log_format: Option<LogFormat>) -> Result<(), Error> {
     let started = Instant::now();
     tls::install_default_provider();
-    let checked = match check(&config_path) {
-        Ok(ok) => ok,
-        Err(problems) => {
-            for p in &problems {
-                eprintln!("patch-agent: {p}");
-            }
-            eprintln!(
-                "patch-agent: refusing to start: {} problem(s) in the configuration",
-                problems.len()
-            );
-            return exit::CONFIG;
-        }
-    };
+    let checked = check(&config_path).map_err(Error::Config)?;
     let filter = telemetry::init(
         log_format.unwrap_or(checked.config.log.format),
         &checked.config.log.level,
@@ -119,27 +150,14 @@ pub fn run(config_path: PathBuf, log_format: Option<LogFormat>) -> i32 {
     // Two workers at most: the agent serves a handful of admins and one controller, and every
     // thread costs resident memory on every host of the fleet.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
         .max_blocking_threads(16)
         .thread_name("patch-agent")
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "Cannot start the async runtime");
-            return exit::RUNTIME;
-        }
-    };
-    let result = runtime.block_on(serve(config_path, checked, filter, started));
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            tracing::error!(error = %e, "Agent stopped");
-            exit::RUNTIME
-        }
-    }
+        .map_err(|e| Error::Runtime(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(serve(config_path, checked, filter, started))
 }
 
 fn prepare_state_dir(dir: &Path) -> Result<(), String> {
@@ -166,7 +184,7 @@ async fn serve(
     checked: Checked,
     filter: FilterHandle,
     started: Instant,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let Checked {
         config,
         tls: tls_config,
@@ -243,7 +261,7 @@ async fn serve(
     }
     match failure {
         None => tracing::info!("Stopped"),
-        Some(why) => return Err(why),
+        Some(why) => return Err(Error::Runtime(why)),
     }
     Ok(())
 }

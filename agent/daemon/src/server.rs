@@ -4,7 +4,7 @@
 
 use crate::convert;
 use crate::host::{self, HostFacts};
-use crate::jobs::engine::{Engine, Notice};
+use crate::jobs::engine::{CancelError, Engine, Notice};
 use crate::pkg::scanner::Scanner;
 use patch_agent_service::auth::Caller;
 use patch_agent_wire::convert::{held, package, repo_errors, ts, update};
@@ -281,8 +281,8 @@ impl proto::Agent for AgentService {
         let id = job_id(&req.get_ref().job_id)?;
         match self.engine.cancel(id) {
             Ok(r) => Ok(Response::new(convert::status(&r))),
-            Err(e) if e.starts_with("no job") => Err(Status::not_found(e)),
-            Err(e) => Err(Status::failed_precondition(e)),
+            Err(e @ CancelError::Unknown(_)) => Err(Status::not_found(e.to_string())),
+            Err(e) => Err(Status::failed_precondition(e.to_string())),
         }
     }
 

@@ -8,7 +8,7 @@
 
 use super::clock::Clock;
 use super::journal::{self, EventRecord, Journal, PackageOutcome, Record};
-use super::state::{Event, State};
+use super::state::{Event, NotAllowed, State};
 use crate::config::JobsSection;
 use crate::pkg::scanner::Scanner;
 use crate::pkg::{Classification, Op, Severity, Update};
@@ -35,6 +35,7 @@ mod tests;
 
 use checks::free_space;
 pub use plan::{PlanCheck, compare_with_plan, select};
+pub use queue::CancelError;
 use runner::installed_versions;
 
 /// Something a watcher receives.
@@ -178,11 +179,13 @@ impl Engine {
         lock(&self.rejected).clone()
     }
 
-    fn transition(&self, entry: &mut Entry, event: &Event, message: &str) -> Result<(), String> {
-        entry
-            .record
-            .apply(event, self.now_ms())
-            .map_err(|e| e.to_string())?;
+    fn transition(
+        &self,
+        entry: &mut Entry,
+        event: &Event,
+        message: &str,
+    ) -> Result<(), NotAllowed> {
+        entry.record.apply(event, self.now_ms())?;
         let (n, ev) = entry.record.event(message);
         let _ = entry.tx.send(Notice::Event(n, ev));
         Ok(())
@@ -283,7 +286,8 @@ impl Engine {
         let (staged, done) = {
             let mut inner = lock(&self.inner);
             let entry = inner.jobs.get_mut(id).ok_or("job vanished")?;
-            self.transition(entry, &event, &message)?;
+            self.transition(entry, &event, &message)
+                .map_err(|e| e.to_string())?;
             let done = entry
                 .record
                 .state

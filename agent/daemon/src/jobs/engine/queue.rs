@@ -152,10 +152,10 @@ impl Engine {
     }
 
     /// Cancels a queued job at once; a running one stops before its next package.
-    pub fn cancel(&self, id: &str) -> Result<Record, String> {
+    pub fn cancel(&self, id: &str) -> Result<Record, CancelError> {
         let mut inner = lock(&self.inner);
         let Some(entry) = inner.jobs.get_mut(id) else {
-            return Err(format!("no job {id}"));
+            return Err(CancelError::Unknown(id.to_string()));
         };
         match entry.record.state {
             State::Queued | State::WaitingWindow => {
@@ -175,10 +175,14 @@ impl Engine {
                 let _ = entry.tx.send(Notice::Event(n, ev));
                 Ok(entry.record.clone())
             }
-            s if s.is_terminal() => Err(format!("job {id} has already ended ({s:?})")),
-            s => Err(format!(
-                "job {id} is {s:?}: its packages are applied, so it can no longer be cancelled"
-            )),
+            state if state.is_terminal() => Err(CancelError::Ended {
+                id: id.to_string(),
+                state,
+            }),
+            state => Err(CancelError::PastApplying {
+                id: id.to_string(),
+                state,
+            }),
         }
     }
 
@@ -245,4 +249,17 @@ impl Engine {
         }
         (None, wake_at)
     }
+}
+
+/// Why a job cannot be cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("no job {0}")]
+    Unknown(String),
+    #[error("job {id} has already ended ({state:?})")]
+    Ended { id: String, state: State },
+    #[error("job {id} is {state:?}: its packages are applied, so it can no longer be cancelled")]
+    PastApplying { id: String, state: State },
+    #[error(transparent)]
+    Refused(#[from] NotAllowed),
 }

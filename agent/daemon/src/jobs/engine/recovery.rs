@@ -292,7 +292,7 @@ impl Engine {
                 cmd.display()
             );
             if let Err(e) = self.transition(entry, &Event::Reboot, &msg) {
-                return Stop::Failed(e);
+                return Stop::Failed(e.to_string());
             }
             self.stage(entry)
         };
