@@ -4,7 +4,9 @@
 //! - `systemctl start` to READY over BENCH_STARTS (default 10) stop/start cycles, as systemd
 //!   itself timestamps it (InactiveExit -> ActiveEnter, which includes ExecStartPre's
 //!   check-config), and as the `systemctl start` command takes from outside;
-//! - the agent's RSS after BENCH_IDLE_SECS (default 600) idle, after its start-up scan.
+//! - the agent's RSS after BENCH_IDLE_SECS (default 600) idle, after its start-up scan: VmRSS, VmHWM and
+//!   smaps_rollup (Rss, Pss, Pss_Anon, Pss_File, Anonymous);
+//! - with `BENCH_BASELINE_DEB=FILE`, the same for that package first, in the same container.
 //!
 //! Run with `cargo bench --bench packaging` (as root, with the tools `.ci/run` installs).
 
@@ -42,9 +44,26 @@ fn main() {
     rootfs(&fs);
     std::fs::write(fs.join("etc/apt/sources.list"), "").expect("sources");
     let c = Container::boot(&fs, &format!("pa-bench-{}", std::process::id()));
-    c.install(&deb);
-    enroll(&fs, tmp.path(), None);
+    // Side by side in one container: a baseline package first (BENCH_BASELINE_DEB, e.g. the
+    // previous release), then this build's, upgraded in place.
+    let mut runs = Vec::new();
+    if let Some(base) = std::env::var_os("BENCH_BASELINE_DEB") {
+        runs.push(("baseline", std::path::PathBuf::from(base)));
+    }
+    runs.push(("this build", deb));
+    let mut enrolled = false;
+    for (label, package) in runs {
+        c.install(&package);
+        if !enrolled {
+            enroll(&fs, tmp.path(), None);
+            enrolled = true;
+        }
+        println!("== {label}: {}", package.display());
+        measure(&c);
+    }
+}
 
+fn measure(c: &Container) {
     let starts = env_num("BENCH_STARTS", 10);
     let mut by_systemd = Vec::new();
     let mut by_command = Vec::new();
@@ -88,9 +107,14 @@ fn main() {
     println!("idling {idle} s (agent pid {pid} in the container)...");
     std::thread::sleep(Duration::from_secs(idle));
     let status = c.sh_ok(&format!("grep -E '^(VmRSS|VmHWM)' /proc/{pid}/status"));
+    let rollup = c.sh_ok(&format!(
+        "grep -E '^(Rss|Pss|Pss_Anon|Pss_File|Anonymous):' /proc/{pid}/smaps_rollup"
+    ));
+    let line = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
     println!(
-        "after {idle} s idle under systemd: {} (target VmRSS <= 8 MiB)",
-        status.split_whitespace().collect::<Vec<_>>().join(" ")
+        "after {idle} s idle under systemd: {} (target VmRSS <= 8 MiB); smaps_rollup: {} (target Anonymous <= 3 MiB)",
+        line(&status),
+        line(&rollup)
     );
     assert_eq!(c.main_pid(), pid, "the agent was not restarted meanwhile");
 }

@@ -21,7 +21,10 @@ else
 fi
 out=target/packages
 mkdir -p "$out"
-cargo build --release --locked --bin patch-agent --bin patchctl
+# One package at a time: built together, Cargo would unify features, and the daemon would link
+# what only patchctl needs (clap's env and suggestions).
+cargo build --release --locked -p patch-agent
+cargo build --release --locked -p patchctl
 cargo deb --no-build --no-strip --deb-version "$version" --output "$out/patch-agent_${version}_$(dpkg --print-architecture).deb"
 cargo generate-rpm --set-metadata "version = \"$version\"" --output "$out/"
 ls -l "$out"
