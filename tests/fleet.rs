@@ -1125,3 +1125,76 @@ fn an_unreachable_agent_counts_as_failed() {
         (Some(1), Some(false))
     );
 }
+
+#[test]
+fn sighup_points_the_reporter_at_a_new_controller_and_the_outbox_loses_nothing() {
+    let (tmp, pki) = setup("reportreload");
+    issue_ctl_cert(tmp.path(), &pki, "127.0.0.1");
+    let dir = tmp.path().join("a");
+    let sandbox = dir.join("apt");
+    apt_sandbox(&sandbox);
+    pki.issue(
+        &dir.join("agent"),
+        &[
+            "--name",
+            "test-host",
+            "--san",
+            "127.0.0.1",
+            "--usage",
+            "server",
+        ],
+    );
+    let s = sandbox.display();
+    let d = dir.display();
+    // Nothing listens on port 1 of loopback: reports wait in the outbox.
+    let config = |controller: &str| {
+        format!(
+            "[agent]\nstate_dir = \"{d}/state\"\nhost_id = \"test-host\"\n\
+             [server]\nlisten = \"127.0.0.1:0\"\nlocal_socket = \"{d}/agent.sock\"\ndrain_grace = \"100ms\"\ndrain_timeout = \"1s\"\n\
+             [tls]\nca = \"{ca}\"\ncert = \"{d}/agent.pem\"\nkey = \"{d}/agent.key\"\n\
+             [auth]\ncontrollers = [\"controller\"]\n\
+             [packages]\nmanager = \"apt\"\nscan_on_start = true\napt_config = \"{s}/apt.conf\"\ndpkg_status = \"{s}/root/var/lib/dpkg/status\"\nreboot_required_file = \"{s}/root/run/reboot-required\"\n\
+             [report]\ncontroller = \"{controller}\"\nserver_name = \"controller.fleet\"\nretry_initial = \"200ms\"\nretry_max = \"500ms\"\ntimeout = \"3s\"\n",
+            ca = pki.path("ca.pem").display(),
+        )
+    };
+    let agent = Agent::start(&dir, &config("127.0.0.1:1"));
+    agent.wait_log("Cannot report to the controller", 1);
+    let ctl = Controller::start(tmp.path(), &pki, "127.0.0.1:0", None);
+    assert!(
+        !ctl.log_text().contains("Inventory stored"),
+        "nothing reached the controller before the reload"
+    );
+    std::fs::write(&agent.config, config(&ctl.addr)).expect("config");
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.wait_log("SIGHUP: reloaded", 1);
+    // The inventory waiting in the outbox arrives, stored in the controller's database.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stored = loop {
+        let out = run(Command::new(patchctl())
+            .args(["compliance", "--json", "--db"])
+            .arg(tmp.path().join("controller.db")));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v["hosts_with_inventory"] == 1 {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no inventory after the reload: {}\n{}",
+            agent.log_text(),
+            ctl.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(stored["hosts"], 1, "{stored:#}");
+    assert!(
+        ctl.log_text().contains("host=test-host"),
+        "{}",
+        ctl.log_text()
+    );
+    assert!(
+        !agent.log_text().contains("restart needed for"),
+        "a new controller address is live: {}",
+        agent.log_text()
+    );
+}
