@@ -234,35 +234,9 @@ fn say(json: bool, line: &str) {
 }
 
 pub async fn run(a: RolloutArgs) -> Result<Summary> {
-    let all = read_hosts(&a.inventory)?;
-    let hosts: Vec<Host> = all
-        .into_iter()
-        .filter(|h| {
-            a.labels
-                .iter()
-                .all(|(k, v)| h.labels.get(k).is_some_and(|x| x == v))
-        })
-        .collect();
-    if hosts.is_empty() {
-        invalid!("no host in {} matches the labels", a.inventory.display());
-    }
-    let signer = patch_agent_wire::job::trust::SigningKey::read(&a.signing_key)
-        .map_err(anyhow::Error::msg)?;
+    let hosts = select_hosts(&a)?;
     let prefix = a.job.id.clone().unwrap_or_else(jobs::fresh_id);
-    let now = SystemTime::now();
-    // Sign everything first: a template an agent would refuse stops the rollout before any
-    // host is touched.
-    let mut signed = Vec::with_capacity(hosts.len());
-    for h in &hosts {
-        let (env, job) = jobs::sign_with(
-            &signer,
-            &a.job,
-            job_id(&prefix, &h.id),
-            std::slice::from_ref(&h.id),
-            now,
-        )?;
-        signed.push((env, job.job_id));
-    }
+    let signed = sign_all(&a, &hosts, &prefix)?;
     let size = a.serial.batch_size(hosts.len());
     let rule = format!(
         "stop when failed hosts exceed {}% of the hosts attempted so far (checked after each batch; unreachable hosts count as failed)",
@@ -286,48 +260,7 @@ pub async fn run(a: RolloutArgs) -> Result<Summary> {
             }
             continue;
         }
-        say(
-            a.json,
-            &format!(
-                "batch {}: {}",
-                b + 1,
-                batch
-                    .iter()
-                    .map(|(h, _)| h.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        );
-        let mut set = tokio::task::JoinSet::new();
-        for (i, (h, (env, id))) in batch.iter().enumerate() {
-            let agent = AgentArgs {
-                agent: h.address.clone(),
-                tls: TlsArgs {
-                    server_name: h.server_name.clone().or(a.tls.server_name.clone()),
-                    ..a.tls.clone()
-                },
-            };
-            let (host, env, id, json, timeout) = (
-                (*h).clone(),
-                env.clone(),
-                id.clone(),
-                a.json,
-                a.host_timeout,
-            );
-            set.spawn(async move {
-                let o = run_host(&host, &agent, env, &id, b + 1, json, timeout).await;
-                (i, o)
-            });
-        }
-        let mut done: Vec<(usize, HostOutcome)> = Vec::new();
-        while let Some(r) = set.join_next().await {
-            match r {
-                Ok(x) => done.push(x),
-                Err(e) => bail!("a host task failed: {e}"),
-            }
-        }
-        done.sort_by_key(|(i, _)| *i);
-        for (_, o) in done {
+        for o in run_batch(&a, b + 1, batch).await? {
             if o.result != HostResult::Succeeded {
                 failed += 1;
             }
@@ -359,6 +292,92 @@ pub async fn run(a: RolloutArgs) -> Result<Summary> {
         stopped_early: stopped,
         hosts: outcomes,
     })
+}
+
+/// The inventory's hosts that carry every `--label`.
+fn select_hosts(a: &RolloutArgs) -> Result<Vec<Host>> {
+    let hosts: Vec<Host> = read_hosts(&a.inventory)?
+        .into_iter()
+        .filter(|h| {
+            a.labels
+                .iter()
+                .all(|(k, v)| h.labels.get(k).is_some_and(|x| x == v))
+        })
+        .collect();
+    if hosts.is_empty() {
+        invalid!("no host in {} matches the labels", a.inventory.display());
+    }
+    Ok(hosts)
+}
+
+/// One signed job per host. Everything is signed first: a template an agent would refuse
+/// stops the rollout before any host is touched.
+fn sign_all(a: &RolloutArgs, hosts: &[Host], prefix: &str) -> Result<Vec<(pb::SignedJob, String)>> {
+    let signer = patch_agent_wire::job::trust::SigningKey::read(&a.signing_key)
+        .map_err(anyhow::Error::msg)?;
+    let now = SystemTime::now();
+    hosts
+        .iter()
+        .map(|h| {
+            let (env, job) = jobs::sign_with(
+                &signer,
+                &a.job,
+                job_id(prefix, &h.id),
+                std::slice::from_ref(&h.id),
+                now,
+            )?;
+            Ok((env, job.job_id))
+        })
+        .collect()
+}
+
+/// Runs one batch, its hosts at once; their outcomes in the batch's order.
+async fn run_batch(
+    a: &RolloutArgs,
+    number: usize,
+    batch: &[(&Host, (pb::SignedJob, String))],
+) -> Result<Vec<HostOutcome>> {
+    say(
+        a.json,
+        &format!(
+            "batch {number}: {}",
+            batch
+                .iter()
+                .map(|(h, _)| h.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    let mut set = tokio::task::JoinSet::new();
+    for (i, (h, (env, id))) in batch.iter().enumerate() {
+        let agent = AgentArgs {
+            agent: h.address.clone(),
+            tls: TlsArgs {
+                server_name: h.server_name.clone().or(a.tls.server_name.clone()),
+                ..a.tls.clone()
+            },
+        };
+        let (host, env, id, json, timeout) = (
+            (*h).clone(),
+            env.clone(),
+            id.clone(),
+            a.json,
+            a.host_timeout,
+        );
+        set.spawn(async move {
+            let o = run_host(&host, &agent, env, &id, number, json, timeout).await;
+            (i, o)
+        });
+    }
+    let mut done: Vec<(usize, HostOutcome)> = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(x) => done.push(x),
+            Err(e) => bail!("a host task failed: {e}"),
+        }
+    }
+    done.sort_by_key(|(i, _)| *i);
+    Ok(done.into_iter().map(|(_, o)| o).collect())
 }
 
 fn skipped(h: &Host, id: &str, batch: usize) -> HostOutcome {
@@ -400,32 +419,10 @@ async fn run_host(
         job_ms,
         packages_changed: packages,
     };
-    let channel = match agent.connect().await {
+    let channel = match submit(h, agent, env, id, json).await {
         Ok(c) => c,
-        Err(e) => {
-            let why = format!("{e:#}");
-            say(json, &format!("[{}] UNREACHABLE {why}", h.id));
-            return outcome(HostResult::Unreachable, "-", why, 0, None);
-        }
+        Err((result, state, why)) => return outcome(result, state, why, 0, None),
     };
-    match patch_agent_wire::proto::AgentClient::new(channel.clone())
-        .submit_job(env)
-        .await
-    {
-        Ok(_) => say(json, &format!("[{}] submitted {id}", h.id)),
-        // Submitted before (a re-run of the same rollout): follow that job.
-        Err(s) if s.code() == tonic::Code::AlreadyExists => {
-            say(
-                json,
-                &format!("[{}] {id} was submitted before; following it", h.id),
-            );
-        }
-        Err(s) => {
-            let why = format!("refused: {:?}: {}", s.code(), s.message());
-            say(json, &format!("[{}] {why}", h.id));
-            return outcome(HostResult::Failed, "REFUSED", why, 0, None);
-        }
-    }
     let deadline = started + timeout;
     let mut channel = Some(channel);
     let mut last_error = String::new();
@@ -452,24 +449,8 @@ async fn run_host(
         .await;
         match watched {
             Ok(Ok(status)) => {
-                let changed = status
-                    .packages
-                    .iter()
-                    .filter(|p| Outcome::of(p).is_some_and(Outcome::changed_the_host))
-                    .count();
+                let (result, changed, job_ms) = result_of(&status);
                 let state = patch_agent_wire::convert::state_name(status.state);
-                let result = if jobs::succeeded(status.state) {
-                    HostResult::Succeeded
-                } else {
-                    HostResult::Failed
-                };
-                let ms = |t: &prost_types::Timestamp| {
-                    t.seconds as i128 * 1000 + i128::from(t.nanos / 1_000_000)
-                };
-                let job_ms = match (&status.started_at, &status.finished_at) {
-                    (Some(a), Some(b)) => u64::try_from(ms(b) - ms(a)).ok(),
-                    _ => None,
-                };
                 return outcome(result, state, status.reason, changed, job_ms);
             }
             Ok(Err(e)) => {
@@ -496,6 +477,62 @@ async fn run_host(
         }
     );
     outcome(HostResult::Failed, "UNKNOWN", why, 0, None)
+}
+
+/// Submits one host's job; the connection to follow it on, or how the host failed.
+async fn submit(
+    h: &Host,
+    agent: &AgentArgs,
+    env: pb::SignedJob,
+    id: &str,
+    json: bool,
+) -> Result<tonic::transport::Channel, (HostResult, &'static str, String)> {
+    let channel = agent.connect().await.map_err(|e| {
+        let why = format!("{e:#}");
+        say(json, &format!("[{}] UNREACHABLE {why}", h.id));
+        (HostResult::Unreachable, "-", why)
+    })?;
+    match patch_agent_wire::proto::AgentClient::new(channel.clone())
+        .submit_job(env)
+        .await
+    {
+        Ok(_) => say(json, &format!("[{}] submitted {id}", h.id)),
+        // Submitted before (a re-run of the same rollout): follow that job.
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            say(
+                json,
+                &format!("[{}] {id} was submitted before; following it", h.id),
+            );
+        }
+        Err(s) => {
+            let why = format!("refused: {:?}: {}", s.code(), s.message());
+            say(json, &format!("[{}] {why}", h.id));
+            return Err((HostResult::Failed, "REFUSED", why));
+        }
+    }
+    Ok(channel)
+}
+
+/// A finished job's result for the rollout: succeeded or not, packages changed, how long it
+/// ran on the host.
+fn result_of(status: &pb::JobStatus) -> (HostResult, usize, Option<u64>) {
+    let changed = status
+        .packages
+        .iter()
+        .filter(|p| Outcome::of(p).is_some_and(Outcome::changed_the_host))
+        .count();
+    let result = if jobs::succeeded(status.state) {
+        HostResult::Succeeded
+    } else {
+        HostResult::Failed
+    };
+    let ms =
+        |t: &prost_types::Timestamp| t.seconds as i128 * 1000 + i128::from(t.nanos / 1_000_000);
+    let job_ms = match (&status.started_at, &status.finished_at) {
+        (Some(a), Some(b)) => u64::try_from(ms(b) - ms(a)).ok(),
+        _ => None,
+    };
+    (result, changed, job_ms)
 }
 
 /// The summary table.
