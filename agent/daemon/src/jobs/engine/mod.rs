@@ -59,6 +59,21 @@ struct Entry {
     tx: broadcast::Sender<Notice>,
 }
 
+impl Entry {
+    fn new(record: Record, job: Option<ValidJob>) -> Self {
+        let (tx, _) = broadcast::channel(256);
+        Self {
+            record,
+            rev: 0,
+            dirty: false,
+            reported_state: None,
+            job,
+            cancel: Arc::default(),
+            tx,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     jobs: HashMap<String, Entry>,

@@ -47,6 +47,28 @@ impl Engine {
             ));
             return Err(self.refuse(why, &env.key_id, None));
         }
+        let record = self.queued(&job, env);
+        if let Err(e) = self.journal.write(&record) {
+            drop(inner);
+            let why = Rejection::Precondition(format!("cannot record the job durably: {e}"));
+            return Err(self.refuse(why, &env.key_id, None));
+        }
+        tracing::info!(job = %job.id, key = %job.key_id, summary = %record.summary, "Accepted job");
+        let mut entry = Entry::new(record.clone(), Some(job.clone()));
+        entry.reported_state = self
+            .sink
+            .get()
+            .is_some_and(|sink| sink.job(&record))
+            .then_some(State::Queued);
+        inner.jobs.insert(job.id.clone(), entry);
+        inner.queue.push_back(job.id);
+        drop(inner);
+        self.wake.notify_one();
+        Ok(record)
+    }
+
+    /// The journal record of a job just admitted.
+    fn queued(&self, job: &ValidJob, env: &pb::SignedJob) -> Record {
         let mut record = Record {
             job_id: job.id.clone(),
             key_id: job.key_id.clone(),
@@ -74,33 +96,7 @@ impl Engine {
             "QUEUED: {} (signed by key {})",
             record.summary, record.key_id
         ));
-        if let Err(e) = self.journal.write(&record) {
-            drop(inner);
-            let why = Rejection::Precondition(format!("cannot record the job durably: {e}"));
-            return Err(self.refuse(why, &env.key_id, None));
-        }
-        tracing::info!(job = %job.id, key = %job.key_id, summary = %record.summary, "Accepted job");
-        let (tx, _) = broadcast::channel(256);
-        inner.jobs.insert(
-            job.id.clone(),
-            Entry {
-                rev: 0,
-                dirty: false,
-                reported_state: self
-                    .sink
-                    .get()
-                    .is_some_and(|sink| sink.job(&record))
-                    .then_some(State::Queued),
-                record: record.clone(),
-                job: Some(job.clone()),
-                cancel: Arc::default(),
-                tx,
-            },
-        );
-        inner.queue.push_back(job.id);
-        drop(inner);
-        self.wake.notify_one();
-        Ok(record)
+        record
     }
 
     pub(super) fn refuse(&self, why: Rejection, key_id: &str, record: Option<Record>) -> Refused {

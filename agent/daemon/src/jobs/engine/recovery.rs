@@ -131,24 +131,12 @@ impl Engine {
     /// Puts a recovered record back in the engine, with its work queued where it belongs.
     fn restore(&self, record: Record, found: Found) {
         let id = record.job_id.clone();
-        let (tx, _) = broadcast::channel(256);
         let job = match &found {
             Found::Ended => None,
             Found::Queue(j) | Found::Resume(j) | Found::Recover(j) => Some(j.clone()),
         };
         let mut inner = lock(&self.inner);
-        inner.jobs.insert(
-            id.clone(),
-            Entry {
-                record,
-                rev: 0,
-                dirty: false,
-                reported_state: None,
-                job,
-                cancel: Arc::default(),
-                tx,
-            },
-        );
+        inner.jobs.insert(id.clone(), Entry::new(record, job));
         match found {
             Found::Queue(_) => inner.queue.push_back(id),
             Found::Resume(_) => inner.resume.push_back(id),
