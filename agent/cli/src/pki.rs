@@ -58,28 +58,17 @@ pub fn init(dir: &Path, agent_names: &[String], force: bool) -> Result<Vec<PathB
             }
         }
     }
-    let ca_key = KeyPair::generate().context("cannot generate the CA key")?;
-    let mut ca = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(
-        DnType::CommonName,
-        format!("patch-agent dev CA {}", unique_suffix()),
-    );
-    ca.distinguished_name = dn;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let now = OffsetDateTime::now_utc();
-    ca.not_before = now - Duration::hours(1);
-    ca.not_after = now + Duration::days(3650);
-    let ca_cert = ca
-        .self_signed(&ca_key)
-        .context("cannot sign the CA certificate")?;
+    let (ca, ca_key) = new_ca()?;
     let mut written = vec![
-        write_file(&dir.join("ca.pem"), ca_cert.pem().as_bytes(), 0o644, force)?,
+        write_file(
+            &dir.join("ca.pem"),
+            ca.self_signed(&ca_key)
+                .context("cannot sign the CA certificate")?
+                .pem()
+                .as_bytes(),
+            0o644,
+            force,
+        )?,
         write_file(
             &dir.join("ca.key"),
             ca_key.serialize_pem().as_bytes(),
@@ -94,37 +83,20 @@ pub fn init(dir: &Path, agent_names: &[String], force: bool) -> Result<Vec<PathB
         agent_sans = default_agent_names();
     }
     let agent_name = agent_sans.remove(0);
+    let leaf = |name: String, sans: Vec<String>, usage| Spec {
+        name,
+        sans,
+        usage,
+        days: 825,
+        start_days_ago: 0,
+    };
     let leaves = [
-        (
-            "agent",
-            Spec {
-                name: agent_name,
-                sans: agent_sans,
-                usage: Usage::Server,
-                days: 825,
-                start_days_ago: 0,
-            },
-        ),
+        ("agent", leaf(agent_name, agent_sans, Usage::Server)),
         (
             "controller",
-            Spec {
-                name: "controller".into(),
-                sans: vec![],
-                usage: Usage::Client,
-                days: 825,
-                start_days_ago: 0,
-            },
+            leaf("controller".into(), vec![], Usage::Client),
         ),
-        (
-            "viewer",
-            Spec {
-                name: "viewer".into(),
-                sans: vec![],
-                usage: Usage::Client,
-                days: 825,
-                start_days_ago: 0,
-            },
-        ),
+        ("viewer", leaf("viewer".into(), vec![], Usage::Client)),
     ];
     for (file, spec) in leaves {
         let (pem, key) = sign(&spec, &issuer)?;
@@ -142,6 +114,28 @@ pub fn init(dir: &Path, agent_names: &[String], force: bool) -> Result<Vec<PathB
         )?);
     }
     Ok(written)
+}
+
+/// A fresh development CA: ten years, may sign leaf certificates only.
+fn new_ca() -> Result<(CertificateParams, KeyPair)> {
+    let ca_key = KeyPair::generate().context("cannot generate the CA key")?;
+    let mut ca = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        format!("patch-agent dev CA {}", unique_suffix()),
+    );
+    ca.distinguished_name = dn;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    ca.not_before = now - Duration::hours(1);
+    ca.not_after = now + Duration::days(3650);
+    Ok((ca, ca_key))
 }
 
 /// Issues one certificate from the CA in `dir` into `out.pem` and `out.key`.
