@@ -1,4 +1,7 @@
-//! `patchctl`, the controller-side CLI: PKI, status, and load generation.
+//! `patchctl`, the controller-side CLI: development PKI (`pki`), signing keys and jobs
+//! (`jobs`), submit/watch/cancel against an agent (`client`, `jobs`), rollouts in batches
+//! (`rollout`), the controller (`serve`, from `patch_agent_controller`), reports and compliance
+//! from its database (`status`), load generation (`bench`), and exit statuses (`failure`).
 
 pub mod bench;
 pub mod client;

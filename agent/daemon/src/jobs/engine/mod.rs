@@ -1,5 +1,10 @@
 //! The job engine: admission, a bounded FIFO queue, one job at a time, the journal written
-//! before each transition takes effect, and live updates for watchers.
+//! before each transition takes effect, and live updates for watchers. This module holds the
+//! engine's state and its journal plumbing; `queue` admits and schedules, `runner` runs a job
+//! phase by phase, `recovery` decides what each journaled job becomes at start, `checks` runs
+//! hooks and post-patch checks, `plan` computes and judges the plan. It reads time from an
+//! injected [`Clock`] and packages through the scanner's `PackageManager`, so `scenarios`
+//! exercises it in process.
 //!
 //! The engine is the only writer of the journal. A job's history is both persisted (for
 //! `GetJob`, `WatchJob` after the fact, and crash recovery) and broadcast to live watchers;
