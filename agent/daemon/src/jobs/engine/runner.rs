@@ -150,6 +150,13 @@ impl Engine {
         self.flush(id).await;
     }
 
+    /// The scanner a job works through; a host without a package manager fails the job.
+    fn scanner(&self) -> Result<Arc<Scanner>, Stop> {
+        self.scanner
+            .clone()
+            .ok_or_else(|| Stop::Failed("no supported package manager on this host".into()))
+    }
+
     /// Does the work, phase by phase; Ok(reboot required).
     pub(super) async fn execute(
         &self,
@@ -158,10 +165,7 @@ impl Engine {
         cancel: &AtomicBool,
         deadline: Deadline,
     ) -> Result<bool, Stop> {
-        let scanner = self
-            .scanner
-            .clone()
-            .ok_or_else(|| Stop::Failed("no supported package manager on this host".into()))?;
+        let scanner = self.scanner()?;
         let backend = scanner.backend();
         let snap = self.refresh(id, job, &scanner, deadline).await?;
         let ops: Vec<Op> = match &job.action {
@@ -429,10 +433,7 @@ impl Engine {
         names: &[&str],
         deadline: Deadline,
     ) -> Result<bool, Stop> {
-        let scanner = self
-            .scanner
-            .clone()
-            .ok_or_else(|| Stop::Failed("no supported package manager on this host".into()))?;
+        let scanner = self.scanner()?;
         let reboot_state = scanner.backend().reboot_required(scanner.boot_time()).await;
         let reboot_required = reboot_state.required;
         let reboot = match job.reboot_policy {
