@@ -877,3 +877,29 @@ async fn cancel_is_refused_once_a_job_is_past_applying() {
     assert!(e.to_string().contains("can no longer be cancelled"), "{e}");
     assert_eq!(h.journaled("rb-3").state, State::Rebooting);
 }
+
+#[tokio::test(start_paused = true)]
+async fn cancel_while_waiting_for_the_window_ends_it_and_it_never_runs() {
+    let h = Harness::new(host(&[("alpha", "1.0")], &[("alpha", "1.1")]));
+    let (engine, _run) = h.start().await;
+    let now = h.clock.now();
+    let mut job = h.job("cw-1", upgrade());
+    job.max_duration = Some(prost_types::Duration {
+        seconds: 600,
+        nanos: 0,
+    });
+    window(
+        &mut job,
+        now + Duration::from_secs(600),
+        now + Duration::from_secs(3000),
+    );
+    h.submit(&engine, &job);
+    wait_for(&engine, "cw-1", |s| s == State::WaitingWindow).await;
+    let r = engine.cancel("cw-1").expect("cancel");
+    assert_eq!(r.state, State::Cancelled);
+    // Past the window's opening: still cancelled, nothing applied.
+    tokio::time::sleep(Duration::from_secs(1200)).await;
+    assert_eq!(engine.get("cw-1").map(|r| r.state), Some(State::Cancelled));
+    assert_eq!(h.journaled("cw-1").state, State::Cancelled);
+    assert!(h.pm.host().applied.is_empty());
+}
