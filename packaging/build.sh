@@ -22,8 +22,9 @@ fi
 out=target/packages
 mkdir -p "$out"
 # One package at a time: built together, Cargo would unify features, and the daemon would link
-# what only patchctl needs (clap's env and suggestions).
-cargo build --release --locked -p patch-agent
+# what only patchctl needs (clap's env and suggestions). The daemon uses the `agent` profile
+# (size-optimized, fat LTO: Cargo.toml says why) into target/agent/.
+cargo build --profile agent --locked -p patch-agent
 cargo build --release --locked -p patchctl
 cargo deb --no-build --no-strip --deb-version "$version" --output "$out/patch-agent_${version}_$(dpkg --print-architecture).deb"
 cargo generate-rpm --set-metadata "version = \"$version\"" --output "$out/"

@@ -2,7 +2,8 @@
 //!
 //! The binaries belong to their own crates (`patch-agent` in agent/daemon, `patchctl` in
 //! agent/cli), so Cargo does not build them for this package's tests: `scripts/test.sh` runs
-//! `cargo build --workspace --bins` first. `PATCH_AGENT_BIN` and `PATCHCTL_BIN` point at other
+//! `cargo build --workspace --bins` first. Benches run the release build, and the daemon as
+//! shipped (target/agent/, from `packaging/build.sh`) when there is one. `PATCH_AGENT_BIN` and `PATCHCTL_BIN` point at other
 //! builds (a release build, or the previous version for a side-by-side benchmark).
 
 use std::path::PathBuf;
@@ -23,7 +24,16 @@ fn binary(name: &str, var: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(var) {
         return PathBuf::from(p);
     }
-    let path = profile_dir().join(name);
+    let dir = profile_dir();
+    // Benches (release) measure the daemon as shipped: the `agent` profile's build, when
+    // packaging/build.sh has made one.
+    if name == "patch-agent" && dir.ends_with("release") {
+        let shipped = dir.with_file_name("agent").join(name);
+        if shipped.is_file() {
+            return shipped;
+        }
+    }
+    let path = dir.join(name);
     assert!(
         path.is_file(),
         "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`, \

@@ -50,7 +50,8 @@ pub fn rpm_file(version: &str) -> PathBuf {
     find().expect("rpm built")
 }
 
-/// One build at a time (tests run in parallel; each build rewrites target/release).
+/// One build at a time (tests run in parallel; each build rewrites target/agent and
+/// target/release).
 pub fn build(version: &str) {
     let out = run(Command::new("flock")
         .arg(root().join("target/.packaging.lock"))
