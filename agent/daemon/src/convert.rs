@@ -9,7 +9,7 @@ use patch_agent_wire::proto::v1 as pb;
 use std::time::{Duration, UNIX_EPOCH};
 
 /// Milliseconds since the epoch (as the journal keeps them) as a protobuf timestamp.
-fn ms(ms: u64) -> prost_types::Timestamp {
+pub fn ms(ms: u64) -> prost_types::Timestamp {
     (UNIX_EPOCH + Duration::from_millis(ms)).into()
 }
 

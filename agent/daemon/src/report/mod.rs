@@ -18,7 +18,7 @@ use outbox::Outbox;
 use patch_agent_wire::proto::{ControllerClient, v1 as pb};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 /// Who this agent is, as every report says.
@@ -32,10 +32,6 @@ pub struct Origin {
 pub struct JobSink {
     pub origin: Origin,
     pub outbox: Arc<Outbox>,
-}
-
-fn ts_ms(ms: u64) -> prost_types::Timestamp {
-    (UNIX_EPOCH + Duration::from_millis(ms)).into()
 }
 
 impl ReportSink for JobSink {
@@ -54,7 +50,7 @@ impl ReportSink for JobSink {
             r#final: is_final,
             reboot_attempted: record.reboot_boot_id.is_some(),
             reboot_succeeded: record.reboot_verified,
-            reported_at: Some(ts_ms(crate::jobs::journal::now_ms())),
+            reported_at: Some(crate::convert::ms(crate::jobs::journal::now_ms())),
             outbox: None,
         };
         self.outbox.push(&report)
