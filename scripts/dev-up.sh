@@ -84,7 +84,9 @@ for _ in $(seq 100); do
 done
 echo "== agent running (pid $(cat "$DEV/agent.pid"), log $DEV/agent.log); waiting for its first package scan"
 for _ in $(seq 240); do
-    if ! "$BIN/patchctl" status --agent "127.0.0.1:$PORT" --json | grep -q '"last_scan_at": "-"'; then break; fi
+    # Read the whole answer first: grep -q closing the pipe early would cut patchctl off.
+    status=$("$BIN/patchctl" status --agent "127.0.0.1:$PORT" --json 2>/dev/null || true)
+    if [ -n "$status" ] && ! grep -q '"last_scan_at": "-"' <<<"$status"; then break; fi
     sleep 0.5
 done
 "$BIN/patchctl" status --agent "127.0.0.1:$PORT"
