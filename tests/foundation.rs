@@ -197,6 +197,27 @@ fn local_socket_is_root_only_and_maps_uids_to_roles() {
 }
 
 #[test]
+fn patchctl_ends_quietly_when_its_reader_goes_away() {
+    let (tmp, pki) = setup("epipe");
+    let dir = tmp.path().join("a");
+    let agent = Agent::start(&dir, &config_text(&dir, &pki, ""));
+    let socket = format!("unix:{}", agent.socket.display());
+    for _ in 0..5 {
+        // `patchctl status --json | true`: the pipe is closed before patchctl writes.
+        let mut child = Command::new(patchctl())
+            .args(["status", "--json", "--agent", &socket])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("patchctl");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert!(!text(&out).contains("panicked"), "{}", text(&out));
+    }
+}
+
+#[test]
 fn bad_clients_fail_the_handshake() {
     let (tmp, pki) = setup("handshake");
     let dir = tmp.path().join("a");

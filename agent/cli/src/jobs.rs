@@ -1,7 +1,7 @@
 //! `patchctl keys`, `job sign`, `submit`, `watch`, `jobs`: signing stays separate from
 //! submitting, so a signing key can live on an offline machine.
 
-use crate::{Failure, invalid};
+use crate::{Failure, invalid, outln};
 use anyhow::{Context, Result, bail};
 use patch_agent_wire::convert::state_name;
 use patch_agent_wire::job::trust::{self, SigningKey};
@@ -331,7 +331,7 @@ pub fn event_line(e: &pb::JobEvent) -> String {
 /// Follows a job to its end, printing each event; returns its final status.
 pub async fn watch(channel: tonic::transport::Channel, id: &str) -> Result<pb::JobStatus> {
     watch_with(channel, id, |e| {
-        println!("{}", super::terminal_safe(&event_line(e)));
+        outln!("{}", super::terminal_safe(&event_line(e)));
     })
     .await
 }

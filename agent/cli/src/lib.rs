@@ -7,6 +7,7 @@ pub mod bench;
 pub mod client;
 pub mod failure;
 pub mod jobs;
+pub mod output;
 pub mod pki;
 pub mod rollout;
 pub mod status;
@@ -230,7 +231,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keys(KeysCommand::New { dir, name }) => {
             let (key, pem, id) = jobs::keys_new(&dir, &name)?;
-            println!(
+            outln!(
                 "wrote {} (private, 0600)\nwrote {} (public: copy it into the agents' trusted_keys_dir)\nkey id {id}",
                 key.display(),
                 pem.display()
@@ -240,12 +241,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Job(cmd) => sign_job(*cmd),
         Command::Submit { agent, file } => {
             let status = jobs::submit(agent.connect().await?, &file).await?;
-            print!("accepted\n{}", terminal_safe(&jobs::render_status(&status)));
+            out!("accepted\n{}", terminal_safe(&jobs::render_status(&status)));
             Ok(())
         }
         Command::Watch { agent, job_id } => {
             let status = jobs::watch(agent.connect().await?, &job_id).await?;
-            print!("{}", terminal_safe(&jobs::render_status(&status)));
+            out!("{}", terminal_safe(&jobs::render_status(&status)));
             if !jobs::succeeded(status.state) {
                 return Err(Failure::NotSucceeded(format!(
                     "job {job_id} ended {}",
@@ -277,19 +278,19 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => compliance(&db, json, stale_after).await,
         Command::Cancel { agent, job_id } => {
             let status = jobs::cancel(agent.connect().await?, &job_id).await?;
-            print!("{}", terminal_safe(&jobs::render_status(&status)));
+            out!("{}", terminal_safe(&jobs::render_status(&status)));
             Ok(())
         }
         Command::Pki(cmd) => pki_command(cmd),
         Command::Status { agent, json } => {
             let status = status::fetch(agent.connect().await?).await?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&status::to_json(&status))?
                 );
             } else {
-                print!("{}", terminal_safe(&status::render(&status)));
+                out!("{}", terminal_safe(&status::render(&status)));
             }
             Ok(())
         }
@@ -309,7 +310,7 @@ fn sign_job(cmd: JobCommand) -> Result<()> {
     let bytes = prost::Message::encode_to_vec(&env);
     std::fs::write(&output, &bytes)
         .with_context(|| format!("cannot write {}", output.display()))?;
-    println!(
+    outln!(
         "signed job {} with key {} ({} bytes) -> {}",
         job.job_id,
         env.key_id,
@@ -326,10 +327,10 @@ async fn list_jobs(agent: &client::AgentArgs, limit: u32, json: bool) -> Result<
             .iter()
             .map(|j| serde_json::json!({"job_id": j.job_id, "state": state_name(j.state), "summary": j.summary, "reason": j.reason}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         for j in &list {
-            println!(
+            outln!(
                 "{:<40} {:<26} {}",
                 terminal_safe(&j.job_id),
                 state_name(j.state),
@@ -344,9 +345,9 @@ async fn rollout(args: rollout::RolloutArgs) -> Result<()> {
     let json = args.json;
     let summary = rollout::run(args).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print!("{}", terminal_safe(&rollout::render(&summary)));
+        out!("{}", terminal_safe(&rollout::render(&summary)));
     }
     if summary.succeeded != summary.hosts.len() {
         return Err(Failure::NotSucceeded(format!(
@@ -366,11 +367,11 @@ async fn history(db: &Path, host: Option<String>, job: Option<String>, json: boo
         .await
         .map_err(anyhow::Error::msg)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
     } else if rows.is_empty() {
-        println!("no job reports match");
+        outln!("no job reports match");
     } else {
-        print!("{}", terminal_safe(&status::render_history(&rows)));
+        out!("{}", terminal_safe(&status::render_history(&rows)));
     }
     Ok(())
 }
@@ -389,9 +390,9 @@ async fn compliance(db: &Path, json: bool, stale_after: Duration) -> Result<()> 
     let stale = i64::try_from(stale_after.as_secs()).unwrap_or(i64::MAX);
     let d = compliance::compute(&snap, now, stale);
     if json {
-        println!("{}", serde_json::to_string_pretty(&d)?);
+        outln!("{}", serde_json::to_string_pretty(&d)?);
     } else {
-        print!("{}", terminal_safe(&compliance::render(&d)));
+        out!("{}", terminal_safe(&compliance::render(&d)));
     }
     Ok(())
 }
@@ -405,9 +406,9 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
         } => {
             let files = pki::init(&dir, &agent_names, force)?;
             for f in &files {
-                println!("wrote {}", f.display());
+                outln!("wrote {}", f.display());
             }
-            println!(
+            outln!(
                 "\nFor the agent's config:\n\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/agent.pem\"\nkey = \"{d}/agent.key\"\n\n[auth]\ncontrollers = [\"controller\"]\nviewers = [\"viewer\"]",
                 d = dir.display()
             );
@@ -434,7 +435,7 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
                 start_days_ago,
             };
             for f in pki::issue(&dir, &spec, &out, force)? {
-                println!("wrote {}", f.display());
+                outln!("wrote {}", f.display());
             }
             Ok(())
         }
@@ -468,13 +469,15 @@ async fn bench_command(cmd: BenchCommand) -> Result<()> {
             "agent_rss_kib_after": after.map(|m| m.0),
             "agent_peak_rss_kib": after.map(|m| m.1),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{report}");
+        outln!("{report}");
         if let (Some(b), Some(a)) = (before, after) {
-            println!(
+            outln!(
                 "agent RSS: {} KiB before, {} KiB after, peak {} KiB",
-                b.0, a.0, a.1
+                b.0,
+                a.0,
+                a.1
             );
         }
     }

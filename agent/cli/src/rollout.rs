@@ -7,7 +7,7 @@
 
 use super::client::{AgentArgs, TlsArgs};
 use super::jobs::{self, JobArgs};
-use crate::{Failure, invalid};
+use crate::{Failure, invalid, outln};
 use anyhow::{Context, Result, bail};
 use patch_agent_wire::job::outcome::Outcome;
 use patch_agent_wire::proto::v1 as pb;
@@ -229,7 +229,7 @@ fn say(json: bool, line: &str) {
     if json {
         eprintln!("{line}");
     } else {
-        println!("{line}");
+        outln!("{line}");
     }
 }
 
