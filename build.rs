@@ -9,7 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../..");
     let include = root.join("proto");
     println!("cargo:rerun-if-changed={}", include.display());
-    let protos = ["agent", "controller", "jobs", "packages"]
+    let protos = ["agent", "controller", "enrollment", "jobs", "packages"]
         .map(|p| include.join(format!("patchagent/v1/{p}.proto")));
     let fds = protox::compile(protos, [&include])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod client;
 pub mod failure;
+pub mod fleet;
 pub mod jobs;
 pub mod output;
 pub mod pki;
@@ -93,6 +94,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Join tokens for `patch-agent enroll`.
+    #[command(subcommand)]
+    Tokens(fleet::TokensCommand),
+    /// Hosts the controller knows: enrolment, certificate, last report; revocation.
+    #[command(subcommand)]
+    Hosts(fleet::HostsCommand),
+    /// Print the pin `patch-agent enroll --ca-hash` takes: sha256 over the DER public key
+    /// (SubjectPublicKeyInfo) of the first certificate in FILE.
+    CaHash { file: PathBuf },
     /// The compliance dashboard from stored reports.
     Compliance {
         #[arg(long)]
@@ -295,6 +305,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(cmd) => bench_command(cmd).await,
+        Command::Tokens(cmd) => fleet::tokens(cmd).await,
+        Command::Hosts(cmd) => fleet::hosts(cmd).await,
+        Command::CaHash { file } => fleet::ca_hash(&file),
     }
 }
 

@@ -42,6 +42,15 @@ pub struct StatusJson {
     pub jobs_queued: u32,
     pub job_running: String,
     pub jobs_rejected: u64,
+    pub cert_serial: String,
+    pub cert_not_after: String,
+    pub cert_renew_at: String,
+    /// "valid", "renewal-failing", "expired", "unreadable".
+    pub cert_state: String,
+    pub cert_enrolled: bool,
+    pub cert_last_error: String,
+    /// What an admin must do, if anything.
+    pub cert_action: String,
 }
 
 /// Fetches the status from a connected agent.
@@ -91,7 +100,15 @@ pub fn to_json(s: &pb::GetStatusResponse) -> StatusJson {
     let p = s.packages.clone().unwrap_or_default();
     let r = s.reboot.clone().unwrap_or_default();
     let jobs = s.jobs.clone().unwrap_or_default();
+    let cert = s.certificate.clone().unwrap_or_default();
     StatusJson {
+        cert_serial: cert.serial,
+        cert_not_after: time(cert.not_after.as_ref()),
+        cert_renew_at: time(cert.renew_at.as_ref()),
+        cert_state: cert.state,
+        cert_enrolled: cert.enrolled,
+        cert_last_error: cert.last_error,
+        cert_action: cert.action,
         trusted_keys: jobs.trusted_keys,
         jobs_queued: jobs.queued,
         job_running: jobs.running_job_id,
@@ -127,6 +144,36 @@ pub fn to_json(s: &pb::GetStatusResponse) -> StatusJson {
         caller_role: role(caller.role).into(),
         caller_transport: transport(caller.transport).into(),
     }
+}
+
+fn certificate(j: &StatusJson) -> String {
+    let mut out = format!(
+        "{} {}, expires {}",
+        if j.cert_state.is_empty() {
+            "-"
+        } else {
+            &j.cert_state
+        },
+        if j.cert_serial.is_empty() {
+            "-"
+        } else {
+            &j.cert_serial
+        },
+        j.cert_not_after
+    );
+    if j.cert_enrolled {
+        out.push_str(&format!(", enrolled, renews at {}", j.cert_renew_at));
+    }
+    if !j.cert_last_error.is_empty() {
+        out.push_str(&format!(
+            "\n           last renewal error: {}",
+            j.cert_last_error
+        ));
+    }
+    if !j.cert_action.is_empty() {
+        out.push_str(&format!("\n           to do: {}", j.cert_action));
+    }
+    out
 }
 
 /// The human-readable summary.
@@ -188,8 +235,10 @@ pub fn render(s: &pb::GetStatusResponse) -> String {
          Packages   {pkgs}\n\
          Pending    {pending}\n\
          Reboot     {reboot}\n\
-         Jobs       {jobs}\n",
+         Jobs       {jobs}\n\
+         Cert       {cert}\n",
         jobs = jobs,
+        cert = certificate(&j),
         pending = pending,
         reboot = reboot,
         pkgs = if j.package_manager.is_empty() {
@@ -223,7 +272,7 @@ pub fn render(s: &pb::GetStatusResponse) -> String {
     )
 }
 
-fn when_secs(t: Option<i64>) -> String {
+pub fn when_secs(t: Option<i64>) -> String {
     t.map_or_else(|| "-".into(), patch_agent_wire::time::rfc3339_secs)
 }
 

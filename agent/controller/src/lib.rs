@@ -5,6 +5,7 @@
 //! must then be one of the certificate's names, so an agent reports for itself only.
 
 pub mod compliance;
+pub mod enroll;
 pub mod store;
 
 use patch_agent_service::auth::Peer;
@@ -23,16 +24,31 @@ impl ControllerService {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self { store }
     }
+
+    /// A revoked host's reports are refused (`patchctl hosts revoke`), checked on every call.
+    async fn not_revoked(&self, host_id: &str) -> Result<(), Status> {
+        if self
+            .store
+            .host_revoked(host_id.to_string())
+            .await
+            .map_err(stored)?
+        {
+            return Err(Status::permission_denied(format!(
+                "host {host_id:?} is revoked on this controller; enrol it again with a token made by `patchctl tokens create --reenroll`"
+            )));
+        }
+        Ok(())
+    }
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The request's host_id must be one of the client certificate's names.
-fn authorize<T>(req: &Request<T>, host_id: &str) -> Result<(), Status> {
+pub(crate) fn authorize<T>(req: &Request<T>, host_id: &str) -> Result<(), Status> {
     if host_id.is_empty() || host_id.len() > 253 || host_id.chars().any(char::is_control) {
         return Err(Status::invalid_argument(
             "host_id must be 1-253 printable characters",
@@ -72,7 +88,7 @@ fn check_report_id(id: &str, host_id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn stored(e: String) -> Status {
+pub(crate) fn stored(e: String) -> Status {
     tracing::error!(error = %e, "Store failed");
     Status::unavailable(format!("the controller could not store the report: {e}"))
 }
@@ -85,6 +101,7 @@ impl patch_agent_wire::proto::Controller for ControllerService {
     ) -> Result<Response<pb::HelloResponse>, Status> {
         authorize(&req, &req.get_ref().host_id)?;
         check_labels(&req.get_ref().labels)?;
+        self.not_revoked(&req.get_ref().host_id).await?;
         let h = req.into_inner();
         tracing::info!(host = %h.host_id, version = %h.agent_version, labels = ?h.labels, "Agent hello");
         let inventory_wanted = self.store.hello(h, now()).await.map_err(stored)?;
@@ -111,6 +128,7 @@ impl patch_agent_wire::proto::Controller for ControllerService {
                 status.job_id
             )));
         }
+        self.not_revoked(&r.host_id).await?;
         let r = req.into_inner();
         let (host, job, state, is_final) = (
             r.host_id.clone(),
@@ -151,6 +169,7 @@ impl patch_agent_wire::proto::Controller for ControllerService {
                 )));
             }
         }
+        self.not_revoked(&r.host_id).await?;
         let r = req.into_inner();
         let full = r.inventory.is_some();
         let host = r.host_id.clone();
@@ -197,6 +216,34 @@ pub struct ServeArgs {
     /// Largest request message, in bytes (a full inventory is the largest).
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE)]
     pub max_message_size: usize,
+    #[command(flatten)]
+    pub enroll: EnrollArgs,
+}
+
+/// Enrolment settings of `patchctl serve`; enrolment is on when `--enroll-ca-cert` is given.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EnrollArgs {
+    /// CA certificate (PEM) that signs enrolled agents' certificates: the --ca itself or an
+    /// intermediate under it. Turns on patchagent.v1.Enrollment.
+    #[arg(long, requires = "enroll_ca_key")]
+    pub enroll_ca_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM, 0600).
+    #[arg(long, requires = "enroll_ca_cert")]
+    pub enroll_ca_key: Option<std::path::PathBuf>,
+    /// Lifetime of the certificates it signs; agents renew at half of it.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub agent_cert_ttl: std::time::Duration,
+    /// Directory of job-signing public keys (SPKI PEM, *.pem) that enrolled agents will trust.
+    /// Only public keys: the controller never holds a key that can sign a job.
+    #[arg(long, requires = "enroll_ca_cert")]
+    pub publish_signing_keys: Option<std::path::PathBuf>,
+    /// Names no host may enroll with, besides the controller's own certificate names: list
+    /// the operator, controller and viewer identities agents trust in [auth].
+    #[arg(long, value_delimiter = ',')]
+    pub reserve_names: Vec<String>,
+    /// Failed enrolments one source address may make per minute before it must wait.
+    #[arg(long, default_value_t = 10)]
+    pub enroll_max_failures: u32,
 }
 
 /// Default largest request: 4 MiB holds the inventory of a host with tens of thousands of
@@ -210,11 +257,19 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     use tokio::signal::unix::{SignalKind, signal};
-    let tls = patch_agent_service::tls::server_config(&patch_agent_service::tls::TlsSection {
+    let tls_files = patch_agent_service::tls::TlsSection {
         ca: a.ca.clone(),
         cert: a.cert.clone(),
         key: a.key.clone(),
-    })
+    };
+    let enrolling = a.enroll.enroll_ca_cert.is_some();
+    let tls = patch_agent_service::tls::server_config_with(
+        &tls_files,
+        &patch_agent_service::tls::ServerOptions {
+            allow_anonymous: enrolling,
+            send_ca: enrolling,
+        },
+    )
     .map_err(|ps| {
         anyhow::anyhow!(
             "{}",
@@ -226,6 +281,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     })?;
     let store: Arc<dyn Store> =
         Arc::new(store::SqliteStore::open_writer(&a.db).map_err(anyhow::Error::msg)?);
+    let enrollment = enrollment_service(&a, &store)?;
     let listen: std::net::SocketAddr = a
         .listen
         .parse()
@@ -271,6 +327,10 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .layer(patch_agent_service::listener::ActivityLayer)
+            .layer(patch_agent_service::auth::AnonymousLayer::new(&[
+                patch_agent_wire::proto::ENROLL_PATH,
+            ]))
+            .add_optional_service(enrollment)
             .add_service(service)
             .add_service(health_service)
             .add_service(v1)
@@ -280,7 +340,12 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             }),
     );
     println!(
-        "patchctl serve: listening on {addr} (mutual TLS), database {}",
+        "patchctl serve: listening on {addr} (mutual TLS{}), database {}",
+        if enrolling {
+            "; enrolment open without a client certificate"
+        } else {
+            ""
+        },
         a.db.display()
     );
     patch_agent_service::notify::Notifier::from_env()
@@ -295,4 +360,46 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
     Ok(())
+}
+
+/// The enrolment service when `--enroll-ca-cert` is given.
+fn enrollment_service(
+    a: &ServeArgs,
+    store: &Arc<dyn Store>,
+) -> anyhow::Result<Option<patch_agent_wire::proto::EnrollmentServer<enroll::EnrollmentService>>> {
+    let (Some(cert), Some(key)) = (&a.enroll.enroll_ca_cert, &a.enroll.enroll_ca_key) else {
+        return Ok(None);
+    };
+    let signer = enroll::ca::Signer::load(cert, key, &a.ca, a.enroll.agent_cert_ttl)
+        .map_err(anyhow::Error::msg)?;
+    let keys = match &a.enroll.publish_signing_keys {
+        Some(dir) => enroll::published_keys(dir).map_err(anyhow::Error::msg)?,
+        None => {
+            tracing::warn!(
+                "No --publish-signing-keys: enrolled agents get no job-signing key and refuse every job until one is installed"
+            );
+            Vec::new()
+        }
+    };
+    let own = patch_agent_service::tls::load_certs(&a.cert)
+        .and_then(|c| patch_agent_service::tls::cert_info(&c[0]))
+        .map_err(|e| anyhow::anyhow!("--cert: {e}"))?;
+    let reserved = own
+        .names
+        .into_iter()
+        .chain(a.enroll.reserve_names.iter().cloned())
+        .collect();
+    tracing::info!(ttl = ?a.enroll.agent_cert_ttl, signing_keys = keys.len(), "Enrolment open");
+    Ok(Some(patch_agent_wire::proto::EnrollmentServer::new(
+        enroll::EnrollmentService::new(
+            store.clone(),
+            Arc::new(signer),
+            keys,
+            reserved,
+            enroll::limiter::Limiter::new(
+                a.enroll.enroll_max_failures,
+                std::time::Duration::from_secs(60),
+            ),
+        ),
+    )))
 }

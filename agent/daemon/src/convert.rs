@@ -84,3 +84,13 @@ pub fn event(e: &EventRecord) -> pb::JobEvent {
         message: e.message.clone(),
     }
 }
+
+pub fn os_release(os: &crate::host::OsRelease) -> pb::OsRelease {
+    pb::OsRelease {
+        id: os.id.clone(),
+        id_like: os.id_like.clone(),
+        version_id: os.version_id.clone(),
+        pretty_name: os.pretty_name.clone(),
+        version_codename: os.version_codename.clone(),
+    }
+}

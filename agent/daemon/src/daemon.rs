@@ -2,6 +2,7 @@
 //! process lifecycle: READY once listeners are up, SIGHUP reloads, SIGTERM drains and exits 0.
 
 use crate::config::{self, Config, LogFormat};
+use crate::enroll::renew::{CertState, Renewer};
 use crate::host::{HostFacts, Sources};
 use crate::jobs::engine::Engine;
 use crate::pkg::scanner::Scanner;
@@ -213,11 +214,19 @@ async fn serve(
     .await?;
     let (report_tx, report_rx) = watch::channel((config.report.clone(), config.tls.clone()));
     let reporter = open_reporter(&config, &facts, &engine, &scanner, report_rx)?;
-    let (routes, health) = server::routes(AgentService::new(
-        facts.clone(),
-        scanner.clone(),
-        engine.clone(),
-    ))
+    let certificate = CertState::default();
+    let reload_wanted = Arc::new(tokio::sync::Notify::new());
+    let renewer = Renewer {
+        settings: report_tx.subscribe(),
+        host_id: facts.host_id.clone(),
+        enrolled: config.enrolled.is_some(),
+        state: certificate.clone(),
+        reload: reload_wanted.clone(),
+    };
+    let (routes, health) = server::routes(
+        AgentService::new(facts.clone(), scanner.clone(), engine.clone())
+            .with_certificate(certificate),
+    )
     .await?;
     let listeners = Listeners {
         routes,
@@ -234,6 +243,7 @@ async fn serve(
     if let Some(r) = reporter {
         tokio::spawn(r.run());
     }
+    tokio::spawn(renewer.run());
     health.set(true).await;
     notifier.notify(&format!(
         "READY=1\nSTATUS={status}\nMAINPID={}",
@@ -252,6 +262,7 @@ async fn serve(
         engine,
         scanner,
         facts,
+        reload_wanted,
     };
     let (failure, servers) =
         until_stopped(&config_path, &mut running, &live, &notifier, servers).await?;
@@ -438,6 +449,10 @@ async fn until_stopped(
                 reload(config_path, running, live).await;
                 notifier.notify("READY=1");
             }
+            () = live.reload_wanted.notified() => {
+                tracing::info!("Reloading for the renewed certificate");
+                reload(config_path, running, live).await;
+            }
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break None; }
             _ = int.recv() => { tracing::info!("SIGINT: draining"); break None; }
             Some(done) = servers.join_next() => {
@@ -485,6 +500,8 @@ struct Live {
     engine: Arc<Engine>,
     scanner: Option<Arc<Scanner>>,
     facts: Arc<HostFacts>,
+    /// A renewed certificate is in place: reload as on SIGHUP.
+    reload_wanted: Arc<tokio::sync::Notify>,
 }
 
 /// Re-reads the configuration and applies every live key (see [`crate::reload`]); keeps the last

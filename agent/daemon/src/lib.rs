@@ -14,6 +14,7 @@
 pub mod config;
 pub mod convert;
 pub mod daemon;
+pub mod enroll;
 pub mod exec;
 pub mod host;
 pub mod jobs;

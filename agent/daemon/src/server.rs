@@ -3,6 +3,7 @@
 //! callers from [`patch_agent_service::auth`].
 
 use crate::convert;
+use crate::enroll::renew::CertState;
 use crate::host::{self, HostFacts};
 use crate::jobs::engine::{CancelError, Engine, Notice};
 use crate::pkg::scanner::Scanner;
@@ -27,6 +28,7 @@ pub struct AgentService {
     /// None when no supported package manager was found; package RPCs then say so.
     scanner: Option<Arc<Scanner>>,
     engine: Arc<Engine>,
+    certificate: CertState,
 }
 
 impl AgentService {
@@ -36,7 +38,14 @@ impl AgentService {
             started_at: SystemTime::now(),
             scanner,
             engine,
+            certificate: CertState::default(),
         }
+    }
+
+    /// GetStatus reports this certificate state (kept by [`crate::enroll::renew`]).
+    pub fn with_certificate(mut self, state: CertState) -> Self {
+        self.certificate = state;
+        self
     }
 
     fn scanner(&self) -> Result<&Arc<Scanner>, Status> {
@@ -90,13 +99,7 @@ impl proto::Agent for AgentService {
             hostname: f.hostname.clone(),
             machine_id: f.machine_id.clone(),
             boot_id: f.boot_id.clone(),
-            os: Some(pb::OsRelease {
-                id: f.os.id.clone(),
-                id_like: f.os.id_like.clone(),
-                version_id: f.os.version_id.clone(),
-                pretty_name: f.os.pretty_name.clone(),
-                version_codename: f.os.version_codename.clone(),
-            }),
+            os: Some(crate::convert::os_release(&f.os)),
             kernel_release: f.kernel_release.clone(),
             architecture: f.architecture.clone(),
             uptime: prost_types::Duration::try_from(uptime).ok(),
@@ -115,6 +118,7 @@ impl proto::Agent for AgentService {
                     rejected,
                 }
             }),
+            certificate: Some(self.certificate.get()),
         }))
     }
 

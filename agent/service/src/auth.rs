@@ -100,6 +100,9 @@ pub enum Peer {
     },
     /// The local Unix socket: SO_PEERCRED of the connecting process.
     Unix { uid: u32, pid: Option<i32> },
+    /// TCP with TLS but no client certificate. Only a server whose verifier allows it (the
+    /// controller, for enrolment) ever sees one; it has no role anywhere.
+    Anonymous { addr: SocketAddr },
 }
 
 /// The caller of one request, as the agent authenticated and authorized it.
@@ -169,6 +172,9 @@ impl AccessPolicy {
                     peer: addr.to_string(),
                 })
             }
+            Peer::Anonymous { addr } => Err(format!(
+                "{addr} presented no client certificate; connect with one of [auth] controllers or viewers"
+            )),
         }
     }
 }
@@ -298,6 +304,74 @@ where
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }
         }
+    }
+}
+
+/// Tower layer for a server whose TLS lets clients in without a certificate (the controller,
+/// for enrolment): such a peer ([`Peer::Anonymous`]) may call only the `open` paths; anything
+/// else is UNAUTHENTICATED before it reaches a service.
+#[derive(Clone)]
+pub struct AnonymousLayer {
+    open: &'static [&'static str],
+}
+
+impl AnonymousLayer {
+    pub fn new(open: &'static [&'static str]) -> Self {
+        Self { open }
+    }
+}
+
+impl<S> tower::Layer<S> for AnonymousLayer {
+    type Service = AnonymousGate<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AnonymousGate {
+            inner,
+            open: self.open,
+        }
+    }
+}
+
+/// See [`AnonymousLayer`].
+#[derive(Clone)]
+pub struct AnonymousGate<S> {
+    inner: S,
+    open: &'static [&'static str],
+}
+
+impl<S, B> tower::Service<http::Request<B>> for AnonymousGate<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let anonymous = req
+            .extensions()
+            .get::<crate::listener::Conn>()
+            .is_none_or(|c| matches!(*c.peer, Peer::Anonymous { .. }));
+        if anonymous && !self.open.contains(&req.uri().path()) {
+            let status = tonic::Status::unauthenticated(format!(
+                "{} needs a client certificate; only {} may be called without one",
+                req.uri().path(),
+                self.open.join(", ")
+            ));
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(inner.call(req))
     }
 }
 

@@ -398,18 +398,18 @@ async fn accept_loop(
                     return;
                 }
             };
-            let names = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+            let peer = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
                 Some(cert) => match certificate_names(cert) {
-                    Ok(n) => n,
+                    Ok(names) => Peer::Tls { addr, names },
                     Err(e) => {
                         tracing::info!(peer = %addr, error = %e, "Rejected client certificate");
                         return;
                     }
                 },
-                // The verifier requires a certificate; this is defence in depth.
-                None => return,
+                // Only a verifier that allows it lets a client through without a certificate;
+                // such a peer has no role (see `Peer::Anonymous`).
+                None => Peer::Anonymous { addr },
             };
-            let peer = Peer::Tls { addr, names };
             if let Some(policy) = policy
                 && let Err(why) = policy.resolve(&peer)
             {

@@ -52,12 +52,35 @@ pub fn install_default_provider() {
 /// A problem with one TLS file: the config key, and what is wrong.
 pub type Problem = (String, String);
 
+/// How a server treats its clients beyond `[tls]`.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Let a client without a certificate finish the handshake (it becomes
+    /// [`crate::auth::Peer::Anonymous`]); a certificate it does present must still chain to the
+    /// CA. The controller allows this for enrolment only, and refuses every other RPC to such
+    /// a peer.
+    pub allow_anonymous: bool,
+    /// Send the CA certificates after our own chain, so that a client that pins the CA by hash
+    /// (`patch-agent enroll --ca-hash`) finds it in the handshake.
+    pub send_ca: bool,
+}
+
 /// Loads `[tls]` and builds the server configuration, or returns every problem found.
 pub fn server_config(tls: &TlsSection) -> Result<Arc<rustls::ServerConfig>, Vec<Problem>> {
+    server_config_with(tls, &ServerOptions::default())
+}
+
+/// [`server_config`] with [`ServerOptions`].
+pub fn server_config_with(
+    tls: &TlsSection,
+    options: &ServerOptions,
+) -> Result<Arc<rustls::ServerConfig>, Vec<Problem>> {
     let mut problems = Vec::new();
+    let mut ca_certs = Vec::new();
     let roots = match load_certs(&tls.ca) {
         Ok(certs) => {
             let mut roots = rustls::RootCertStore::empty();
+            ca_certs.clone_from(&certs);
             let (added, ignored) = roots.add_parsable_certificates(certs);
             if added == 0 {
                 problems.push((
@@ -82,9 +105,16 @@ pub fn server_config(tls: &TlsSection) -> Result<Arc<rustls::ServerConfig>, Vec<
         .and_then(|()| load_key(&tls.key))
         .map_err(|e| problems.push(("tls.key".to_string(), e)))
         .ok();
-    let (Some(roots), Some(certs), Some(key)) = (roots, certs, key) else {
+    let (Some(roots), Some(mut certs), Some(key)) = (roots, certs, key) else {
         return Err(problems);
     };
+    if options.send_ca {
+        for ca in ca_certs {
+            if !certs.contains(&ca) {
+                certs.push(ca);
+            }
+        }
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -102,7 +132,13 @@ pub fn server_config(tls: &TlsSection) -> Result<Arc<rustls::ServerConfig>, Vec<
             )]);
         }
     };
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let builder = if options.allow_anonymous {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    let verifier = builder
         .build()
         .map_err(|e| vec![("tls.ca".to_string(), format!("{}: {e}", tls.ca.display()))])?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -158,16 +194,45 @@ pub fn check_key_mode(path: &Path) -> Result<(), String> {
 /// All certificates in a PEM file, in order.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
+    parse_certs(&data).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// All certificates in PEM text, in order; at least one.
+pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+        .map_err(|e| format!("not PEM certificates: {e}"))?;
     if certs.is_empty() {
-        return Err(format!(
-            "{} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
-            path.display()
-        ));
+        return Err("no PEM certificate (expected -----BEGIN CERTIFICATE-----)".into());
     }
     Ok(certs)
+}
+
+/// What the agent and the controller need to know about one certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// DER SubjectPublicKeyInfo.
+    pub spki: Vec<u8>,
+    /// See [`crate::auth::certificate_names`].
+    pub names: Vec<String>,
+    /// Lowercase hex.
+    pub serial: String,
+    /// Seconds since the epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// Reads [`CertInfo`] from a DER certificate.
+pub fn cert_info(der: &[u8]) -> Result<CertInfo, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+    Ok(CertInfo {
+        spki: cert.public_key().raw.to_vec(),
+        names: crate::auth::certificate_names(der)?,
+        serial: patch_agent_wire::ids::to_hex(cert.raw_serial()),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
 }
 
 /// The first private key (PKCS#8, PKCS#1 or SEC1) in a PEM file.
@@ -239,4 +304,38 @@ pub async fn connect(
             }
         }))
         .await
+}
+
+/// SHA-256 over a certificate's DER SubjectPublicKeyInfo: the CA pin of `patch-agent enroll
+/// --ca-hash`, the same as `openssl x509 -pubkey -noout -in ca.pem | openssl pkey -pubin
+/// -outform DER | sha256sum`.
+pub fn spki_sha256(cert_der: &[u8]) -> Result<[u8; 32], String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+    let mut out = [0; 32];
+    out.copy_from_slice(digest.as_ref());
+    Ok(out)
+}
+
+/// A pin as written on the command line: `sha256:` and 64 lowercase hex digits.
+pub fn pin_string(hash: &[u8; 32]) -> String {
+    format!("sha256:{}", patch_agent_wire::ids::to_hex(hash))
+}
+
+/// Parses `sha256:HEX` (64 hex digits, either case).
+pub fn parse_pin(s: &str) -> Result<[u8; 32], String> {
+    let hex = s.strip_prefix("sha256:").ok_or_else(|| {
+        format!("{s:?} is not a CA hash; expected sha256: and 64 hex digits, as `patchctl ca-hash ca.pem` prints")
+    })?;
+    match patch_agent_wire::ids::from_hex(hex) {
+        Some(b) if b.len() == 32 => {
+            let mut out = [0; 32];
+            out.copy_from_slice(&b);
+            Ok(out)
+        }
+        _ => Err(format!(
+            "{s:?} is not a CA hash; expected sha256: and 64 hex digits, as `patchctl ca-hash ca.pem` prints"
+        )),
+    }
 }

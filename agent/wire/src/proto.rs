@@ -20,3 +20,12 @@ pub const CONTROLLER_SERVICE: &str = "patchagent.v1.Controller";
 
 pub use v1::controller_client::ControllerClient;
 pub use v1::controller_server::{Controller, ControllerServer};
+
+/// Fully-qualified name of the enrolment service.
+pub const ENROLLMENT_SERVICE: &str = "patchagent.v1.Enrollment";
+
+/// The one path the controller serves to a caller without a client certificate.
+pub const ENROLL_PATH: &str = "/patchagent.v1.Enrollment/Enroll";
+
+pub use v1::enrollment_client::EnrollmentClient;
+pub use v1::enrollment_server::{Enrollment, EnrollmentServer};

@@ -285,27 +285,35 @@ impl Reporter {
     /// next reconnect.
     async fn connect(&self) -> Result<Channel, String> {
         let (cfg, tls) = self.settings.borrow().clone();
-        let ca = cfg.ca.as_deref().unwrap_or(&tls.ca);
-        let config = patch_agent_service::tls::client_config(ca, &tls.cert, &tls.key)?;
-        let endpoint = Endpoint::from_shared(format!("http://{}", cfg.controller))
-            .map_err(|e| format!("report.controller {:?}: {e}", cfg.controller))?
-            .connect_timeout(cfg.timeout)
-            .timeout(cfg.timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(cfg.timeout);
-        patch_agent_service::tls::connect(endpoint, &cfg.controller, cfg.server_name(), config)
-            .await
-            .map_err(|e| {
-                let mut msg = format!("cannot connect to {}: {e}", cfg.controller);
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg.push_str(&format!(": {s}"));
-                    src = s.source();
-                }
-                msg
-            })
+        connect(&cfg, &tls).await
     }
+}
+
+/// A mutual-TLS channel to `[report] controller` with the `[tls]` certificate, files read now.
+pub async fn connect(cfg: &ReportSection, tls: &TlsSection) -> Result<Channel, String> {
+    let ca = cfg.ca.as_deref().unwrap_or(&tls.ca);
+    let config = patch_agent_service::tls::client_config(ca, &tls.cert, &tls.key)?;
+    let endpoint = Endpoint::from_shared(format!("http://{}", cfg.controller))
+        .map_err(|e| format!("report.controller {:?}: {e}", cfg.controller))?
+        .connect_timeout(cfg.timeout)
+        .timeout(cfg.timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(cfg.timeout);
+    patch_agent_service::tls::connect(endpoint, &cfg.controller, cfg.server_name(), config)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {}", cfg.controller, error_chain(&e)))
+}
+
+/// An error and its sources, joined with ": " (tonic's transport errors hide the cause).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
 }
 
 fn status_text(call: &str, s: &tonic::Status) -> String {
@@ -313,13 +321,7 @@ fn status_text(call: &str, s: &tonic::Status) -> String {
 }
 
 fn os(f: &HostFacts) -> pb::OsRelease {
-    pb::OsRelease {
-        id: f.os.id.clone(),
-        id_like: f.os.id_like.clone(),
-        version_id: f.os.version_id.clone(),
-        pretty_name: f.os.pretty_name.clone(),
-        version_codename: f.os.version_codename.clone(),
-    }
+    crate::convert::os_release(&f.os)
 }
 
 /// The inventory as the controller stores it: everything but what changes at every scan, so

@@ -18,6 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use tokio::sync::oneshot;
 
+pub mod enrollment;
+
+pub use enrollment::{Enrolment, HostListRow, NewToken, Refusal, TokenRow};
+
 pub type Result<T> = std::result::Result<T, String>;
 
 /// One job on one host, as last reported.
@@ -108,6 +112,30 @@ pub trait Store: Send + Sync {
     async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<bool>;
     async fn history(&self, host: Option<String>, job: Option<String>) -> Result<Vec<JobRow>>;
     async fn snapshot(&self) -> Result<FleetSnapshot>;
+
+    /// Stores a new join token (its secret only as a hash).
+    async fn create_token(&self, t: NewToken) -> Result<()>;
+    async fn tokens(&self) -> Result<Vec<TokenRow>>;
+    /// True when the token existed and was not revoked before.
+    async fn revoke_token(&self, id: String, now: i64) -> Result<bool>;
+    /// Spends one use of the token and records the host, in one transaction; or says why not
+    /// (and changes nothing). Ok(labels) are the token's labels.
+    async fn enroll(
+        &self,
+        e: Enrolment,
+        now: i64,
+    ) -> Result<std::result::Result<BTreeMap<String, String>, Refusal>>;
+    /// An enrolled host's certificate names, for renewal; Err(refusal) when it is revoked or
+    /// was never enrolled.
+    async fn renewable(&self, host_id: String)
+    -> Result<std::result::Result<Vec<String>, Refusal>>;
+    /// Records a renewed certificate; false when the host was revoked meanwhile.
+    async fn renewed(&self, host_id: String, serial: String, not_after: i64) -> Result<bool>;
+    /// Whether the host was revoked (checked on every report and renewal).
+    async fn host_revoked(&self, host_id: String) -> Result<bool>;
+    /// True when the host existed and was not revoked before.
+    async fn revoke_host(&self, host_id: String, now: i64) -> Result<bool>;
+    async fn host_list(&self) -> Result<Vec<HostListRow>>;
 }
 
 const SCHEMA: &str = "
@@ -152,6 +180,19 @@ CREATE TABLE IF NOT EXISTS pending(
   since INTEGER NOT NULL,
   first_seen INTEGER NOT NULL,
   PRIMARY KEY(host_id, name, arch));
+CREATE TABLE IF NOT EXISTS tokens(
+  id TEXT PRIMARY KEY,
+  secret_sha256 BLOB NOT NULL,
+  labels TEXT NOT NULL,
+  uses_left INTEGER NOT NULL,
+  uses INTEGER NOT NULL DEFAULT 0,
+  reenroll INTEGER NOT NULL DEFAULT 0,
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL,
+  revoked_at INTEGER);
+CREATE TABLE IF NOT EXISTS host_names(
+  name TEXT PRIMARY KEY,
+  host_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS resolved(
   host_id TEXT NOT NULL,
   name TEXT NOT NULL,
@@ -205,25 +246,63 @@ fn open(path: &Path, write: bool) -> Result<Connection> {
 }
 
 /// Columns added after a database may have been created: added in place, once.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("inventories", "scan_errors", "INTEGER NOT NULL DEFAULT 0"),
+    ("hosts", "enrolled_at", "INTEGER"),
+    ("hosts", "cert_serial", "TEXT"),
+    ("hosts", "cert_not_after", "INTEGER"),
+    ("hosts", "revoked_at", "INTEGER"),
+    ("hosts", "enroll_token", "TEXT"),
+    ("hosts", "facts", "BLOB"),
+];
+
 fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
-    let has: bool = c.query_row(
-        "SELECT count(*) > 0 FROM pragma_table_info('inventories') WHERE name = 'scan_errors'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has {
-        c.execute_batch(
-            "ALTER TABLE inventories ADD COLUMN scan_errors INTEGER NOT NULL DEFAULT 0",
+    for (table, column, decl) in ADDED_COLUMNS {
+        let has: bool = c.query_row(
+            &format!("SELECT count(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
+            [column],
+            |r| r.get(0),
         )?;
+        if !has {
+            c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
     }
     Ok(())
 }
 
-enum Op {
-    Hello(Box<pb::HelloRequest>, i64, oneshot::Sender<Result<bool>>),
-    Job(Box<pb::JobReport>, i64, oneshot::Sender<Result<bool>>),
-    Inventory(Box<pb::InventoryReport>, i64, oneshot::Sender<Result<bool>>),
+/// One write, queued to the writer thread: applied inside the batch's transaction, answered
+/// only after the commit.
+trait Call: Send {
+    fn apply(&mut self, c: &Connection) -> rusqlite::Result<()>;
+    fn answer(self: Box<Self>, result: Result<()>);
 }
+
+struct Write<T, F> {
+    f: Option<F>,
+    out: Option<T>,
+    tx: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Call for Write<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
+{
+    fn apply(&mut self, c: &Connection) -> rusqlite::Result<()> {
+        if let Some(f) = self.f.take() {
+            self.out = Some(f(c)?);
+        }
+        Ok(())
+    }
+
+    fn answer(self: Box<Self>, result: Result<()>) {
+        let Write { out, tx, .. } = *self;
+        let _ =
+            tx.send(result.and_then(|()| out.ok_or_else(|| "the write was not applied".into())));
+    }
+}
+
+type Op = Box<dyn Call>;
 
 /// The embedded store; see the module documentation.
 pub struct SqliteStore {
@@ -267,7 +346,12 @@ impl SqliteStore {
         })
     }
 
-    async fn send<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
+    /// Queues `f` to the writer thread; answers after the commit that includes it.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let writer = self
             .writer
@@ -276,7 +360,11 @@ impl SqliteStore {
         writer
             .lock()
             .map_err(|_| "the database writer failed".to_string())?
-            .send(make(tx))
+            .send(Box::new(Write {
+                f: Some(f),
+                out: None,
+                tx,
+            }))
             .map_err(|_| "the database writer stopped".to_string())?;
         rx.await
             .map_err(|_| "the database writer stopped".to_string())?
@@ -314,21 +402,16 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
             Err(e) => {
                 let msg = format!("cannot start a transaction: {e}");
                 for op in batch {
-                    reply_err(op, &msg);
+                    op.answer(Err(msg.clone()));
                 }
                 continue;
             }
         };
-        for op in batch {
+        for mut op in batch {
             let result = (|| {
                 let sp = tx.savepoint()?;
-                let r = match &op {
-                    Op::Hello(h, now, _) => apply_hello(&sp, h, *now),
-                    Op::Job(r, now, _) => apply_job(&sp, r, *now),
-                    Op::Inventory(r, now, _) => apply_inventory(&sp, r, *now),
-                }?;
-                sp.commit()?;
-                Ok::<bool, rusqlite::Error>(r)
+                op.apply(&sp)?;
+                sp.commit()
             })()
             .map_err(|e| format!("database write failed: {e}"));
             replies.push((op, result));
@@ -336,24 +419,12 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         if let Err(e) = tx.commit() {
             let msg = format!("database commit failed: {e}");
             for (op, _) in replies {
-                reply_err(op, &msg);
+                op.answer(Err(msg.clone()));
             }
             continue;
         }
         for (op, result) in replies {
-            match op {
-                Op::Hello(_, _, r) | Op::Job(_, _, r) | Op::Inventory(_, _, r) => {
-                    let _ = r.send(result);
-                }
-            }
-        }
-    }
-}
-
-fn reply_err(op: Op, msg: &str) {
-    match op {
-        Op::Hello(_, _, r) | Op::Job(_, _, r) | Op::Inventory(_, _, r) => {
-            let _ = r.send(Err(msg.to_string()));
+            op.answer(result);
         }
     }
 }
@@ -567,15 +638,15 @@ const JOB_COLUMNS: &str =
 #[tonic::async_trait]
 impl Store for SqliteStore {
     async fn hello(&self, h: pb::HelloRequest, now: i64) -> Result<bool> {
-        self.send(|tx| Op::Hello(Box::new(h), now, tx)).await
+        self.write(move |c| apply_hello(c, &h, now)).await
     }
 
     async fn job_report(&self, r: pb::JobReport, now: i64) -> Result<bool> {
-        self.send(|tx| Op::Job(Box::new(r), now, tx)).await
+        self.write(move |c| apply_job(c, &r, now)).await
     }
 
     async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<bool> {
-        self.send(|tx| Op::Inventory(Box::new(r), now, tx)).await
+        self.write(move |c| apply_inventory(c, &r, now)).await
     }
 
     async fn history(&self, host: Option<String>, job: Option<String>) -> Result<Vec<JobRow>> {
@@ -649,6 +720,53 @@ impl Store for SqliteStore {
             })
         })
         .await
+    }
+
+    async fn create_token(&self, t: NewToken) -> Result<()> {
+        self.write(move |c| enrollment::create_token(c, &t)).await
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRow>> {
+        self.read(enrollment::tokens).await
+    }
+
+    async fn revoke_token(&self, id: String, now: i64) -> Result<bool> {
+        self.write(move |c| enrollment::revoke_token(c, &id, now))
+            .await
+    }
+
+    async fn enroll(
+        &self,
+        e: Enrolment,
+        now: i64,
+    ) -> Result<std::result::Result<BTreeMap<String, String>, Refusal>> {
+        self.write(move |c| enrollment::enroll(c, &e, now)).await
+    }
+
+    async fn renewable(
+        &self,
+        host_id: String,
+    ) -> Result<std::result::Result<Vec<String>, Refusal>> {
+        self.read(move |c| enrollment::renewable(c, &host_id)).await
+    }
+
+    async fn renewed(&self, host_id: String, serial: String, not_after: i64) -> Result<bool> {
+        self.write(move |c| enrollment::renewed(c, &host_id, &serial, not_after))
+            .await
+    }
+
+    async fn host_revoked(&self, host_id: String) -> Result<bool> {
+        self.read(move |c| enrollment::host_revoked(c, &host_id))
+            .await
+    }
+
+    async fn revoke_host(&self, host_id: String, now: i64) -> Result<bool> {
+        self.write(move |c| enrollment::revoke_host(c, &host_id, now))
+            .await
+    }
+
+    async fn host_list(&self) -> Result<Vec<HostListRow>> {
+        self.read(enrollment::host_list).await
     }
 }
 

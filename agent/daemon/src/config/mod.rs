@@ -4,10 +4,13 @@
 //! are errors. [`load`] reports every problem it can find at once, each naming the file, the key
 //! and what to do, so `patch-agent check-config` is useful in one run.
 
+pub use layers::{ENROLLED_FILE, Layers};
 pub use patch_agent_service::auth::AuthSection;
 pub use patch_agent_service::telemetry::LogFormat;
 pub use patch_agent_service::tls::TlsSection;
 pub use patch_agent_wire::ids::check_host_id;
+
+pub mod layers;
 use patch_agent_wire::ids::{check_label, host_part, is_host_port};
 use patch_agent_wire::job::AdmissionPolicy;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -31,6 +34,9 @@ pub struct Config {
     pub packages: PackagesSection,
     pub jobs: JobsSection,
     pub report: ReportSection,
+    /// The `enrolled.toml` that was merged in, if any (not a key: set by [`load`]).
+    #[serde(skip)]
+    pub enrolled: Option<PathBuf>,
 }
 
 /// `[agent]`: who this host is and where the agent keeps its state.
@@ -393,49 +399,58 @@ fn parse_listen(listen: &str) -> Result<SocketAddr, String> {
     })
 }
 
-/// Reads, parses and checks the configuration at `path`, returning every problem found.
-/// Checks only the file itself; certificate files are checked by [`patch_agent_service::tls`].
+/// Reads, parses and checks the configuration at `path` (with the `enrolled.toml` beside it;
+/// see [`layers`]), returning every problem found. Checks only the files themselves;
+/// certificate files are checked by [`patch_agent_service::tls`].
 pub fn load(path: &Path) -> Result<Config, Problems> {
-    let problem = |key: &str, message: String| Problem {
-        file: path.to_path_buf(),
-        key: key.to_string(),
-        message,
+    load_layers(path).map(|(config, _)| config)
+}
+
+/// [`load`], also returning both layers (for `check-config`'s origins).
+pub fn load_layers(path: &Path) -> Result<(Config, Layers), Problems> {
+    let layers = Layers::read(path)?;
+    let (config, mut problems) = parse_table(layers.merged());
+    let attribute = |problems: Vec<(String, String)>| {
+        Problems(
+            problems
+                .into_iter()
+                .map(|(key, message)| Problem {
+                    file: layers.file_of(path, &key).unwrap_or(path).to_path_buf(),
+                    key,
+                    message,
+                })
+                .collect(),
+        )
     };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Problems(vec![problem(
-            "",
-            format!("cannot read the configuration ({e}); pass --config FILE or create it (packaging/agent.toml documents every key)"),
-        )])
-    })?;
-    let (config, mut problems) = parse(&text);
-    let Some(config) = config else {
-        return Err(Problems(
-            problems.into_iter().map(|(k, m)| problem(&k, m)).collect(),
-        ));
+    let Some(mut config) = config else {
+        return Err(attribute(problems));
     };
     problems.extend(validate(&config));
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(Problems(
-            problems.into_iter().map(|(k, m)| problem(&k, m)).collect(),
-        ))
+    if !problems.is_empty() {
+        return Err(attribute(problems));
     }
+    config.enrolled = layers.enrolled.as_ref().map(|(p, _)| p.clone());
+    Ok((config, layers))
 }
 
 /// Parses TOML text into a [`Config`], collecting every structural problem (syntax, unknown keys,
 /// wrong types) as `(key, message)`. Returns `None` only when the text is not TOML at all.
 pub fn parse(text: &str) -> (Option<Config>, Vec<(String, String)>) {
-    let mut table: toml::Table = match text.parse() {
-        Ok(t) => t,
+    match text.parse() {
+        Ok(table) => parse_table(table),
         Err(e) => {
+            let e: toml::de::Error = e;
             let msg = e.to_string().trim_end().replace('\n', " | ");
-            return (
+            (
                 None,
                 vec![(String::new(), format!("not valid TOML: {msg}"))],
-            );
+            )
         }
-    };
+    }
+}
+
+/// [`parse`] for a table already read.
+pub fn parse_table(mut table: toml::Table) -> (Option<Config>, Vec<(String, String)>) {
     let mut problems = Vec::new();
     // A bad key is reported, removed, and parsing resumes, so all bad keys are found in one run.
     // Each round removes one key, so this terminates; the bound guards against surprises.
@@ -822,7 +837,7 @@ mod tests {
 
     #[test]
     fn packaged_config_is_valid() {
-        let text = include_str!("../../../packaging/agent.toml");
+        let text = include_str!("../../../../packaging/agent.toml");
         let (c, p) = parse(text);
         assert!(p.is_empty(), "{p:?}");
         let c = c.expect("parses");

@@ -1,0 +1,263 @@
+//! The fleet's membership: join tokens (`patchctl tokens`), enrolled hosts (`patchctl hosts`),
+//! and the CA pin hosts enroll with (`patchctl ca-hash`). Tokens and hosts live in the
+//! controller's database; these commands read and write it directly, as `history` does.
+
+use crate::status::when_secs;
+use crate::{invalid, outln, terminal_safe};
+use anyhow::Result;
+use patch_agent_controller::enroll::tokens::Token;
+use patch_agent_controller::store::{NewToken, SqliteStore, Store};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TokensCommand {
+    /// Make a join token; prints it as the last line (shown once: only its hash is stored).
+    Create {
+        /// The controller's database (patchctl serve --db).
+        #[arg(long)]
+        db: PathBuf,
+        /// Labels every host enrolled with it gets, e.g. environment=production,team=web.
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        /// Hosts it may enroll.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long it stays valid.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// It may enroll a host id the controller already knows (replacing its certificate,
+        /// and lifting a revocation).
+        #[arg(long)]
+        reenroll: bool,
+    },
+    /// Tokens: id, labels, uses left, expiry; never the secret.
+    List {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: it enrolls no more hosts (hosts it enrolled stay).
+    Revoke {
+        #[arg(long)]
+        db: PathBuf,
+        id: String,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum HostsCommand {
+    /// Hosts: labels, certificate serial and expiry, enrolled at, last seen, agent version.
+    List {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a host: the controller refuses its reports and renewals from now on; its
+    /// certificate dies at its expiry.
+    Revoke {
+        #[arg(long)]
+        db: PathBuf,
+        host: String,
+    },
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    for pair in pairs.iter().filter(|p| !p.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            invalid!("--labels {pair:?}: expected KEY=VALUE");
+        };
+        if let Err(e) = patch_agent_wire::ids::check_label(k, v) {
+            invalid!("--labels: {e}");
+        }
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(labels)
+}
+
+pub async fn tokens(cmd: TokensCommand) -> Result<()> {
+    match cmd {
+        TokensCommand::Create {
+            db,
+            labels,
+            uses,
+            ttl,
+            reenroll,
+        } => {
+            let labels = parse_labels(&labels)?;
+            if !(1..=1_000_000).contains(&uses) {
+                invalid!("--uses {uses}: expected 1 to 1000000");
+            }
+            if ttl < Duration::from_secs(1) {
+                invalid!("--ttl must be at least 1s");
+            }
+            let token = Token::generate().map_err(anyhow::Error::msg)?;
+            let created_at = now();
+            let expires_at =
+                created_at.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+            let store = SqliteStore::open_writer(&db).map_err(anyhow::Error::msg)?;
+            store
+                .create_token(NewToken {
+                    id: token.id.clone(),
+                    secret_sha256: token.secret_sha256(),
+                    labels: labels.clone(),
+                    uses,
+                    reenroll,
+                    created_at,
+                    expires_at,
+                })
+                .await
+                .map_err(anyhow::Error::msg)?;
+            outln!(
+                "token {} for {uses} host(s), labels {labels:?}, expires {}{}",
+                token.id,
+                when_secs(Some(expires_at)),
+                if reenroll {
+                    ", may re-enroll known hosts"
+                } else {
+                    ""
+                }
+            );
+            outln!("{token}");
+            Ok(())
+        }
+        TokensCommand::List { db, json } => {
+            let rows = reader(&db)?.tokens().await.map_err(anyhow::Error::msg)?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            outln!(
+                "{:<16}  {:>9}  {:>4}  {:<20}  {:<8}  LABELS",
+                "ID",
+                "USES LEFT",
+                "USED",
+                "EXPIRES",
+                "STATE"
+            );
+            let now = now();
+            for t in rows {
+                let state = if t.revoked_at.is_some() {
+                    "revoked"
+                } else if t.expires_at <= now {
+                    "expired"
+                } else if t.uses_left <= 0 {
+                    "used up"
+                } else {
+                    "valid"
+                };
+                outln!(
+                    "{:<16}  {:>9}  {:>4}  {:<20}  {:<8}  {}",
+                    t.id,
+                    t.uses_left,
+                    t.used,
+                    when_secs(Some(t.expires_at)),
+                    state,
+                    terminal_safe(&labels_text(&t.labels))
+                );
+            }
+            Ok(())
+        }
+        TokensCommand::Revoke { db, id } => {
+            let store = SqliteStore::open_writer(&db).map_err(anyhow::Error::msg)?;
+            if !store
+                .revoke_token(id.clone(), now())
+                .await
+                .map_err(anyhow::Error::msg)?
+            {
+                invalid!(
+                    "no token {id:?} that is not already revoked; see `patchctl tokens list --db {}`",
+                    db.display()
+                );
+            }
+            outln!("token {id} revoked");
+            Ok(())
+        }
+    }
+}
+
+fn reader(db: &Path) -> Result<SqliteStore> {
+    SqliteStore::open_reader(db).map_err(anyhow::Error::msg)
+}
+
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub async fn hosts(cmd: HostsCommand) -> Result<()> {
+    match cmd {
+        HostsCommand::List { db, json } => {
+            let rows = reader(&db)?.host_list().await.map_err(anyhow::Error::msg)?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            outln!(
+                "{:<28}  {:<20}  {:<20}  {:<20}  {:<10}  {:<34}  LABELS",
+                "HOST",
+                "ENROLLED",
+                "LAST SEEN",
+                "CERT EXPIRES",
+                "VERSION",
+                "CERT SERIAL"
+            );
+            for h in rows {
+                let host = if h.revoked_at.is_some() {
+                    format!("{} (revoked)", h.host_id)
+                } else {
+                    h.host_id.clone()
+                };
+                outln!(
+                    "{:<28}  {:<20}  {:<20}  {:<20}  {:<10}  {:<34}  {}",
+                    terminal_safe(&host),
+                    when_secs(h.enrolled_at),
+                    when_secs(h.last_seen),
+                    when_secs(h.cert_not_after),
+                    terminal_safe(&h.agent_version),
+                    h.cert_serial.as_deref().unwrap_or("-"),
+                    terminal_safe(&labels_text(&h.labels))
+                );
+            }
+            Ok(())
+        }
+        HostsCommand::Revoke { db, host } => {
+            let store = SqliteStore::open_writer(&db).map_err(anyhow::Error::msg)?;
+            if !store
+                .revoke_host(host.clone(), now())
+                .await
+                .map_err(anyhow::Error::msg)?
+            {
+                invalid!(
+                    "no host {host:?} that is not already revoked; see `patchctl hosts list --db {}`",
+                    db.display()
+                );
+            }
+            outln!(
+                "host {host} revoked: its reports and renewals are refused from now on; its certificate ends at its expiry"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `patchctl ca-hash FILE`: the pin of the first certificate in FILE.
+pub fn ca_hash(file: &Path) -> Result<()> {
+    let certs = patch_agent_service::tls::load_certs(file).map_err(anyhow::Error::msg)?;
+    let hash = patch_agent_service::tls::spki_sha256(&certs[0]).map_err(anyhow::Error::msg)?;
+    outln!("{}", patch_agent_service::tls::pin_string(&hash));
+    Ok(())
+}

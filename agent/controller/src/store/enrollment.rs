@@ -1,0 +1,335 @@
+//! Join tokens and enrolled hosts, in SQL.
+//!
+//! A token is stored as its id and the SHA-256 of its secret; the secret itself is shown once,
+//! by `patchctl tokens create`, and never stored. An enrolment checks the token, spends one use
+//! and records the host and the names its certificate carries in one transaction (the writer
+//! thread's), so a single-use token raced by two hosts enrolls exactly one.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::BTreeMap;
+use subtle::ConstantTimeEq;
+
+/// A token to store.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub id: String,
+    pub secret_sha256: [u8; 32],
+    pub labels: BTreeMap<String, String>,
+    pub uses: u32,
+    /// May enroll a host id that is already known (replacing its certificate).
+    pub reenroll: bool,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+/// A token as `patchctl tokens list` shows it: never the secret.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TokenRow {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub uses_left: i64,
+    pub used: i64,
+    pub reenroll: bool,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// One enrolment to record.
+#[derive(Debug, Clone)]
+pub struct Enrolment {
+    pub token_id: String,
+    /// SHA-256 of the secret the host presented.
+    pub secret_sha256: [u8; 32],
+    pub host_id: String,
+    /// Every name the certificate carries: the host id first.
+    pub names: Vec<String>,
+    pub serial: String,
+    pub not_after: i64,
+    pub agent_version: String,
+    /// The encoded `EnrollFacts`.
+    pub facts: Vec<u8>,
+}
+
+// A host enrolled but not yet heard from has last_seen 0 (the column predates enrolment and
+// is NOT NULL); `hosts list` shows it as never seen.
+
+/// Why an enrolment or renewal is refused. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the token is unknown or its secret is wrong")]
+    UnknownToken,
+    #[error("the token was revoked")]
+    TokenRevoked,
+    #[error("the token expired")]
+    TokenExpired,
+    #[error("the token has no uses left")]
+    TokenUsedUp,
+    #[error(
+        "host {0:?} is already known to the controller; enrol it again with a token made by `patchctl tokens create --reenroll`"
+    )]
+    AlreadyEnrolled(String),
+    #[error("the name {name:?} belongs to host {owner:?}")]
+    NameTaken { name: String, owner: String },
+    #[error("host {0:?} is revoked")]
+    Revoked(String),
+    #[error("host {0:?} was never enrolled; only enrolled hosts renew (enrol it with a token)")]
+    NotEnrolled(String),
+}
+
+/// A host as `patchctl hosts list` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HostListRow {
+    pub host_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub cert_serial: Option<String>,
+    pub cert_not_after: Option<i64>,
+    pub enrolled_at: Option<i64>,
+    pub last_seen: Option<i64>,
+    pub agent_version: String,
+    pub revoked_at: Option<i64>,
+}
+
+pub fn create_token(c: &Connection, t: &NewToken) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO tokens(id, secret_sha256, labels, uses_left, reenroll, created_at, expires_at)
+         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            t.id,
+            &t.secret_sha256[..],
+            serde_json::to_string(&t.labels).unwrap_or_else(|_| "{}".into()),
+            t.uses,
+            t.reenroll,
+            t.created_at,
+            t.expires_at
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn tokens(c: &Connection) -> rusqlite::Result<Vec<TokenRow>> {
+    c.prepare(
+        "SELECT id, labels, uses_left, uses, reenroll, created_at, expires_at, revoked_at
+         FROM tokens ORDER BY created_at, id",
+    )?
+    .query_map([], |r| {
+        let labels: String = r.get(1)?;
+        Ok(TokenRow {
+            id: r.get(0)?,
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            uses_left: r.get(2)?,
+            used: r.get(3)?,
+            reenroll: r.get(4)?,
+            created_at: r.get(5)?,
+            expires_at: r.get(6)?,
+            revoked_at: r.get(7)?,
+        })
+    })?
+    .collect()
+}
+
+pub fn revoke_token(c: &Connection, id: &str, now: i64) -> rusqlite::Result<bool> {
+    Ok(c.execute(
+        "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+        params![id, now],
+    )? == 1)
+}
+
+/// What a valid token grants: its labels, and whether it may re-enroll a known host.
+struct Grant {
+    labels: BTreeMap<String, String>,
+    reenroll: bool,
+}
+
+/// What the token grants when it may enroll now, else why not.
+fn check_token(
+    c: &Connection,
+    e: &Enrolment,
+    now: i64,
+) -> rusqlite::Result<Result<Grant, Refusal>> {
+    type Row = (Vec<u8>, String, i64, i64, Option<i64>, bool);
+    let row: Option<Row> = c
+        .query_row(
+            "SELECT secret_sha256, labels, uses_left, expires_at, revoked_at, reenroll
+             FROM tokens WHERE id = ?1",
+            [&e.token_id],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((hash, labels, uses_left, expires_at, revoked_at, reenroll)) = row else {
+        return Ok(Err(Refusal::UnknownToken));
+    };
+    // Constant time: how much of the secret is right must not show in the answer's timing.
+    if !bool::from(hash.as_slice().ct_eq(&e.secret_sha256[..])) {
+        return Ok(Err(Refusal::UnknownToken));
+    }
+    if revoked_at.is_some() {
+        return Ok(Err(Refusal::TokenRevoked));
+    }
+    if now >= expires_at {
+        return Ok(Err(Refusal::TokenExpired));
+    }
+    if uses_left <= 0 {
+        return Ok(Err(Refusal::TokenUsedUp));
+    }
+    Ok(Ok(Grant {
+        labels: serde_json::from_str(&labels).unwrap_or_default(),
+        reenroll,
+    }))
+}
+
+/// The host that holds `name` (as its host id or a certificate name), other than `host_id`.
+fn name_owner(c: &Connection, name: &str, host_id: &str) -> rusqlite::Result<Option<String>> {
+    c.query_row(
+        "SELECT host_id FROM host_names WHERE name = ?1 AND host_id != ?2
+         UNION SELECT host_id FROM hosts WHERE host_id = ?1 AND host_id != ?2 LIMIT 1",
+        params![name, host_id],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+pub fn enroll(
+    c: &Connection,
+    e: &Enrolment,
+    now: i64,
+) -> rusqlite::Result<Result<BTreeMap<String, String>, Refusal>> {
+    let Grant { labels, reenroll } = match check_token(c, e, now)? {
+        Ok(ok) => ok,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    let known: bool = c.query_row(
+        "SELECT count(*) > 0 FROM hosts WHERE host_id = ?1",
+        [&e.host_id],
+        |r| r.get(0),
+    )?;
+    if known && !reenroll {
+        return Ok(Err(Refusal::AlreadyEnrolled(e.host_id.clone())));
+    }
+    for name in &e.names {
+        if let Some(owner) = name_owner(c, name, &e.host_id)? {
+            return Ok(Err(Refusal::NameTaken {
+                name: name.clone(),
+                owner,
+            }));
+        }
+    }
+    // Spend the use; the writer thread serializes enrolments, and the condition makes it
+    // exact even if it did not.
+    if c.execute(
+        "UPDATE tokens SET uses_left = uses_left - 1, uses = uses + 1 WHERE id = ?1 AND uses_left > 0",
+        [&e.token_id],
+    )? != 1
+    {
+        return Ok(Err(Refusal::TokenUsedUp));
+    }
+    c.execute(
+        "INSERT INTO hosts(host_id, labels, agent_version, first_seen, last_seen, enrolled_at,
+           cert_serial, cert_not_after, enroll_token, facts, revoked_at)
+         VALUES(?1, ?2, ?3, ?4, 0, ?4, ?5, ?6, ?7, ?8, NULL)
+         ON CONFLICT(host_id) DO UPDATE SET labels = excluded.labels,
+           agent_version = excluded.agent_version, enrolled_at = ?4, cert_serial = ?5,
+           cert_not_after = ?6, enroll_token = ?7, facts = ?8, revoked_at = NULL",
+        params![
+            e.host_id,
+            serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
+            e.agent_version,
+            now,
+            e.serial,
+            e.not_after,
+            e.token_id,
+            e.facts
+        ],
+    )?;
+    c.execute("DELETE FROM host_names WHERE host_id = ?1", [&e.host_id])?;
+    for name in &e.names {
+        c.execute(
+            "INSERT INTO host_names(name, host_id) VALUES(?1, ?2)",
+            params![name, e.host_id],
+        )?;
+    }
+    Ok(Ok(labels))
+}
+
+pub fn renewable(c: &Connection, host_id: &str) -> rusqlite::Result<Result<Vec<String>, Refusal>> {
+    let row: Option<(Option<i64>, Option<i64>)> = c
+        .query_row(
+            "SELECT enrolled_at, revoked_at FROM hosts WHERE host_id = ?1",
+            [host_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match row {
+        Some((_, Some(_))) => return Ok(Err(Refusal::Revoked(host_id.into()))),
+        Some((Some(_), None)) => {}
+        _ => return Ok(Err(Refusal::NotEnrolled(host_id.into()))),
+    }
+    let mut names: Vec<String> = c
+        .prepare("SELECT name FROM host_names WHERE host_id = ?1 ORDER BY name")?
+        .query_map([host_id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    // The host id first, as at enrolment.
+    names.retain(|n| n != host_id);
+    names.insert(0, host_id.to_string());
+    Ok(Ok(names))
+}
+
+pub fn renewed(
+    c: &Connection,
+    host_id: &str,
+    serial: &str,
+    not_after: i64,
+) -> rusqlite::Result<bool> {
+    Ok(c.execute(
+        "UPDATE hosts SET cert_serial = ?2, cert_not_after = ?3
+         WHERE host_id = ?1 AND revoked_at IS NULL AND enrolled_at IS NOT NULL",
+        params![host_id, serial, not_after],
+    )? == 1)
+}
+
+pub fn host_revoked(c: &Connection, host_id: &str) -> rusqlite::Result<bool> {
+    c.query_row(
+        "SELECT count(*) > 0 FROM hosts WHERE host_id = ?1 AND revoked_at IS NOT NULL",
+        [host_id],
+        |r| r.get(0),
+    )
+}
+
+pub fn revoke_host(c: &Connection, host_id: &str, now: i64) -> rusqlite::Result<bool> {
+    Ok(c.execute(
+        "UPDATE hosts SET revoked_at = ?2 WHERE host_id = ?1 AND revoked_at IS NULL",
+        params![host_id, now],
+    )? == 1)
+}
+
+pub fn host_list(c: &Connection) -> rusqlite::Result<Vec<HostListRow>> {
+    c.prepare(
+        "SELECT host_id, labels, cert_serial, cert_not_after, enrolled_at,
+           CASE WHEN last_seen = 0 THEN NULL ELSE last_seen END,
+           agent_version, revoked_at
+         FROM hosts ORDER BY host_id",
+    )?
+    .query_map([], |r| {
+        let labels: String = r.get(1)?;
+        Ok(HostListRow {
+            host_id: r.get(0)?,
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            cert_serial: r.get(2)?,
+            cert_not_after: r.get(3)?,
+            enrolled_at: r.get(4)?,
+            last_seen: r.get(5)?,
+            agent_version: r.get(6)?,
+            revoked_at: r.get(7)?,
+        })
+    })?
+    .collect()
+}
