@@ -5,6 +5,7 @@
 pub mod container;
 pub mod jobgen;
 pub mod jobs;
+pub mod net;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};

@@ -33,6 +33,7 @@ impl ControllerService {
             .await
             .map_err(stored)?
         {
+            tracing::warn!(host = %host_id, "Refused a call from a revoked host");
             return Err(Status::permission_denied(format!(
                 "host {host_id:?} is revoked on this controller; enrol it again with a token made by `patchctl tokens create --reenroll`"
             )));

@@ -175,7 +175,10 @@ impl patch_agent_wire::proto::Enrollment for EnrollmentService {
             Err(refusal @ Refusal::NotEnrolled(_)) => {
                 return Err(Status::failed_precondition(refusal.to_string()));
             }
-            Err(refusal) => return Err(Status::permission_denied(refusal.to_string())),
+            Err(refusal) => {
+                tracing::warn!(host = %r.host_id, reason = %refusal, "Renewal refused");
+                return Err(Status::permission_denied(refusal.to_string()));
+            }
         };
         let issued = self
             .signer

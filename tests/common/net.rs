@@ -1,0 +1,174 @@
+//! Multi-host fixtures: network namespaces on a bridge, and `patchctl serve` in one of them.
+
+use super::{Pki, patchctl, run, text};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn ip(args: &[&str]) -> Output {
+    run(Command::new("ip").args(args))
+}
+
+pub fn ip_ok(args: &[&str]) {
+    let out = ip(args);
+    assert!(out.status.success(), "ip {args:?}: {}", text(&out));
+}
+
+/// Network namespaces on one bridge; the root namespace is 10.213.N.1. Torn down on drop.
+pub struct Net {
+    bridge: String,
+    tag: String,
+    subnet: u8,
+    nodes: Vec<String>,
+}
+
+impl Net {
+    pub fn new(name: &str, subnet: u8) -> Self {
+        let tag = format!("{name}{}", std::process::id() % 1000);
+        let bridge = format!("pab{tag}");
+        let _ = ip(&["link", "del", &bridge]);
+        ip_ok(&["link", "add", &bridge, "type", "bridge"]);
+        let net = Net {
+            bridge,
+            tag,
+            subnet,
+            nodes: Vec::new(),
+        };
+        ip_ok(&[
+            "addr",
+            "add",
+            &format!("10.213.{subnet}.1/24"),
+            "dev",
+            &net.bridge,
+        ]);
+        ip_ok(&["link", "set", &net.bridge, "up"]);
+        net
+    }
+
+    fn veth(&self, i: u8) -> String {
+        format!("pv{}{i}", self.tag)
+    }
+
+    /// A namespace with address 10.213.N.i; returns (namespace, address).
+    pub fn add(&mut self, i: u8) -> (String, String) {
+        let ns = format!("pa-{}-{i}", self.tag);
+        let _ = ip(&["netns", "del", &ns]);
+        ip_ok(&["netns", "add", &ns]);
+        self.nodes.push(ns.clone());
+        let (outer, inner) = (self.veth(i), format!("pe{}{i}", self.tag));
+        ip_ok(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ]);
+        ip_ok(&["link", "set", &inner, "netns", &ns]);
+        ip_ok(&["link", "set", &outer, "master", &self.bridge, "up"]);
+        let addr = format!("10.213.{}.{i}", self.subnet);
+        ip_ok(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &inner,
+        ]);
+        ip_ok(&["-n", &ns, "link", "set", &inner, "up"]);
+        ip_ok(&["-n", &ns, "link", "set", "lo", "up"]);
+        (ns, addr)
+    }
+
+    /// Cuts or restores node i's link.
+    pub fn link(&self, i: u8, up: bool) {
+        ip_ok(&["link", "set", &self.veth(i), if up { "up" } else { "down" }]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in &self.nodes {
+            let _ = ip(&["netns", "del", ns]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+/// `patchctl serve`, optionally inside a namespace.
+pub struct Controller {
+    pub child: Child,
+    pub log: PathBuf,
+    pub addr: String,
+}
+
+impl Controller {
+    pub fn start(dir: &Path, pki: &Pki, listen: &str, netns: Option<&str>) -> Self {
+        Self::start_with(dir, pki, listen, netns, &[])
+    }
+
+    /// [`Controller::start`] with more `patchctl serve` arguments.
+    pub fn start_with(
+        dir: &Path,
+        pki: &Pki,
+        listen: &str,
+        netns: Option<&str>,
+        extra: &[String],
+    ) -> Self {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let log = dir.join(format!("controller-{stamp}.log"));
+        let logf = std::fs::File::create(&log).expect("log");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(patchctl());
+                c
+            }
+            None => Command::new(patchctl()),
+        };
+        cmd.args(["serve", "--listen", listen, "--db"])
+            .arg(dir.join("controller.db"))
+            .arg("--ca")
+            .arg(pki.path("ca.pem"))
+            .arg("--cert")
+            .arg(dir.join("ctl.pem"))
+            .arg("--key")
+            .arg(dir.join("ctl.key"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("dup"))
+            .stderr(logf);
+        let child = cmd.spawn().expect("patchctl serve");
+        let mut c = Controller {
+            child,
+            log,
+            addr: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let t = std::fs::read_to_string(&c.log).unwrap_or_default();
+            if let Some(rest) = t.split("listening on ").nth(1) {
+                c.addr = rest.split_whitespace().next().unwrap_or_default().into();
+                return c;
+            }
+            if let Ok(Some(st)) = c.child.try_wait() {
+                panic!("controller exited {st}: {t}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("controller not listening: {}", c.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
