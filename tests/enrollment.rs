@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::net::{Controller, Net};
+use common::net::{Controller, Net, ca_hash, create_token, enrolling_controller};
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -33,40 +33,18 @@ impl Site {
     /// [`Site::new`] with more `patchctl serve` arguments.
     fn with(name: &str, listen: &str, ns: Option<&str>, ttl: &str, more: &[&str]) -> Self {
         let (tmp, pki) = setup(name);
-        let ip = listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
-        pki.issue(
-            &tmp.path().join("ctl"),
-            &[
-                "--name",
-                "controller.fleet",
-                "--san",
-                ip,
-                "--usage",
-                "server",
-            ],
-        );
         // `trusted/signing.pem`: the public half, which the controller publishes.
         let (signing_key, published) = signing_key(tmp.path());
-        let extra = strings(&[
-            "--enroll-ca-cert",
-            pki.path("ca.pem").to_str().expect("path"),
-            "--enroll-ca-key",
-            pki.path("ca.key").to_str().expect("path"),
-            "--publish-signing-keys",
-            published.to_str().expect("path"),
+        let mut args = vec![
             "--reserve-names",
             "controller,viewer",
             "--agent-cert-ttl",
             ttl,
-        ]);
-        let extra = [extra, strings(more)].concat();
-        let ctl = Controller::start_with(tmp.path(), &pki, listen, ns, &extra);
+        ];
+        args.extend_from_slice(more);
+        let ctl = enrolling_controller(tmp.path(), &pki, listen, ns, Some(&published), &args);
         let addr = ctl.addr.clone();
-        let out = run(Command::new(patchctl())
-            .arg("ca-hash")
-            .arg(pki.path("ca.pem")));
-        assert!(out.status.success(), "ca-hash: {}", text(&out));
-        let pin = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let pin = ca_hash(&pki.path("ca.pem"));
         Site {
             tmp,
             pki,
@@ -82,17 +60,7 @@ impl Site {
     }
 
     fn token(&self, args: &[&str]) -> String {
-        let out = run(Command::new(patchctl())
-            .args(["tokens", "create", "--db"])
-            .arg(self.db())
-            .args(args));
-        assert!(out.status.success(), "tokens create: {}", text(&out));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("token line")
-            .trim()
-            .to_string()
+        create_token(&self.db(), args)
     }
 
     fn json(&self, args: &[&str]) -> Vec<Value> {
@@ -684,4 +652,58 @@ fn enrolment_abuse_is_refused() {
         text(&out)
     );
     assert_untouched(&dir);
+}
+
+/// A host that was off past its certificate's expiry cannot renew (the controller would refuse
+/// the certificate): it starts, and GetStatus says exactly what to do.
+#[test]
+fn an_expired_certificate_says_how_to_enroll_again() {
+    let site = Site::new("enroll-expired", "127.0.0.1:0", None, "7d");
+    let dir = site.host("old1", "127.0.0.1:0", "[packages]\nscan_on_start = false\n");
+    std::fs::create_dir_all(dir.join("tls")).expect("tls");
+    std::fs::create_dir_all(dir.join("keys")).expect("keys");
+    site.pki.issue(
+        &dir.join("tls/agent"),
+        &[
+            "--name",
+            "old1",
+            "--usage",
+            "server",
+            "--days",
+            "1",
+            "--start-days-ago",
+            "2",
+        ],
+    );
+    std::fs::copy(site.pki.path("ca.pem"), dir.join("tls/ca.pem")).expect("ca");
+    std::fs::write(
+        dir.join("enrolled.toml"),
+        format!(
+            "[agent]\nhost_id = \"old1\"\n[report]\ncontroller = \"{}\"\n",
+            site.addr
+        ),
+    )
+    .expect("enrolled");
+    let _agent = site.start(&dir, None);
+    let local = format!("unix:{}", dir.join("agent.sock").display());
+    let status = wait_for("the expired state", Duration::from_secs(10), || {
+        let out = run(Command::new(patchctl()).args(["status", "--json", "--agent", &local]));
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["cert_state"] == "expired").then_some(v)
+    });
+    let action = status["cert_action"].as_str().unwrap_or_default();
+    assert!(
+        action.contains("patchctl tokens create --reenroll")
+            && action.contains(&format!("--controller {}", site.addr))
+            && action.contains("--host-id old1"),
+        "{status}"
+    );
+    assert_eq!(status["cert_enrolled"], true);
+    let text_status = text(&run(
+        Command::new(patchctl()).args(["status", "--agent", &local])
+    ));
+    assert!(
+        text_status.contains("to do: the certificate expired"),
+        "{text_status}"
+    );
 }

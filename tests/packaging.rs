@@ -10,6 +10,7 @@
 mod common;
 
 use common::container::*;
+use common::net::{ca_hash, create_token, enrolling_controller};
 use common::*;
 use serde_json::Value;
 use std::process::Command;
@@ -164,17 +165,39 @@ fn rpm_has_the_files_modes_and_scriptlets_and_installs_into_a_scratch_root() {
         .expect("tmp");
     let scratch = tmp.path().join("root");
     rootfs(&scratch);
+    // %post enrolls from the environment: a controller outside, reached from the chroot.
+    let pki = Pki::new(tmp.path(), "pki");
+    let ctl = enrolling_controller(tmp.path(), &pki, "127.0.0.1:0", None, None, &[]);
+    let db = tmp.path().join("controller.db");
+    let token = create_token(&db, &[]);
+    let pin = ca_hash(&pki.path("ca.pem"));
     let out = run(Command::new("rpm")
         .arg("--root")
         .arg(&scratch)
         .args(["--dbpath", "/var/lib/rpm", "-i", "--nodeps"])
-        .arg(&rpm));
+        .arg(&rpm)
+        .env("PATCH_AGENT_CONTROLLER", &ctl.addr)
+        .env("PATCH_AGENT_TOKEN", &token)
+        .env("PATCH_AGENT_CA_HASH", &pin)
+        .env("PATCH_AGENT_HOST_ID", "rpm-scratch"));
     assert!(out.status.success(), "rpm -i: {}", text(&out));
     assert!(
         !text(&out).contains("scriptlet failed"),
         "scriptlets ran cleanly: {}",
         text(&out)
     );
+    assert!(
+        text(&out).contains("enrolled as rpm-scratch"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains(&token));
+    assert!(scratch.join("etc/patch-agent/enrolled.toml").exists());
+    assert!(scratch.join("etc/patch-agent/tls/agent.pem").exists());
+    let hosts = text(&run(Command::new(patchctl())
+        .args(["hosts", "list", "--json", "--db"])
+        .arg(&db)));
+    assert!(hosts.contains("\"rpm-scratch\""), "{hosts}");
     use std::os::unix::fs::PermissionsExt;
     for d in [
         "etc/patch-agent/tls",
@@ -188,6 +211,11 @@ fn rpm_has_the_files_modes_and_scriptlets_and_installs_into_a_scratch_root() {
             .mode();
         assert_eq!(m & 0o777, 0o700, "{d}");
     }
+    let m = std::fs::metadata(scratch.join("etc/patch-agent/tls/agent.key"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(m & 0o777, 0o600, "the enrolled key");
     let m = std::fs::metadata(scratch.join("usr/bin/patch-agent"))
         .expect("bin")
         .permissions()
@@ -366,4 +394,127 @@ fn deb_in_a_booted_systemd_installs_restarts_upgrades_itself_by_a_signed_job_and
         "",
         "no patch-agent file remains"
     );
+}
+
+/// The .deb enrolls while it installs: with the PATCH_AGENT_* variables and a bad token it
+/// installs, does not start, and prints the reason and the command; with the variables in
+/// /etc/patch-agent/enroll.env (as an image would carry them) it enrolls, starts, and the
+/// controller lists the host. The token ends up in no file and no log.
+#[test]
+fn deb_enrolls_during_install_and_a_bad_token_leaves_it_installed_but_stopped() {
+    let v1 = deb(V1);
+    let tmp = tempfile::Builder::new()
+        .prefix("pa-enroll-")
+        .tempdir_in("/var/tmp")
+        .expect("tmp");
+    // The controller runs outside; the container shares the host's network.
+    let pki = Pki::new(tmp.path(), "pki");
+    let (_key, published) = signing_key(tmp.path());
+    let ctl = enrolling_controller(tmp.path(), &pki, "127.0.0.1:0", None, Some(&published), &[]);
+    let db = tmp.path().join("controller.db");
+    let token = create_token(&db, &["--labels", "environment=image"]);
+    let pin = ca_hash(&pki.path("ca.pem"));
+
+    let fs = tmp.path().join("root");
+    rootfs(&fs);
+    // An image's own agent.toml (kept over the package's with --force-confold): the container
+    // shares the host's network, so listen on a free loopback port.
+    let conf = std::fs::read_to_string(root().join("packaging/agent.toml"))
+        .expect("conf")
+        .replacen("listen = \"0.0.0.0:7443\"", "listen = \"127.0.0.1:0\"", 1);
+    std::fs::create_dir_all(fs.join("etc/patch-agent")).expect("etc");
+    std::fs::write(fs.join("etc/patch-agent/agent.toml"), conf).expect("conf");
+    let name = format!("pa-enr-{}", std::process::id());
+    let c = Container::boot(&fs, &name);
+    let deb_name = v1.file_name().expect("name").to_string_lossy().to_string();
+    std::fs::copy(&v1, fs.join("var/tmp").join(&deb_name)).expect("copy deb");
+
+    // 1. A token the controller does not know, in the environment.
+    let bad = "0123456789abcdef.0123456789abcdef0123456789abcdef";
+    let out = c.sh(&format!(
+        "PATCH_AGENT_CONTROLLER={} PATCH_AGENT_TOKEN={bad} PATCH_AGENT_CA_HASH={pin} PATCH_AGENT_HOST_ID=boxed-1 \
+         dpkg -i --force-confold /var/tmp/{deb_name} 2>&1",
+        ctl.addr
+    ));
+    let said = text(&out);
+    assert!(out.status.success(), "the package installs anyway: {said}");
+    assert!(
+        said.contains("enrolment failed") && said.contains("unknown"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "PATCH_AGENT_TOKEN=<token> patch-agent enroll --controller {} --ca-hash {pin} --host-id boxed-1",
+            ctl.addr
+        )),
+        "the exact command is printed: {said}"
+    );
+    assert!(!said.contains(bad), "the token is not printed: {said}");
+    assert_ne!(
+        String::from_utf8_lossy(&c.sh("systemctl is-active patch-agent").stdout).trim(),
+        "active"
+    );
+    assert!(!fs.join("etc/patch-agent/enrolled.toml").exists());
+    assert_eq!(
+        c.sh_ok("dpkg-query -W -f '${Status}' patch-agent"),
+        "install ok installed"
+    );
+
+    // 2. Removed, then installed again with the variables in enroll.env (0600).
+    c.sh_ok("dpkg -r patch-agent 2>&1");
+    let env = fs.join("etc/patch-agent/enroll.env");
+    std::fs::write(
+        &env,
+        format!(
+            "# first-boot enrolment\nPATCH_AGENT_CONTROLLER={}\nPATCH_AGENT_TOKEN=\"{token}\"\nPATCH_AGENT_CA_HASH={pin}\nPATCH_AGENT_HOST_ID=boxed-1\n",
+            ctl.addr
+        ),
+    )
+    .expect("env");
+    std::fs::set_permissions(&env, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let out = c.sh(&format!("dpkg -i --force-confold /var/tmp/{deb_name} 2>&1"));
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("enrolled as boxed-1"), "{said}");
+    assert!(!said.contains(&token), "the token is not printed: {said}");
+    assert!(!env.exists(), "enroll.env is removed once used");
+    assert_eq!(c.sh_ok("systemctl is-active patch-agent"), "active");
+    c.wait_serving();
+    let status = c.status();
+    assert_eq!(status["hostId"], "boxed-1", "{status}");
+    assert_eq!(status["certificate"]["enrolled"], true, "{status}");
+    assert_eq!(status["certificate"]["state"], "valid", "{status}");
+    // The controller lists it, heard from, with the token's labels.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let host = loop {
+        let out = run(Command::new(patchctl())
+            .args(["hosts", "list", "--json", "--db"])
+            .arg(&db));
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(h) = rows
+            .into_iter()
+            .find(|h| h["host_id"] == "boxed-1" && !h["last_seen"].is_null())
+        {
+            break h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "boxed-1 never reported: {}\n{}",
+            ctl.log_text(),
+            text(&c.sh("journalctl -u patch-agent --no-pager | tail -40"))
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(host["labels"]["environment"], "image", "{host}");
+    // The token is in no file and no log of the host.
+    for t in [bad, token.as_str()] {
+        let found = c.sh(&format!(
+            "grep -rls '{t}' /etc /var/lib/patch-agent /var/log /run /tmp /root 2>/dev/null; journalctl --no-pager | grep -c '{t}'"
+        ));
+        let found = String::from_utf8_lossy(&found.stdout).trim().to_string();
+        assert_eq!(found, "0", "the token was found: {found}");
+    }
+    let key_mode = c.sh_ok("stat -c %a /etc/patch-agent/tls/agent.key");
+    assert_eq!(key_mode, "600");
 }

@@ -5,7 +5,11 @@ for d in /etc/patch-agent/tls /etc/patch-agent/trusted-keys /etc/patch-agent/hoo
 done
 if [ "$1" -eq 1 ]; then
     systemctl --no-reload enable patch-agent.service >/dev/null 2>&1 || :
-    if [ -d /run/systemd/system ]; then
+    # Enrolment from the package (PATCH_AGENT_* in the environment or enroll.env); a failed
+    # one leaves the package installed and the service stopped.
+    enrolled=yes
+    /usr/lib/patch-agent/enroll-on-install || enrolled=no
+    if [ -d /run/systemd/system ] && [ "$enrolled" = yes ]; then
         systemctl daemon-reload >/dev/null 2>&1 || :
         if problems=$(patch-agent check-config --config /etc/patch-agent/agent.toml 2>&1); then
             printf '%s\n' "$problems" | grep '^warning:' | sed 's/^/patch-agent: /' >&2 || true

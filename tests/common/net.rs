@@ -172,3 +172,62 @@ impl Drop for Controller {
         self.kill();
     }
 }
+
+/// `patchctl serve` on `listen` with enrolment on: the PKI's CA signs agents' certificates,
+/// the keys in `published` (if any) go to enrolled hosts. Issues the controller's own
+/// certificate (`dir/ctl.pem`, for the listen address) first.
+pub fn enrolling_controller(
+    dir: &Path,
+    pki: &Pki,
+    listen: &str,
+    netns: Option<&str>,
+    published: Option<&Path>,
+    more: &[&str],
+) -> Controller {
+    let ip = listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+    pki.issue(
+        &dir.join("ctl"),
+        &[
+            "--name",
+            "controller.fleet",
+            "--san",
+            ip,
+            "--usage",
+            "server",
+        ],
+    );
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    let mut extra = vec![
+        "--enroll-ca-cert".to_string(),
+        path(&pki.path("ca.pem")),
+        "--enroll-ca-key".to_string(),
+        path(&pki.path("ca.key")),
+    ];
+    if let Some(p) = published {
+        extra.extend(["--publish-signing-keys".to_string(), path(p)]);
+    }
+    extra.extend(more.iter().map(|s| s.to_string()));
+    Controller::start_with(dir, pki, listen, netns, &extra)
+}
+
+/// `patchctl tokens create --db DB ARGS...`: the token (its last line).
+pub fn create_token(db: &Path, args: &[&str]) -> String {
+    let out = run(Command::new(patchctl())
+        .args(["tokens", "create", "--db"])
+        .arg(db)
+        .args(args));
+    assert!(out.status.success(), "tokens create: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("token line")
+        .trim()
+        .to_string()
+}
+
+/// `patchctl ca-hash FILE`.
+pub fn ca_hash(ca: &Path) -> String {
+    let out = run(Command::new(patchctl()).arg("ca-hash").arg(ca));
+    assert!(out.status.success(), "ca-hash: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

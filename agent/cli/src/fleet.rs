@@ -93,81 +93,8 @@ pub async fn tokens(cmd: TokensCommand) -> Result<()> {
             uses,
             ttl,
             reenroll,
-        } => {
-            let labels = parse_labels(&labels)?;
-            if !(1..=1_000_000).contains(&uses) {
-                invalid!("--uses {uses}: expected 1 to 1000000");
-            }
-            if ttl < Duration::from_secs(1) {
-                invalid!("--ttl must be at least 1s");
-            }
-            let token = Token::generate().map_err(anyhow::Error::msg)?;
-            let created_at = now();
-            let expires_at =
-                created_at.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
-            let store = SqliteStore::open_writer(&db).map_err(anyhow::Error::msg)?;
-            store
-                .create_token(NewToken {
-                    id: token.id.clone(),
-                    secret_sha256: token.secret_sha256(),
-                    labels: labels.clone(),
-                    uses,
-                    reenroll,
-                    created_at,
-                    expires_at,
-                })
-                .await
-                .map_err(anyhow::Error::msg)?;
-            outln!(
-                "token {} for {uses} host(s), labels {labels:?}, expires {}{}",
-                token.id,
-                when_secs(Some(expires_at)),
-                if reenroll {
-                    ", may re-enroll known hosts"
-                } else {
-                    ""
-                }
-            );
-            outln!("{token}");
-            Ok(())
-        }
-        TokensCommand::List { db, json } => {
-            let rows = reader(&db)?.tokens().await.map_err(anyhow::Error::msg)?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&rows)?);
-                return Ok(());
-            }
-            outln!(
-                "{:<16}  {:>9}  {:>4}  {:<20}  {:<8}  LABELS",
-                "ID",
-                "USES LEFT",
-                "USED",
-                "EXPIRES",
-                "STATE"
-            );
-            let now = now();
-            for t in rows {
-                let state = if t.revoked_at.is_some() {
-                    "revoked"
-                } else if t.expires_at <= now {
-                    "expired"
-                } else if t.uses_left <= 0 {
-                    "used up"
-                } else {
-                    "valid"
-                };
-                outln!(
-                    "{:<16}  {:>9}  {:>4}  {:<20}  {:<8}  {}",
-                    t.id,
-                    t.uses_left,
-                    t.used,
-                    when_secs(Some(t.expires_at)),
-                    state,
-                    terminal_safe(&labels_text(&t.labels))
-                );
-            }
-            Ok(())
-        }
+        } => create_token(&db, &labels, uses, ttl, reenroll).await,
+        TokensCommand::List { db, json } => list_tokens(&db, json).await,
         TokensCommand::Revoke { db, id } => {
             let store = SqliteStore::open_writer(&db).map_err(anyhow::Error::msg)?;
             if !store
@@ -184,6 +111,88 @@ pub async fn tokens(cmd: TokensCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn create_token(
+    db: &Path,
+    labels: &[String],
+    uses: u32,
+    ttl: Duration,
+    reenroll: bool,
+) -> Result<()> {
+    let labels = parse_labels(labels)?;
+    if !(1..=1_000_000).contains(&uses) {
+        invalid!("--uses {uses}: expected 1 to 1000000");
+    }
+    if ttl < Duration::from_secs(1) {
+        invalid!("--ttl must be at least 1s");
+    }
+    let token = Token::generate().map_err(anyhow::Error::msg)?;
+    let created_at = now();
+    let expires_at = created_at.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+    let store = SqliteStore::open_writer(db).map_err(anyhow::Error::msg)?;
+    store
+        .create_token(NewToken {
+            id: token.id.clone(),
+            secret_sha256: token.secret_sha256(),
+            labels: labels.clone(),
+            uses,
+            reenroll,
+            created_at,
+            expires_at,
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
+    outln!(
+        "token {} for {uses} host(s), labels {labels:?}, expires {}{}",
+        token.id,
+        when_secs(Some(expires_at)),
+        if reenroll {
+            ", may re-enroll known hosts"
+        } else {
+            ""
+        }
+    );
+    outln!("{token}");
+    Ok(())
+}
+
+async fn list_tokens(db: &Path, json: bool) -> Result<()> {
+    let rows = reader(db)?.tokens().await.map_err(anyhow::Error::msg)?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    outln!(
+        "{:<16}  {:>9}  {:>4}  {:<20}  {:<8}  LABELS",
+        "ID",
+        "USES LEFT",
+        "USED",
+        "EXPIRES",
+        "STATE"
+    );
+    let now = now();
+    for t in rows {
+        let state = if t.revoked_at.is_some() {
+            "revoked"
+        } else if t.expires_at <= now {
+            "expired"
+        } else if t.uses_left <= 0 {
+            "used up"
+        } else {
+            "valid"
+        };
+        outln!(
+            "{:<16}  {:>9}  {:>4}  {:<20}  {:<8}  {}",
+            t.id,
+            t.uses_left,
+            t.used,
+            when_secs(Some(t.expires_at)),
+            state,
+            terminal_safe(&labels_text(&t.labels))
+        );
+    }
+    Ok(())
 }
 
 fn reader(db: &Path) -> Result<SqliteStore> {

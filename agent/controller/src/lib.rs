@@ -24,22 +24,15 @@ impl ControllerService {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self { store }
     }
+}
 
-    /// A revoked host's reports are refused (`patchctl hosts revoke`), checked on every call.
-    async fn not_revoked(&self, host_id: &str) -> Result<(), Status> {
-        if self
-            .store
-            .host_revoked(host_id.to_string())
-            .await
-            .map_err(stored)?
-        {
-            tracing::warn!(host = %host_id, "Refused a call from a revoked host");
-            return Err(Status::permission_denied(format!(
-                "host {host_id:?} is revoked on this controller; enrol it again with a token made by `patchctl tokens create --reenroll`"
-            )));
-        }
-        Ok(())
-    }
+/// A revoked host's call, refused (`patchctl hosts revoke`); the store checks in the write's
+/// own transaction.
+fn revoked(refusal: store::Refusal) -> Status {
+    tracing::warn!(reason = %refusal, "Refused a call from a revoked host");
+    Status::permission_denied(format!(
+        "{refusal} on this controller; enrol it again with a token made by `patchctl tokens create --reenroll`"
+    ))
 }
 
 pub(crate) fn now() -> i64 {
@@ -102,10 +95,14 @@ impl patch_agent_wire::proto::Controller for ControllerService {
     ) -> Result<Response<pb::HelloResponse>, Status> {
         authorize(&req, &req.get_ref().host_id)?;
         check_labels(&req.get_ref().labels)?;
-        self.not_revoked(&req.get_ref().host_id).await?;
         let h = req.into_inner();
         tracing::info!(host = %h.host_id, version = %h.agent_version, labels = ?h.labels, "Agent hello");
-        let inventory_wanted = self.store.hello(h, now()).await.map_err(stored)?;
+        let inventory_wanted = self
+            .store
+            .hello(h, now())
+            .await
+            .map_err(stored)?
+            .map_err(revoked)?;
         Ok(Response::new(pb::HelloResponse {
             server_time: Some(SystemTime::now().into()),
             inventory_wanted,
@@ -129,7 +126,6 @@ impl patch_agent_wire::proto::Controller for ControllerService {
                 status.job_id
             )));
         }
-        self.not_revoked(&r.host_id).await?;
         let r = req.into_inner();
         let (host, job, state, is_final) = (
             r.host_id.clone(),
@@ -140,7 +136,12 @@ impl patch_agent_wire::proto::Controller for ControllerService {
             r.status.as_ref().map_or(0, |s| s.state),
             r.r#final,
         );
-        let duplicate = self.store.job_report(r, now()).await.map_err(stored)?;
+        let duplicate = self
+            .store
+            .job_report(r, now())
+            .await
+            .map_err(stored)?
+            .map_err(revoked)?;
         tracing::info!(host = %host, job = %job, state = patch_agent_wire::convert::state_name(state), is_final, duplicate, "Job report");
         Ok(Response::new(pb::ReportAck { duplicate }))
     }
@@ -170,11 +171,15 @@ impl patch_agent_wire::proto::Controller for ControllerService {
                 )));
             }
         }
-        self.not_revoked(&r.host_id).await?;
         let r = req.into_inner();
         let full = r.inventory.is_some();
         let host = r.host_id.clone();
-        let known = self.store.inventory(r, now()).await.map_err(stored)?;
+        let known = self
+            .store
+            .inventory(r, now())
+            .await
+            .map_err(stored)?
+            .map_err(revoked)?;
         if full {
             tracing::info!(host = %host, "Inventory stored");
         }
@@ -258,28 +263,8 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     use tokio::signal::unix::{SignalKind, signal};
-    let tls_files = patch_agent_service::tls::TlsSection {
-        ca: a.ca.clone(),
-        cert: a.cert.clone(),
-        key: a.key.clone(),
-    };
     let enrolling = a.enroll.enroll_ca_cert.is_some();
-    let tls = patch_agent_service::tls::server_config_with(
-        &tls_files,
-        &patch_agent_service::tls::ServerOptions {
-            allow_anonymous: enrolling,
-            send_ca: enrolling,
-        },
-    )
-    .map_err(|ps| {
-        anyhow::anyhow!(
-            "{}",
-            ps.into_iter()
-                .map(|(k, m)| format!("--{}: {m}", k.trim_start_matches("tls.")))
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })?;
+    let tls = tls_config(&a, enrolling)?;
     let store: Arc<dyn Store> =
         Arc::new(store::SqliteStore::open_writer(&a.db).map_err(anyhow::Error::msg)?);
     let enrollment = enrollment_service(&a, &store)?;
@@ -361,6 +346,29 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
     Ok(())
+}
+
+/// The listener's TLS: mutual, except that with enrolment on a client may come without a
+/// certificate (for Enroll only) and the CA is sent for hosts that pin it.
+fn tls_config(a: &ServeArgs, enrolling: bool) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let files = patch_agent_service::tls::TlsSection {
+        ca: a.ca.clone(),
+        cert: a.cert.clone(),
+        key: a.key.clone(),
+    };
+    let options = patch_agent_service::tls::ServerOptions {
+        allow_anonymous: enrolling,
+        send_ca: enrolling,
+    };
+    patch_agent_service::tls::server_config_with(&files, &options).map_err(|ps| {
+        anyhow::anyhow!(
+            "{}",
+            ps.into_iter()
+                .map(|(k, m)| format!("--{}: {m}", k.trim_start_matches("tls.")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })
 }
 
 /// The enrolment service when `--enroll-ca-cert` is given.

@@ -2,7 +2,7 @@
 //! process lifecycle: READY once listeners are up, SIGHUP reloads, SIGTERM drains and exits 0.
 
 use crate::config::{self, Config, LogFormat};
-use crate::enroll::renew::{CertState, Renewer};
+use crate::enroll::renew::Renewer;
 use crate::host::{HostFacts, Sources};
 use crate::jobs::engine::Engine;
 use crate::pkg::scanner::Scanner;
@@ -200,32 +200,18 @@ async fn serve(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let scanner = open_scanner(&config, &facts).await;
     tracing::info!(keys = trust.len(), dir = %config.jobs.trusted_keys_dir.display(), "Trust store loaded");
-    let engine = Engine::open(
-        &config.agent.boot_id_path,
-        &config.agent.state_dir,
-        trust,
-        config
-            .jobs
-            .admission_policy(&facts.host_id, &facts.machine_id),
-        config.jobs.clone(),
-        scanner.clone(),
-        Arc::new(crate::jobs::clock::SystemClock),
-    )
-    .await?;
+    let engine = open_engine(&config, &facts, trust, &scanner).await?;
     let (report_tx, report_rx) = watch::channel((config.report.clone(), config.tls.clone()));
     let reporter = open_reporter(&config, &facts, &engine, &scanner, report_rx)?;
-    let certificate = CertState::default();
-    let reload_wanted = Arc::new(tokio::sync::Notify::new());
-    let renewer = Renewer {
-        settings: report_tx.subscribe(),
-        host_id: facts.host_id.clone(),
-        enrolled: config.enrolled.is_some(),
-        state: certificate.clone(),
-        reload: reload_wanted.clone(),
-    };
+    let renewer = Renewer::new(
+        report_tx.subscribe(),
+        &facts.host_id,
+        config.enrolled.is_some(),
+    );
+    let reload_wanted = renewer.reload.clone();
     let (routes, health) = server::routes(
         AgentService::new(facts.clone(), scanner.clone(), engine.clone())
-            .with_certificate(certificate),
+            .with_certificate(renewer.state.clone()),
     )
     .await?;
     let listeners = Listeners {
@@ -275,6 +261,27 @@ async fn serve(
         Some(why) => return Err(Error::Runtime(why)),
     }
     Ok(())
+}
+
+/// The jobs engine, with its journal recovered.
+async fn open_engine(
+    config: &Config,
+    facts: &HostFacts,
+    trust: TrustStore,
+    scanner: &Option<Arc<Scanner>>,
+) -> Result<Arc<Engine>, Error> {
+    Ok(Engine::open(
+        &config.agent.boot_id_path,
+        &config.agent.state_dir,
+        trust,
+        config
+            .jobs
+            .admission_policy(&facts.host_id, &facts.machine_id),
+        config.jobs.clone(),
+        scanner.clone(),
+        Arc::new(crate::jobs::clock::SystemClock),
+    )
+    .await?)
 }
 
 /// This host's facts, read once at start.

@@ -52,8 +52,20 @@ pub struct HostFacts {
     pub boot_time: SystemTime,
 }
 
-impl HostFacts {
-    /// Reads the facts; `host_id` overrides the FQDN-derived default when not empty.
+/// What identifies the host, read without /proc: enrolment runs in package scriptlets and
+/// scratch roots where /proc may not be mounted.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub host_id: String,
+    pub hostname: String,
+    pub machine_id: String,
+    pub os: OsRelease,
+    pub kernel_release: String,
+    pub architecture: String,
+}
+
+impl Identity {
+    /// Reads the identity; `host_id` overrides the FQDN-derived default when not empty.
     pub fn read(src: &Sources, host_id: &str) -> Result<Self, String> {
         let uts = nix::sys::utsname::uname().map_err(|e| format!("uname failed: {e}"))?;
         let hostname = uts.nodename().to_string_lossy().into_owned();
@@ -68,11 +80,6 @@ impl HostFacts {
             tracing::warn!(error = %e, "No machine id; jobs must target this host by host_id");
             String::new()
         });
-        let boot_id = read_trimmed(&src.boot_id)?;
-        let stat = std::fs::read_to_string(&src.proc_stat)
-            .map_err(|e| format!("cannot read {}: {e}", src.proc_stat.display()))?;
-        let btime = parse_btime(&stat)
-            .ok_or_else(|| format!("{} has no btime line", src.proc_stat.display()))?;
         let host_id = if host_id.is_empty() {
             let hosts = std::fs::read_to_string(&src.hosts).unwrap_or_default();
             patch_agent_service::hostname::fqdn(&hostname, &hosts)
@@ -83,10 +90,30 @@ impl HostFacts {
             host_id,
             hostname,
             machine_id,
-            boot_id,
             os,
             kernel_release: uts.release().to_string_lossy().into_owned(),
             architecture: uts.machine().to_string_lossy().into_owned(),
+        })
+    }
+}
+
+impl HostFacts {
+    /// Reads the facts; `host_id` overrides the FQDN-derived default when not empty.
+    pub fn read(src: &Sources, host_id: &str) -> Result<Self, String> {
+        let id = Identity::read(src, host_id)?;
+        let boot_id = read_trimmed(&src.boot_id)?;
+        let stat = std::fs::read_to_string(&src.proc_stat)
+            .map_err(|e| format!("cannot read {}: {e}", src.proc_stat.display()))?;
+        let btime = parse_btime(&stat)
+            .ok_or_else(|| format!("{} has no btime line", src.proc_stat.display()))?;
+        Ok(Self {
+            host_id: id.host_id,
+            hostname: id.hostname,
+            machine_id: id.machine_id,
+            boot_id,
+            os: id.os,
+            kernel_release: id.kernel_release,
+            architecture: id.architecture,
             boot_time: SystemTime::UNIX_EPOCH + Duration::from_secs(btime),
         })
     }

@@ -37,22 +37,28 @@ enum Command {
     /// enrolled.toml. Writes nothing unless all of it succeeds. Exit 0 enrolled, 1 refused or
     /// unreachable, 2 bad arguments or configuration.
     Enroll {
-        /// The controller, HOST:PORT.
+        /// The controller, HOST:PORT. Or PATCH_AGENT_CONTROLLER.
         #[arg(long)]
-        controller: String,
+        controller: Option<String>,
         /// The join token from `patchctl tokens create`. Prefer PATCH_AGENT_TOKEN in the
-        /// environment: command lines are visible to every user of the host.
+        /// environment or the env file: command lines are visible to every user of the host.
         #[arg(long)]
         token: Option<String>,
-        /// sha256:HEX of the controller CA's public key (`patchctl ca-hash ca.pem`).
+        /// sha256:HEX of the controller CA's public key (`patchctl ca-hash ca.pem`). Or
+        /// PATCH_AGENT_CA_HASH.
         #[arg(long)]
-        ca_hash: String,
-        /// The host id to enroll as. Default: [agent] host_id, else the FQDN.
+        ca_hash: Option<String>,
+        /// The host id to enroll as. Or PATCH_AGENT_HOST_ID. Default: [agent] host_id, else
+        /// the FQDN.
         #[arg(long)]
         host_id: Option<String>,
         /// Another DNS name for the certificate (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// KEY=VALUE file with the PATCH_AGENT_* variables (0600), read for what neither a
+        /// flag nor the environment sets; a missing file is ignored.
+        #[arg(long)]
+        env_file: Option<PathBuf>,
         #[arg(long, short = 'c', default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
@@ -102,6 +108,7 @@ fn main() {
             ca_hash,
             host_id,
             sans,
+            env_file,
             config,
         } => enroll(patch_agent::enroll::Args {
             controller,
@@ -110,6 +117,7 @@ fn main() {
             host_id,
             sans,
             config,
+            env_file,
         }),
     };
     std::process::exit(code);

@@ -100,16 +100,20 @@ pub struct FleetSnapshot {
     pub jobs: Vec<JobRow>,
 }
 
+/// A host's write, or its refusal: a revoked host's reports are refused (`patchctl hosts
+/// revoke`), checked in the same transaction as the write.
+pub type Admitted<T> = std::result::Result<T, Refusal>;
+
 /// The controller's storage. Writes are durable when they return.
 #[tonic::async_trait]
 pub trait Store: Send + Sync {
     /// Records a hello; true when the store has no inventory for the host.
-    async fn hello(&self, h: pb::HelloRequest, now: i64) -> Result<bool>;
+    async fn hello(&self, h: pb::HelloRequest, now: i64) -> Result<Admitted<bool>>;
     /// Stores a job report; true when its id was stored before (nothing changed).
-    async fn job_report(&self, r: pb::JobReport, now: i64) -> Result<bool>;
+    async fn job_report(&self, r: pb::JobReport, now: i64) -> Result<Admitted<bool>>;
     /// Stores an inventory report. Without an inventory, true when the stored checksum is the
     /// same (the host is marked seen); false means the full inventory is needed.
-    async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<bool>;
+    async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<Admitted<bool>>;
     async fn history(&self, host: Option<String>, job: Option<String>) -> Result<Vec<JobRow>>;
     async fn snapshot(&self) -> Result<FleetSnapshot>;
 
@@ -131,8 +135,6 @@ pub trait Store: Send + Sync {
     -> Result<std::result::Result<Vec<String>, Refusal>>;
     /// Records a renewed certificate; false when the host was revoked meanwhile.
     async fn renewed(&self, host_id: String, serial: String, not_after: i64) -> Result<bool>;
-    /// Whether the host was revoked (checked on every report and renewal).
-    async fn host_revoked(&self, host_id: String) -> Result<bool>;
     /// True when the host existed and was not revoked before.
     async fn revoke_host(&self, host_id: String, now: i64) -> Result<bool>;
     async fn host_list(&self) -> Result<Vec<HostListRow>>;
@@ -429,6 +431,18 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
     }
 }
 
+/// Runs `f` unless the host is revoked.
+fn admitted<T>(
+    c: &Connection,
+    host_id: &str,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Admitted<T>> {
+    if enrollment::host_revoked(c, host_id)? {
+        return Ok(Err(Refusal::Revoked(host_id.to_string())));
+    }
+    f(c).map(Ok)
+}
+
 fn labels_json(labels: &HashMap<String, String>) -> String {
     let sorted: BTreeMap<_, _> = labels.iter().collect();
     serde_json::to_string(&sorted).unwrap_or_else(|_| "{}".into())
@@ -637,16 +651,19 @@ const JOB_COLUMNS: &str =
 
 #[tonic::async_trait]
 impl Store for SqliteStore {
-    async fn hello(&self, h: pb::HelloRequest, now: i64) -> Result<bool> {
-        self.write(move |c| apply_hello(c, &h, now)).await
+    async fn hello(&self, h: pb::HelloRequest, now: i64) -> Result<Admitted<bool>> {
+        self.write(move |c| admitted(c, &h.host_id, |c| apply_hello(c, &h, now)))
+            .await
     }
 
-    async fn job_report(&self, r: pb::JobReport, now: i64) -> Result<bool> {
-        self.write(move |c| apply_job(c, &r, now)).await
+    async fn job_report(&self, r: pb::JobReport, now: i64) -> Result<Admitted<bool>> {
+        self.write(move |c| admitted(c, &r.host_id, |c| apply_job(c, &r, now)))
+            .await
     }
 
-    async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<bool> {
-        self.write(move |c| apply_inventory(c, &r, now)).await
+    async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<Admitted<bool>> {
+        self.write(move |c| admitted(c, &r.host_id, |c| apply_inventory(c, &r, now)))
+            .await
     }
 
     async fn history(&self, host: Option<String>, job: Option<String>) -> Result<Vec<JobRow>> {
@@ -755,11 +772,6 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn host_revoked(&self, host_id: String) -> Result<bool> {
-        self.read(move |c| enrollment::host_revoked(c, &host_id))
-            .await
-    }
-
     async fn revoke_host(&self, host_id: String, now: i64) -> Result<bool> {
         self.write(move |c| enrollment::revoke_host(c, &host_id, now))
             .await
@@ -812,21 +824,25 @@ mod tests {
             !s.job_report(job("h1", "j", pb::JobState::Applying, "3"), 10)
                 .await
                 .expect("w")
+                .expect("admitted")
         );
         assert!(
             !s.job_report(job("h1", "j", pb::JobState::Succeeded, "final"), 11)
                 .await
                 .expect("w")
+                .expect("admitted")
         );
         assert!(
             s.job_report(job("h1", "j", pb::JobState::Succeeded, "final"), 12)
                 .await
                 .expect("w")
+                .expect("admitted")
         );
         // A late progress report does not turn a result back into progress.
         s.job_report(job("h1", "j", pb::JobState::Verifying, "9"), 13)
             .await
-            .expect("w");
+            .expect("w")
+            .expect("admitted");
         let rows = SqliteStore::open_reader(&db)
             .expect("reader")
             .history(None, None)
@@ -863,7 +879,12 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert!(!s.inventory(report("a", None, 150), 150).await.expect("w"));
+        assert!(
+            !s.inventory(report("a", None, 150), 150)
+                .await
+                .expect("w")
+                .expect("admitted")
+        );
         let inv = pb::Inventory {
             updates: vec![upd("x"), upd("y")],
             ..Default::default()
@@ -872,15 +893,22 @@ mod tests {
             s.inventory(report("a", Some(inv), 150), 150)
                 .await
                 .expect("w")
+                .expect("admitted")
         );
-        assert!(s.inventory(report("a", None, 160), 160).await.expect("w"));
+        assert!(
+            s.inventory(report("a", None, 160), 160)
+                .await
+                .expect("w")
+                .expect("admitted")
+        );
         let inv = pb::Inventory {
             updates: vec![upd("y")],
             ..Default::default()
         };
         s.inventory(report("b", Some(inv), 400), 400)
             .await
-            .expect("w");
+            .expect("w")
+            .expect("admitted");
         let snap = SqliteStore::open_reader(&db)
             .expect("reader")
             .snapshot()

@@ -20,17 +20,87 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// `patch-agent enroll` arguments.
-#[derive(Debug, Clone)]
+/// `patch-agent enroll` arguments. Each of controller, token, CA hash and host id may also come
+/// from the environment (`PATCH_AGENT_CONTROLLER`, `PATCH_AGENT_TOKEN`, `PATCH_AGENT_CA_HASH`,
+/// `PATCH_AGENT_HOST_ID`) or from `env_file` (the same names, `KEY=VALUE` lines; what package
+/// installs read from `/etc/patch-agent/enroll.env`). Flags win over the environment, the
+/// environment over the file.
+#[derive(Debug, Clone, Default)]
 pub struct Args {
-    pub controller: String,
-    /// The token; None reads `PATCH_AGENT_TOKEN` (which, unlike an argument, other users
-    /// cannot read in /proc).
+    pub controller: Option<String>,
+    /// Prefer the environment or the file: other users can read a command line in /proc.
     pub token: Option<String>,
-    pub ca_hash: String,
+    pub ca_hash: Option<String>,
     pub host_id: Option<String>,
     pub sans: Vec<String>,
     pub config: PathBuf,
+    pub env_file: Option<PathBuf>,
+}
+
+/// The variables enrolment reads from the environment and the env file.
+pub const ENV_KEYS: [&str; 4] = [
+    "PATCH_AGENT_CONTROLLER",
+    "PATCH_AGENT_TOKEN",
+    "PATCH_AGENT_CA_HASH",
+    "PATCH_AGENT_HOST_ID",
+];
+
+/// Parses an env file: `KEY=VALUE` lines, `#` comments, optional `export ` and quotes.
+pub fn parse_env_file(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(format!("line {}: expected KEY=VALUE", n + 1));
+        };
+        let k = k.trim();
+        let v = v.trim();
+        let v = ['"', '\''].iter().fold(v, |v, q| {
+            v.strip_prefix(*q)
+                .and_then(|x| x.strip_suffix(*q))
+                .unwrap_or(v)
+        });
+        if k.starts_with("PATCH_AGENT_") && !ENV_KEYS.contains(&k) {
+            return Err(format!(
+                "line {}: unknown {k}; expected one of {}",
+                n + 1,
+                ENV_KEYS.join(", ")
+            ));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// Fills unset arguments from the environment, then from the env file.
+fn resolve(mut args: Args) -> Result<Args, Error> {
+    let file = match &args.env_file {
+        Some(path) if path.exists() => {
+            // It holds a secret: it must be the admin's alone.
+            patch_agent_service::tls::check_key_mode(path).map_err(Error::Invalid)?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::Invalid(format!("cannot read {}: {e}", path.display())))?;
+            parse_env_file(&text).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?
+        }
+        _ => BTreeMap::new(),
+    };
+    let pick = |flag: &mut Option<String>, key: &str| {
+        if flag.is_none() {
+            *flag = std::env::var(key)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .or_else(|| file.get(key).filter(|v| !v.is_empty()).cloned());
+        }
+    };
+    pick(&mut args.controller, "PATCH_AGENT_CONTROLLER");
+    pick(&mut args.token, "PATCH_AGENT_TOKEN");
+    pick(&mut args.ca_hash, "PATCH_AGENT_CA_HASH");
+    pick(&mut args.host_id, "PATCH_AGENT_HOST_ID");
+    Ok(args)
 }
 
 /// Why enrolment did not happen. Nothing was written in either case.
@@ -61,28 +131,11 @@ pub fn enrolled_path(config: &Path) -> PathBuf {
 
 pub async fn enroll(args: Args) -> Result<Enrolled, Error> {
     let invalid = Error::Invalid;
+    let args = resolve(args)?;
     let config = config::load(&args.config).map_err(|p| invalid(p.to_string()))?;
-    let pin = parse_pin(&args.ca_hash).map_err(invalid)?;
-    if !patch_agent_wire::ids::is_host_port(&args.controller) {
-        return Err(invalid(format!(
-            "--controller {:?} is not HOST:PORT",
-            args.controller
-        )));
-    }
-    let token = match &args.token {
-        Some(t) => t.trim().to_string(),
-        None => std::env::var("PATCH_AGENT_TOKEN")
-            .map(|t| t.trim().to_string())
-            .map_err(|_| invalid("no token: pass --token or set PATCH_AGENT_TOKEN".into()))?,
-    };
-    if token.is_empty() {
-        return Err(invalid("the token is empty".into()));
-    }
-    let facts = crate::host::HostFacts::read(
-        &crate::host::Sources {
-            boot_id: config.agent.boot_id_path.clone(),
-            ..Default::default()
-        },
+    let (controller, pin, token) = required(&args)?;
+    let facts = crate::host::Identity::read(
+        &crate::host::Sources::default(),
         args.host_id.as_deref().unwrap_or(&config.agent.host_id),
     )
     .map_err(invalid)?;
@@ -108,8 +161,16 @@ pub async fn enroll(args: Args) -> Result<Enrolled, Error> {
             agent_version: crate::VERSION.to_string(),
         }),
     };
-    let response = call(&args.controller, pin, request).await?;
-    let plan = plan_files(&args, &config, &host_id, &key, pin, &response)?;
+    let response = call(&controller, pin, request).await?;
+    let plan = plan_files(
+        &args.config,
+        &controller,
+        &config,
+        &host_id,
+        &key,
+        pin,
+        &response,
+    )?;
     files::write_all(&plan).map_err(Error::Failed)?;
     let cert = response.certificate.unwrap_or_default();
     Ok(Enrolled {
@@ -123,6 +184,39 @@ pub async fn enroll(args: Args) -> Result<Enrolled, Error> {
         written: plan.into_iter().map(|p| p.path).collect(),
         labels: response.labels.into_iter().collect(),
     })
+}
+
+/// Controller, CA pin and token, each given one way or another; checked.
+fn required(args: &Args) -> Result<(String, [u8; 32], String), Error> {
+    let missing = |what: &str, key: &str| {
+        Error::Invalid(format!(
+            "no {what}: pass --{} or set {key}",
+            what.replace(' ', "-")
+        ))
+    };
+    let controller = args
+        .controller
+        .clone()
+        .ok_or_else(|| missing("controller", "PATCH_AGENT_CONTROLLER"))?;
+    if !patch_agent_wire::ids::is_host_port(&controller) {
+        return Err(Error::Invalid(format!(
+            "--controller {controller:?} is not HOST:PORT"
+        )));
+    }
+    let pin = parse_pin(
+        args.ca_hash
+            .as_deref()
+            .ok_or_else(|| missing("ca hash", "PATCH_AGENT_CA_HASH"))?,
+    )
+    .map_err(Error::Invalid)?;
+    let token = args
+        .token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| missing("token", "PATCH_AGENT_TOKEN"))?
+        .to_string();
+    Ok((controller, pin, token))
 }
 
 /// Connects with only the pinned CA trusted and calls Enroll.
@@ -172,7 +266,8 @@ async fn call(
 
 /// Checks the answer against what was asked and pinned, and lays out the files to write.
 fn plan_files(
-    args: &Args,
+    config_path: &Path,
+    controller: &str,
     config: &Config,
     host_id: &str,
     key: &csr::NewKey,
@@ -228,8 +323,8 @@ fn plan_files(
         patch_agent_wire::ids::check_label(k, v).map_err(bad)?;
     }
     plan.push(Planned::new(
-        &enrolled_path(&args.config),
-        enrolled_toml(host_id, &args.controller, &r.labels),
+        &enrolled_path(config_path),
+        enrolled_toml(host_id, controller, &r.labels),
         0o644,
     ));
     Ok(plan)
@@ -284,6 +379,23 @@ fn enrolled_toml(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_files_parse_and_typos_are_named() {
+        let m = parse_env_file(
+            "# image defaults\nexport PATCH_AGENT_CONTROLLER=ctl:7000\nPATCH_AGENT_TOKEN=\"a.b\"\n\nPATCH_AGENT_CA_HASH='sha256:00'\nOTHER=x\n",
+        )
+        .expect("parse");
+        assert_eq!(m["PATCH_AGENT_CONTROLLER"], "ctl:7000");
+        assert_eq!(m["PATCH_AGENT_TOKEN"], "a.b");
+        assert_eq!(m["PATCH_AGENT_CA_HASH"], "sha256:00");
+        let e = parse_env_file("PATCH_AGENT_TOKNE=x\n").expect_err("typo");
+        assert!(
+            e.contains("line 1") && e.contains("PATCH_AGENT_TOKEN"),
+            "{e}"
+        );
+        assert!(parse_env_file("junk\n").is_err());
+    }
 
     #[test]
     fn enrolled_toml_reads_back() {

@@ -9,6 +9,7 @@
 
 use super::{check_certificate, csr::NewKey, files};
 use crate::config::{ReportSection, TlsSection};
+use patch_agent_service::tls::CertInfo;
 use patch_agent_wire::proto::{EnrollmentClient, v1 as pb};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -62,6 +63,21 @@ pub fn renew_at(not_before: i64, not_after: i64, jitter: f64) -> i64 {
 }
 
 impl Renewer {
+    /// A renewer for `host_id`; it renews only when `enrolled`, and watches otherwise.
+    pub fn new(
+        settings: watch::Receiver<(ReportSection, TlsSection)>,
+        host_id: &str,
+        enrolled: bool,
+    ) -> Self {
+        Self {
+            settings,
+            host_id: host_id.to_string(),
+            enrolled,
+            state: CertState::default(),
+            reload: Arc::new(Notify::new()),
+        }
+    }
+
     pub async fn run(mut self) {
         let mut failures = 0u32;
         let mut planned: Option<(String, i64)> = None;
@@ -107,27 +123,7 @@ impl Renewer {
             s.enrolled = self.enrolled;
         });
         if now >= info.not_after {
-            let action = if self.enrolled {
-                format!(
-                    "the certificate expired at {}, so it cannot be renewed: enroll again with a new token \
-                     (`patchctl tokens create`, then `patch-agent enroll --controller {} --token TOKEN --ca-hash sha256:...`) \
-                     and restart the agent",
-                    fmt(info.not_after),
-                    report.controller
-                )
-            } else {
-                format!(
-                    "the certificate expired at {}: install a new one at tls.cert and tls.key and send SIGHUP",
-                    fmt(info.not_after)
-                )
-            };
-            tracing::error!(serial = %info.serial, action = %action, "Certificate expired");
-            self.state.update(|s| {
-                s.state = "expired".into();
-                s.action = action;
-                s.renew_at = None;
-            });
-            return Duration::from_secs(300);
+            return self.expired(&info, report);
         }
         if !self.enrolled || report.controller.is_empty() {
             self.state.update(|s| {
@@ -161,6 +157,44 @@ impl Renewer {
         if now < at {
             return Duration::from_secs((at - now) as u64);
         }
+        self.attempt(&info, report, tls, failures).await
+    }
+
+    /// An expired certificate cannot renew itself: say what to do, look again later.
+    fn expired(&self, info: &CertInfo, report: &ReportSection) -> Duration {
+        let action = if self.enrolled {
+            format!(
+                "the certificate expired at {}, so it cannot be renewed: make a token with \
+                 `patchctl tokens create --reenroll`, run `PATCH_AGENT_TOKEN=<token> patch-agent enroll \
+                 --controller {} --ca-hash sha256:... --host-id {}` and restart the agent",
+                fmt(info.not_after),
+                report.controller,
+                self.host_id
+            )
+        } else {
+            format!(
+                "the certificate expired at {}: install a new one at tls.cert and tls.key and send SIGHUP",
+                fmt(info.not_after)
+            )
+        };
+        tracing::error!(serial = %info.serial, action = %action, "Certificate expired");
+        self.state.update(|s| {
+            s.state = "expired".into();
+            s.action = action;
+            s.renew_at = None;
+        });
+        Duration::from_secs(300)
+    }
+
+    /// Renews now; on failure records why and returns the pause before the next try.
+    async fn attempt(
+        &self,
+        info: &CertInfo,
+        report: &ReportSection,
+        tls: &TlsSection,
+        failures: &mut u32,
+    ) -> Duration {
+        let now = now();
         match self.renew(report, tls).await {
             Ok(serial) => {
                 tracing::info!(old = %info.serial, new = %serial, "Certificate renewed");
