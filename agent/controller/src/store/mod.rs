@@ -815,6 +815,147 @@ mod tests {
         }
     }
 
+    fn token(id: &str, secret: &str, uses: u32, expires_at: i64, reenroll: bool) -> NewToken {
+        NewToken {
+            id: id.into(),
+            secret_sha256: sha256(secret),
+            labels: [("environment".to_string(), "prod".to_string())].into(),
+            uses,
+            reenroll,
+            created_at: 0,
+            expires_at,
+        }
+    }
+
+    fn sha256(s: &str) -> [u8; 32] {
+        let mut out = [0; 32];
+        out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref());
+        out
+    }
+
+    fn enrolment(token: &str, secret: &str, host: &str, names: &[&str]) -> Enrolment {
+        Enrolment {
+            token_id: token.into(),
+            secret_sha256: sha256(secret),
+            host_id: host.into(),
+            names: std::iter::once(host)
+                .chain(names.iter().copied())
+                .map(String::from)
+                .collect(),
+            serial: format!("{host}-serial"),
+            not_after: 1000,
+            agent_version: "0.1.0".into(),
+            facts: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_names_and_revocation() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = SqliteStore::open_writer(&dir.path().join("c.db")).expect("open");
+        s.create_token(token("t1", "s1", 1, 100, false))
+            .await
+            .expect("t1");
+        s.create_token(token("t2", "s2", 5, 100, false))
+            .await
+            .expect("t2");
+        s.create_token(token("old", "s3", 5, 10, false))
+            .await
+            .expect("old");
+        s.create_token(token("re", "s4", 5, 100, true))
+            .await
+            .expect("re");
+        let enroll = |e: Enrolment| s.enroll(e, 50);
+        let labels = enroll(enrolment("t1", "s1", "h1", &["h1.example"]))
+            .await
+            .expect("write")
+            .expect("enrolled");
+        assert_eq!(labels["environment"], "prod");
+        let refused =
+            |r: Result<Admitted<BTreeMap<String, String>>>| r.expect("write").expect_err("refused");
+        assert_eq!(
+            refused(enroll(enrolment("t1", "s1", "h2", &[])).await),
+            Refusal::TokenUsedUp
+        );
+        assert_eq!(
+            refused(enroll(enrolment("t2", "wrong", "h2", &[])).await),
+            Refusal::UnknownToken
+        );
+        assert_eq!(
+            refused(enroll(enrolment("nope", "s2", "h2", &[])).await),
+            Refusal::UnknownToken
+        );
+        assert_eq!(
+            refused(enroll(enrolment("old", "s3", "h2", &[])).await),
+            Refusal::TokenExpired
+        );
+        assert_eq!(
+            refused(enroll(enrolment("t2", "s2", "h1", &[])).await),
+            Refusal::AlreadyEnrolled("h1".into())
+        );
+        assert_eq!(
+            refused(enroll(enrolment("t2", "s2", "h2", &["h1.example"])).await),
+            Refusal::NameTaken {
+                name: "h1.example".into(),
+                owner: "h1".into()
+            }
+        );
+        // Refusals spent nothing.
+        let t2 = s
+            .tokens()
+            .await
+            .expect("tokens")
+            .into_iter()
+            .find(|t| t.id == "t2")
+            .expect("t2");
+        assert_eq!((t2.uses_left, t2.used), (5, 0));
+        assert!(s.revoke_token("t2".into(), 60).await.expect("revoke"));
+        assert!(!s.revoke_token("t2".into(), 61).await.expect("again"));
+        assert_eq!(
+            refused(enroll(enrolment("t2", "s2", "h2", &[])).await),
+            Refusal::TokenRevoked
+        );
+
+        // A revoked host's reports and renewals are refused, in the write's transaction.
+        assert_eq!(
+            s.renewable("h1".into()).await.expect("r").expect("ok"),
+            ["h1", "h1.example"]
+        );
+        assert!(s.revoke_host("h1".into(), 70).await.expect("revoke"));
+        let r = s
+            .job_report(job("h1", "j", pb::JobState::Succeeded, "final"), 71)
+            .await
+            .expect("write");
+        assert_eq!(r, Err(Refusal::Revoked("h1".into())));
+        assert!(s.history(None, None).await.expect("history").is_empty());
+        assert_eq!(
+            s.renewable("h1".into()).await.expect("r"),
+            Err(Refusal::Revoked("h1".into()))
+        );
+        assert!(
+            !s.renewed("h1".into(), "x".into(), 2000)
+                .await
+                .expect("renewed")
+        );
+        assert_eq!(
+            s.renewable("never".into()).await.expect("r"),
+            Err(Refusal::NotEnrolled("never".into()))
+        );
+        // Re-enrolment lifts the revocation.
+        enroll(enrolment("re", "s4", "h1", &[]))
+            .await
+            .expect("write")
+            .expect("re-enrolled");
+        let r = s
+            .job_report(job("h1", "j", pb::JobState::Succeeded, "final"), 72)
+            .await
+            .expect("write");
+        assert_eq!(r, Ok(false));
+        let hosts = s.host_list().await.expect("hosts");
+        assert_eq!(hosts[0].revoked_at, None);
+        assert_eq!(hosts[0].cert_serial.as_deref(), Some("h1-serial"));
+    }
+
     #[tokio::test]
     async fn duplicates_are_stored_once_and_a_result_is_never_replaced() {
         let dir = tempfile::tempdir().expect("tmp");
