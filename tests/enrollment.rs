@@ -707,3 +707,62 @@ fn an_expired_certificate_says_how_to_enroll_again() {
         "{text_status}"
     );
 }
+
+/// An agent that is not enrolled renews nothing, but GetStatus still shows its certificate,
+/// read when first asked and again after a reload: expired, then replaced and valid.
+#[test]
+fn a_hand_made_certificate_is_shown_and_reread_after_sighup() {
+    let site = Site::new("enroll-manual", "127.0.0.1:0", None, "7d");
+    let dir = site.host(
+        "manual1",
+        "127.0.0.1:0",
+        "[packages]\nscan_on_start = false\n",
+    );
+    std::fs::create_dir_all(dir.join("tls")).expect("tls");
+    std::fs::create_dir_all(dir.join("keys")).expect("keys");
+    let issue = |args: &[&str]| {
+        let mut a = vec!["--name", "manual1", "--usage", "server", "--force"];
+        a.extend_from_slice(args);
+        site.pki.issue(&dir.join("tls/agent"), &a);
+    };
+    issue(&["--days", "1", "--start-days-ago", "2"]);
+    std::fs::copy(site.pki.path("ca.pem"), dir.join("tls/ca.pem")).expect("ca");
+    let agent = site.start(&dir, None);
+    let local = format!("unix:{}", dir.join("agent.sock").display());
+    let status = || -> Value {
+        let out = run(Command::new(patchctl()).args(["status", "--json", "--agent", &local]));
+        serde_json::from_slice(&out.stdout).expect("status json")
+    };
+    let s = status();
+    assert_eq!(s["cert_state"], "expired", "{s}");
+    assert_eq!(s["cert_enrolled"], false);
+    assert_eq!(s["cert_renew_at"], "-");
+    assert!(
+        s["cert_action"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("send SIGHUP"),
+        "{s}"
+    );
+    let old = s["cert_serial"].as_str().expect("serial").to_string();
+
+    issue(&[]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    let s = wait_for(
+        "the new certificate in GetStatus",
+        Duration::from_secs(10),
+        || {
+            let s = status();
+            (s["cert_state"] == "valid").then_some(s)
+        },
+    );
+    assert_ne!(s["cert_serial"], old.as_str());
+    assert_eq!(
+        served_serial(&site, &agent),
+        s["cert_serial"].as_str().expect("serial")
+    );
+}

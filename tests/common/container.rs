@@ -219,7 +219,9 @@ impl Container {
         let name = deb.file_name().expect("name").to_string_lossy().to_string();
         // Not /tmp: the booted system mounts a tmpfs over it.
         std::fs::copy(deb, self.root.join("var/tmp").join(&name)).expect("copy deb");
-        let out = self.sh(&format!("dpkg -i /var/tmp/{name} 2>&1"));
+        // --force-confold: keep an agent.toml the admin (or a test) changed, as an upgrade on a
+        // real host would when asked.
+        let out = self.sh(&format!("dpkg -i --force-confold /var/tmp/{name} 2>&1"));
         assert!(out.status.success(), "dpkg -i {name}: {}", text(&out));
         text(&out)
     }

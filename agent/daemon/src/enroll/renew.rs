@@ -11,23 +11,98 @@ use super::{check_certificate, csr::NewKey, files};
 use crate::config::{ReportSection, TlsSection};
 use patch_agent_service::tls::CertInfo;
 use patch_agent_wire::proto::{EnrollmentClient, v1 as pb};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, watch};
 
 /// The certificate's state, read by GetStatus.
+///
+/// An agent that is not enrolled renews nothing, so nothing reads its certificate at start:
+/// the first GetStatus after a start or a reload does, once (parsing X.509 touches code that
+/// would otherwise stay out of the agent's resident memory).
 #[derive(Debug, Clone, Default)]
-pub struct CertState(Arc<RwLock<pb::CertificateStatus>>);
+pub struct CertState(Arc<RwLock<Slot>>);
+
+#[derive(Debug, Default)]
+struct Slot {
+    status: pb::CertificateStatus,
+    /// Read this certificate on the next `get` (not enrolled).
+    pending: Option<PathBuf>,
+}
 
 impl CertState {
     pub fn get(&self) -> pb::CertificateStatus {
-        self.0.read().map(|s| s.clone()).unwrap_or_default()
+        let pending = self.0.read().ok().and_then(|s| s.pending.clone());
+        if let Some(path) = pending {
+            let status = describe(&path, false);
+            if let Ok(mut s) = self.0.write() {
+                s.status = status;
+                s.pending = None;
+            }
+        }
+        let mut status = self.0.read().map(|s| s.status.clone()).unwrap_or_default();
+        // Nothing renews it: it may have expired since it was read.
+        if !status.enrolled
+            && status.state == "valid"
+            && let Some(t) = &status.not_after
+            && t.seconds <= now()
+        {
+            status.state = "expired".into();
+            status.action = expired_action(false, t.seconds, "", "");
+        }
+        status
     }
 
     fn update(&self, f: impl FnOnce(&mut pb::CertificateStatus)) {
         if let Ok(mut s) = self.0.write() {
-            f(&mut s);
+            f(&mut s.status);
         }
+    }
+
+    fn read_later(&self, cert: &Path) {
+        if let Ok(mut s) = self.0.write() {
+            s.pending = Some(cert.to_path_buf());
+        }
+    }
+}
+
+/// The certificate at `path`, as GetStatus shows it (without renewal times).
+fn describe(path: &Path, enrolled: bool) -> pb::CertificateStatus {
+    match patch_agent_service::tls::load_certs(path)
+        .and_then(|c| patch_agent_service::tls::cert_info(&c[0]))
+    {
+        Ok(info) => pb::CertificateStatus {
+            serial: info.serial,
+            not_before: ts(info.not_before),
+            not_after: ts(info.not_after),
+            state: "valid".into(),
+            enrolled,
+            ..Default::default()
+        },
+        Err(e) => pb::CertificateStatus {
+            state: "unreadable".into(),
+            last_error: e,
+            enrolled,
+            ..Default::default()
+        },
+    }
+}
+
+/// What to do about a certificate that expired at `not_after`.
+fn expired_action(enrolled: bool, not_after: i64, controller: &str, host_id: &str) -> String {
+    if enrolled {
+        format!(
+            "the certificate expired at {}, so it cannot be renewed: make a token with \
+             `patchctl tokens create --reenroll`, run `PATCH_AGENT_TOKEN=<token> patch-agent enroll \
+             --controller {controller} --ca-hash sha256:... --host-id {host_id}` and restart the agent",
+            fmt(not_after),
+        )
+    } else {
+        format!(
+            "the certificate expired at {}: install a new one at tls.cert and tls.key and send SIGHUP",
+            fmt(not_after)
+        )
     }
 }
 
@@ -79,6 +154,16 @@ impl Renewer {
     }
 
     pub async fn run(mut self) {
+        if !self.enrolled || self.settings.borrow().0.controller.is_empty() {
+            // Nothing to renew: GetStatus reads the certificate when asked, again after a reload.
+            loop {
+                let cert = self.settings.borrow_and_update().1.cert.clone();
+                self.state.read_later(&cert);
+                if self.settings.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
         let mut failures = 0u32;
         let mut planned: Option<(String, i64)> = None;
         loop {
@@ -104,14 +189,8 @@ impl Renewer {
         {
             Ok(info) => info,
             Err(e) => {
-                self.state.update(|s| {
-                    *s = pb::CertificateStatus {
-                        state: "unreadable".into(),
-                        last_error: e,
-                        enrolled: self.enrolled,
-                        ..Default::default()
-                    }
-                });
+                self.state.update(|s| *s = describe(&tls.cert, true));
+                tracing::warn!(error = %e, "Cannot read the certificate to renew it");
                 return Duration::from_secs(60);
             }
         };
@@ -124,14 +203,6 @@ impl Renewer {
         });
         if now >= info.not_after {
             return self.expired(&info, report);
-        }
-        if !self.enrolled || report.controller.is_empty() {
-            self.state.update(|s| {
-                s.state = "valid".into();
-                s.action.clear();
-            });
-            // Look again when it expires (or when reloaded).
-            return Duration::from_secs((info.not_after - now).clamp(1, 3600) as u64);
         }
         let at = match planned {
             Some((serial, at)) if *serial == info.serial => *at,
@@ -162,21 +233,12 @@ impl Renewer {
 
     /// An expired certificate cannot renew itself: say what to do, look again later.
     fn expired(&self, info: &CertInfo, report: &ReportSection) -> Duration {
-        let action = if self.enrolled {
-            format!(
-                "the certificate expired at {}, so it cannot be renewed: make a token with \
-                 `patchctl tokens create --reenroll`, run `PATCH_AGENT_TOKEN=<token> patch-agent enroll \
-                 --controller {} --ca-hash sha256:... --host-id {}` and restart the agent",
-                fmt(info.not_after),
-                report.controller,
-                self.host_id
-            )
-        } else {
-            format!(
-                "the certificate expired at {}: install a new one at tls.cert and tls.key and send SIGHUP",
-                fmt(info.not_after)
-            )
-        };
+        let action = expired_action(
+            self.enrolled,
+            info.not_after,
+            &report.controller,
+            &self.host_id,
+        );
         tracing::error!(serial = %info.serial, action = %action, "Certificate expired");
         self.state.update(|s| {
             s.state = "expired".into();
