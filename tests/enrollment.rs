@@ -625,6 +625,23 @@ fn enrolment_abuse_is_refused() {
         text(&out)
     );
 
+    // An anonymous caller cannot make the controller read more than 64 KiB.
+    let big = format!(
+        r#"{{"token":"x","host_id":"x","csr_der":"{}"}}"#,
+        "A".repeat(100 * 1024)
+    );
+    let out = anon(&[
+        "-import-path",
+        "proto",
+        "-proto",
+        "patchagent/v1/enrollment.proto",
+        "-d",
+        &big,
+        &site.addr,
+        "patchagent.v1.Enrollment/Enroll",
+    ]);
+    assert!(text(&out).contains("message length too large"), "{}", text(&out));
+
     // Failed attempts from one address are rate-limited (10 a minute by default; the grpcurl
     // call above was one).
     let dir = site.host("guess", "127.0.0.1:0", "");

@@ -399,8 +399,8 @@ fn enrollment_service(
         .chain(a.enroll.reserve_names.iter().cloned())
         .collect();
     tracing::info!(ttl = ?a.enroll.agent_cert_ttl, signing_keys = keys.len(), "Enrolment open");
-    Ok(Some(patch_agent_wire::proto::EnrollmentServer::new(
-        enroll::EnrollmentService::new(
+    Ok(Some(
+        patch_agent_wire::proto::EnrollmentServer::new(enroll::EnrollmentService::new(
             store.clone(),
             Arc::new(signer),
             keys,
@@ -409,6 +409,9 @@ fn enrollment_service(
                 a.enroll.enroll_max_failures,
                 std::time::Duration::from_secs(60),
             ),
-        ),
-    )))
+        ))
+        // Callers without a certificate reach this service: an enrolment request is a token, a
+        // few names and a CSR of at most 8 KiB, so nothing near the inventory-sized default.
+        .max_decoding_message_size(enroll::MAX_REQUEST),
+    ))
 }

@@ -18,6 +18,9 @@ use std::sync::Arc;
 use std::time::Instant;
 use tonic::{Request, Response, Status};
 
+/// Largest Enroll or Renew request, in bytes.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
 /// Most extra names a host may ask for.
 pub const MAX_EXTRA_SANS: usize = 16;
 
