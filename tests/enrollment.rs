@@ -640,7 +640,11 @@ fn enrolment_abuse_is_refused() {
         &site.addr,
         "patchagent.v1.Enrollment/Enroll",
     ]);
-    assert!(text(&out).contains("message length too large"), "{}", text(&out));
+    assert!(
+        text(&out).contains("message length too large"),
+        "{}",
+        text(&out)
+    );
 
     // Failed attempts from one address are rate-limited (10 a minute by default; the grpcurl
     // call above was one).
