@@ -26,25 +26,6 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-/// (VmRSS, VmHWM) in KiB.
-fn memory(pid: u32) -> (u64, u64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |k: &str| {
-        s.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 async fn connect(
     addr: &str,
     tls: Arc<rustls::ClientConfig>,
@@ -148,7 +129,7 @@ fn main() {
             .collect(),
     );
     let keygen = made.elapsed();
-    let (rss0, _) = memory(pid);
+    let (rss0, _) = patchctl::bench::memory_kib(pid).unwrap_or_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -161,7 +142,7 @@ fn main() {
         let (addr, t) = (addr.clone(), t.clone());
         async move { connect(&addr, t).await.map(drop) }
     }));
-    let (_, hwm_connect) = memory(pid);
+    let (_, hwm_connect) = patchctl::bench::memory_kib(pid).unwrap_or_default();
 
     // Enrolments: connect, Enroll, close.
     let (addr, t, token2, csrs2) = (ctl.addr.clone(), tls.clone(), token.clone(), csrs.clone());
@@ -182,7 +163,7 @@ fn main() {
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
         }
     }));
-    let (rss, hwm) = memory(pid);
+    let (rss, hwm) = patchctl::bench::memory_kib(pid).unwrap_or_default();
     let hosts = text(&run(Command::new(patchctl())
         .args(["hosts", "list", "--json", "--db"])
         .arg(tmp.path().join("controller.db"))));

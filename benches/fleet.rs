@@ -20,24 +20,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-/// (VmRSS, VmHWM) in KiB.
-fn memory(pid: u32) -> Option<(u64, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |k: &str| {
-        s.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
-}
-
 fn start_controller(dir: &Path, pki: &Pki) -> (Child, String) {
     pki.issue(
         &dir.join("ctl"),
@@ -265,7 +247,7 @@ fn fan_out(tmp: &Path, pki: &Pki, ctl_addr: &str, ctl_pid: u32, agents: usize) {
     let pid = rollout.id();
     let mut peak = 0;
     while rollout.try_wait().expect("wait").is_none() {
-        if let Some((_, hwm)) = memory(pid) {
+        if let Some((_, hwm)) = patchctl::bench::memory_kib(pid) {
             peak = peak.max(hwm);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -310,7 +292,7 @@ fn fan_out(tmp: &Path, pki: &Pki, ctl_addr: &str, ctl_pid: u32, agents: usize) {
         "fan-out: {finals} of {agents} results at the controller {:.2} s after the rollout started",
         t0.elapsed().as_secs_f64()
     );
-    if let Some((rss, hwm)) = memory(ctl_pid) {
+    if let Some((rss, hwm)) = patchctl::bench::memory_kib(ctl_pid) {
         println!(
             "controller (patchctl serve): RSS {:.1} MiB, peak {:.1} MiB",
             rss as f64 / 1024.0,
@@ -319,7 +301,7 @@ fn fan_out(tmp: &Path, pki: &Pki, ctl_addr: &str, ctl_pid: u32, agents: usize) {
     }
     let agent_rss: Vec<u64> = running
         .iter()
-        .filter_map(|a| memory(a.child.id()).map(|m| m.0))
+        .filter_map(|a| patchctl::bench::memory_kib(a.child.id()).map(|m| m.0))
         .collect();
     if !agent_rss.is_empty() {
         println!(
@@ -338,7 +320,7 @@ fn main() {
     let (mut ctl, addr) = start_controller(tmp.path(), &pki);
     let per_client = env_num("BENCH_REPORTS", 400);
     ingest(tmp.path(), &pki, &addr, 50, per_client);
-    if let Some((rss, hwm)) = memory(ctl.id()) {
+    if let Some((rss, hwm)) = patchctl::bench::memory_kib(ctl.id()) {
         println!(
             "controller after ingest: RSS {:.1} MiB, peak {:.1} MiB",
             rss as f64 / 1024.0,

@@ -14,14 +14,8 @@
 mod common;
 
 use common::container::*;
+use common::env_num;
 use std::time::{Duration, Instant};
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() {
     let deb = deb(V1);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::net::{Controller, Net};
+use common::net::{Controller, Net, issue_ctl_cert};
 use common::*;
 use nix::sys::signal::Signal;
 use patch_agent_wire::proto::v1 as pb;
@@ -13,20 +13,6 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn issue_ctl_cert(dir: &Path, pki: &Pki, ip: &str) {
-    pki.issue(
-        &dir.join("ctl"),
-        &[
-            "--name",
-            "controller.fleet",
-            "--san",
-            ip,
-            "--usage",
-            "server",
-        ],
-    );
-}
 
 /// One agent host of the fleet.
 struct Node {

@@ -16,6 +16,14 @@ use std::time::{Duration, Instant};
 /// can run an older build side by side with this one).
 pub use patch_agent_dist::{agent as agent_bin, patchctl};
 
+/// A number from the environment (benchmark sizes), or `default`.
+pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))

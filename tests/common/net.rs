@@ -173,6 +173,21 @@ impl Drop for Controller {
     }
 }
 
+/// The controller's certificate (`dir/ctl.pem`, `dir/ctl.key`): controller.fleet and `ip`.
+pub fn issue_ctl_cert(dir: &Path, pki: &Pki, ip: &str) {
+    pki.issue(
+        &dir.join("ctl"),
+        &[
+            "--name",
+            "controller.fleet",
+            "--san",
+            ip,
+            "--usage",
+            "server",
+        ],
+    );
+}
+
 /// `patchctl serve` on `listen` with enrolment on: the PKI's CA signs agents' certificates,
 /// the keys in `published` (if any) go to enrolled hosts. Issues the controller's own
 /// certificate (`dir/ctl.pem`, for the listen address) first.
@@ -184,17 +199,10 @@ pub fn enrolling_controller(
     published: Option<&Path>,
     more: &[&str],
 ) -> Controller {
-    let ip = listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
-    pki.issue(
-        &dir.join("ctl"),
-        &[
-            "--name",
-            "controller.fleet",
-            "--san",
-            ip,
-            "--usage",
-            "server",
-        ],
+    issue_ctl_cert(
+        dir,
+        pki,
+        listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h),
     );
     let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
     let mut extra = vec![

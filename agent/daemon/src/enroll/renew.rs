@@ -33,15 +33,18 @@ struct Slot {
 
 impl CertState {
     pub fn get(&self) -> pb::CertificateStatus {
-        let pending = self.0.read().ok().and_then(|s| s.pending.clone());
+        let (mut status, pending) = self
+            .0
+            .read()
+            .map(|s| (s.status.clone(), s.pending.clone()))
+            .unwrap_or_default();
         if let Some(path) = pending {
-            let status = describe(&path, false);
+            status = describe(&path, false);
             if let Ok(mut s) = self.0.write() {
-                s.status = status;
+                s.status = status.clone();
                 s.pending = None;
             }
         }
-        let mut status = self.0.read().map(|s| s.status.clone()).unwrap_or_default();
         // Nothing renews it: it may have expired since it was read.
         if !status.enrolled
             && status.state == "valid"
