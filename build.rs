@@ -9,8 +9,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../..");
     let include = root.join("proto");
     println!("cargo:rerun-if-changed={}", include.display());
-    let protos = ["agent", "controller", "enrollment", "jobs", "packages"]
-        .map(|p| include.join(format!("patchagent/v1/{p}.proto")));
+    let protos = [
+        "agent",
+        "controller",
+        "enrollment",
+        "jobs",
+        "operator",
+        "packages",
+    ]
+    .map(|p| include.join(format!("patchagent/v1/{p}.proto")));
     let fds = protox::compile(protos, [&include])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let bytes = prost::Message::encode_to_vec(&fds);
@@ -18,6 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // No `XClient::connect(addr)` constructors: every client is built on a channel that
+        // patch_agent_service::tls made (mutual TLS), and `Controller/Connect` needs the name.
+        .build_transport(false)
         .compile_fds(fds)?;
     Ok(())
 }

@@ -6,6 +6,7 @@
 #   dpkg-dev, apt-utils        synthetic .deb repositories (dpkg-scanpackages, apt-ftparchive)
 #   dnf, rpm, createrepo-c     synthetic rpm repositories and a real dnf against an installroot
 #   iproute2         network namespaces for the fleet tests
+#   nftables         the NAT gateway namespace of the control-channel tests
 #   debootstrap, systemd-container   a Debian rootfs booted with systemd-nspawn (packaging tests)
 #   lintian, rpmlint package checks
 #   grpcurl          from PyPI (scripts/install-grpcurl.sh)
@@ -19,7 +20,7 @@ export DEBIAN_FRONTEND=noninteractive
 tools=(
     openssl:openssl setpriv:util-linux python3:python3 dpkg-scanpackages:dpkg-dev
     apt-ftparchive:apt-utils dnf:dnf rpm:rpm rpmbuild:rpm createrepo_c:createrepo-c
-    modifyrepo_c:createrepo-c ip:iproute2 debootstrap:debootstrap
+    modifyrepo_c:createrepo-c ip:iproute2 nft:nftables debootstrap:debootstrap
     systemd-nspawn:systemd-container lintian:lintian rpmlint:rpmlint
 )
 missing=()

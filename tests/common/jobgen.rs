@@ -130,14 +130,16 @@ pub fn job() -> impl Strategy<Value = pb::Job> {
                     http_urls,
                 }),
         )],
+        prop_oneof![3 => Just(std::collections::HashMap::new()), 1 => proptest::collection::hash_map(text(), text(), 0..3)],
     );
     (head, tail).prop_map(
         |(
             (job_id, targets, not_before, expires_at, action, reboot_policy, dry_run, allow),
-            (max_duration, window, hooks, checks),
+            (max_duration, window, hooks, checks, target_selector),
         )| pb::Job {
             job_id,
             targets,
+            target_selector,
             not_before,
             expires_at,
             action,
@@ -157,6 +159,7 @@ fn policy() -> AdmissionPolicy {
     AdmissionPolicy {
         host_id: "test-host".into(),
         machine_id: "m".into(),
+        labels: Default::default(),
         max_lifetime: Duration::from_secs(24 * 3600),
         clock_skew: Duration::from_secs(300),
         max_duration: Duration::from_secs(7200),

@@ -49,7 +49,8 @@ pub enum TokensCommand {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum HostsCommand {
-    /// Hosts: labels, certificate serial and expiry, enrolled at, last seen, agent version.
+    /// Hosts: connected now (a control channel is open), labels, certificate serial and expiry,
+    /// enrolled at, last seen, agent version.
     List {
         #[arg(long)]
         db: PathBuf,
@@ -216,8 +217,9 @@ pub async fn hosts(cmd: HostsCommand) -> Result<()> {
                 return Ok(());
             }
             outln!(
-                "{:<28}  {:<20}  {:<20}  {:<20}  {:<10}  {:<34}  LABELS",
+                "{:<28}  {:<9}  {:<20}  {:<20}  {:<20}  {:<10}  {:<34}  LABELS",
                 "HOST",
+                "CONNECTED",
                 "ENROLLED",
                 "LAST SEEN",
                 "CERT EXPIRES",
@@ -231,8 +233,13 @@ pub async fn hosts(cmd: HostsCommand) -> Result<()> {
                     h.host_id.clone()
                 };
                 outln!(
-                    "{:<28}  {:<20}  {:<20}  {:<20}  {:<10}  {:<34}  {}",
+                    "{:<28}  {:<9}  {:<20}  {:<20}  {:<20}  {:<10}  {:<34}  {}",
                     terminal_safe(&host),
+                    if h.connected_since.is_some() {
+                        "yes"
+                    } else {
+                        "no"
+                    },
                     when_secs(h.enrolled_at),
                     when_secs(h.last_seen),
                     when_secs(h.cert_not_after),

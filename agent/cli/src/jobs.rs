@@ -101,8 +101,47 @@ pub fn fresh_id() -> String {
     format!("job-{secs}-{}", patch_agent_wire::ids::to_hex(&b))
 }
 
-/// Builds the Job message from flags, for `targets`, with `id`.
-pub fn build(a: &JobArgs, id: String, targets: &[String], now: SystemTime) -> Result<pb::Job> {
+/// Which hosts a job names: host ids, a selector of labels, or both (a host must then be
+/// listed and match).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hosts {
+    pub targets: Vec<String>,
+    pub selector: std::collections::BTreeMap<String, String>,
+}
+
+impl Hosts {
+    pub fn new(targets: &[String], selector: &[(String, String)]) -> Self {
+        Self {
+            targets: targets.to_vec(),
+            selector: selector.iter().cloned().collect(),
+        }
+    }
+}
+
+/// `--selector k=v[,k=v]`: one pair.
+pub fn parse_pair(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    patch_agent_wire::ids::check_label(k, v)?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// When a scheduled occurrence may run: valid from `start`, expiring `--expires` later, in a
+/// window of the same span (the agent waits for it and never starts the job outside it).
+#[derive(Debug, Clone, Copy)]
+pub struct Occurrence {
+    pub start: SystemTime,
+}
+
+/// Builds the Job message from flags, for `hosts`, with `id`; `at` schedules it.
+pub fn build(
+    a: &JobArgs,
+    id: String,
+    hosts: &Hosts,
+    now: SystemTime,
+    at: Option<Occurrence>,
+) -> Result<pb::Job> {
     let actions = usize::from(a.scan)
         + usize::from(a.reboot_action)
         + usize::from(a.upgrade.is_some() || a.min_severity.is_some())
@@ -158,11 +197,28 @@ pub fn build(a: &JobArgs, id: String, targets: &[String], now: SystemTime) -> Re
         "always" => pb::RebootPolicy::Always,
         _ => pb::RebootPolicy::Never,
     };
+    let (not_before, expires_at, window) = match at {
+        Some(o) => {
+            if a.window.is_some() {
+                invalid!(
+                    "--window and a schedule (--start-at, --every) both set a window: use one"
+                );
+            }
+            let end = o.start + a.expires;
+            (Some(o.start), end, Some((o.start, end)))
+        }
+        None => (None, now + a.expires, a.window),
+    };
     Ok(pb::Job {
         job_id: id,
-        targets: targets.to_vec(),
-        not_before: None,
-        expires_at: Some((now + a.expires).into()),
+        targets: hosts.targets.clone(),
+        target_selector: hosts
+            .selector
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        not_before: not_before.map(Into::into),
+        expires_at: Some(expires_at.into()),
         action: Some(action),
         reboot_policy: reboot_policy as i32,
         dry_run: a.dry_run,
@@ -180,7 +236,7 @@ pub fn build(a: &JobArgs, id: String, targets: &[String], now: SystemTime) -> Re
         pre_hooks: a.pre_hooks.clone(),
         post_hooks: a.post_hooks.clone(),
         allow_repo_errors: a.allow_repo_errors,
-        window: a.window.map(|(start, end)| pb::MaintenanceWindow {
+        window: window.map(|(start, end)| pb::MaintenanceWindow {
             start: Some(start.into()),
             end: Some(end.into()),
             allow_partial: a.window_allow_partial,
@@ -188,28 +244,32 @@ pub fn build(a: &JobArgs, id: String, targets: &[String], now: SystemTime) -> Re
     })
 }
 
-/// Signs a job after checking it exactly as an agent would (for its first target).
-pub fn sign(a: &JobArgs, targets: &[String], key: &Path) -> Result<(pb::SignedJob, pb::Job)> {
+/// Signs a job after checking it exactly as an agent would (for its first target, or a host
+/// with exactly the selector's labels).
+pub fn sign(a: &JobArgs, hosts: &Hosts, key: &Path) -> Result<(pb::SignedJob, pb::Job)> {
     let signer = SigningKey::read(key).map_err(anyhow::Error::msg)?;
     let id = a.id.clone().unwrap_or_else(fresh_id);
-    sign_with(&signer, a, id, targets, SystemTime::now())
+    sign_with(&signer, a, id, hosts, SystemTime::now(), None)
 }
 
-/// [`sign`] with a loaded key and a chosen id.
+/// [`sign`] with a loaded key and a chosen id; `at` schedules it (checked as an agent would
+/// check it then).
 pub fn sign_with(
     signer: &SigningKey,
     a: &JobArgs,
     id: String,
-    targets: &[String],
+    hosts: &Hosts,
     now: SystemTime,
+    at: Option<Occurrence>,
 ) -> Result<(pb::SignedJob, pb::Job)> {
-    let Some(first) = targets.first() else {
-        invalid!("a job needs at least one target");
-    };
-    let job = build(a, id, targets, now)?;
+    if hosts.targets.is_empty() && hosts.selector.is_empty() {
+        invalid!("a job needs hosts: --target HOST (repeatable) or --selector KEY=VALUE[,...]");
+    }
+    let job = build(a, id, hosts, now, at)?;
     let policy = patch_agent_wire::job::AdmissionPolicy {
-        host_id: first.clone(),
+        host_id: hosts.targets.first().cloned().unwrap_or_default(),
         machine_id: String::new(),
+        labels: hosts.selector.clone(),
         max_lifetime: a.max_lifetime,
         clock_skew: Duration::from_secs(300),
         max_duration: a
@@ -218,14 +278,14 @@ pub fn sign_with(
             .max(Duration::from_secs(2 * 3600)),
         hooks: None,
     };
-    patch_agent_wire::job::validate(job.clone(), &signer.key_id(), &policy, None, now).map_err(
-        |e| {
+    let checked_at = at.map_or(now, |o| o.start.max(now));
+    patch_agent_wire::job::validate(job.clone(), &signer.key_id(), &policy, None, checked_at)
+        .map_err(|e| {
             Failure::Invalid(format!(
                 "an agent would refuse this job ({:?}): {e}",
                 e.code()
             ))
-        },
-    )?;
+        })?;
     let payload = job.encode_to_vec();
     let signature = signer.sign(&payload);
     Ok((

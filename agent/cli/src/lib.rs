@@ -8,6 +8,7 @@ pub mod client;
 pub mod failure;
 pub mod fleet;
 pub mod jobs;
+pub mod operate;
 pub mod output;
 pub mod pki;
 pub mod rollout;
@@ -49,10 +50,18 @@ pub enum Command {
     /// Jobs: signing (offline).
     #[command(subcommand)]
     Job(Box<JobCommand>),
-    /// Send a signed job file to an agent and print the admission result.
+    /// Send a signed job file to an agent, or through a controller to every connected host it
+    /// targets, and print the admission result(s).
     Submit {
+        /// The agent: HOST:PORT (gRPC over mutual TLS) or unix:PATH (the local socket).
+        #[arg(long, env = "PATCHCTL_AGENT", required_unless_present = "controller")]
+        agent: Option<String>,
+        /// Relay through this controller (HOST:PORT, an operator's certificate) to every
+        /// connected host the job targets; prints each host's admission.
+        #[arg(long, conflicts_with = "agent")]
+        controller: Option<String>,
         #[command(flatten)]
-        agent: client::AgentArgs,
+        tls: client::TlsArgs,
         file: PathBuf,
     },
     /// Follow a job until it ends; exit non-zero unless it succeeded.
@@ -78,8 +87,12 @@ pub enum Command {
     },
     /// Run the reference controller: receive agents' reports over mutual TLS into SQLite.
     Serve(patch_agent_controller::ServeArgs),
-    /// Sign and push a job to a fleet in batches, stopping at a failure threshold.
+    /// Sign and push a job to a fleet in batches, stopping at a failure threshold: directly
+    /// (--inventory), or driven by a controller (--controller), optionally on a schedule.
     Rollout(Box<rollout::RolloutArgs>),
+    /// Rollouts a controller drives: list, show, watch, pause, resume, cancel.
+    #[command(subcommand)]
+    Rollouts(operate::RolloutsCommand),
     /// Stored job results per host, with per-package outcomes.
     History {
         /// The controller's database (patchctl serve --db).
@@ -136,8 +149,12 @@ pub enum JobCommand {
         #[arg(long, short = 'o')]
         output: PathBuf,
         /// A host_id or machine_id the job may run on (repeatable).
-        #[arg(long = "target", required = true)]
+        #[arg(long = "target", required_unless_present = "selector")]
         targets: Vec<String>,
+        /// Hosts whose own labels include every KEY=VALUE pair (comma-separated or repeated).
+        /// With --target too, a host must be listed and match.
+        #[arg(long, value_delimiter = ',', value_parser = jobs::parse_pair)]
+        selector: Vec<(String, String)>,
         #[command(flatten)]
         job: jobs::JobArgs,
     },
@@ -249,11 +266,21 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Job(cmd) => sign_job(*cmd),
-        Command::Submit { agent, file } => {
-            let status = jobs::submit(agent.connect().await?, &file).await?;
-            out!("accepted\n{}", terminal_safe(&jobs::render_status(&status)));
-            Ok(())
-        }
+        Command::Submit {
+            agent,
+            controller,
+            tls,
+            file,
+        } => match (agent, controller) {
+            (_, Some(controller)) => operate::submit(&controller, &tls, &file).await,
+            (Some(agent), None) => {
+                let agent = client::AgentArgs { agent, tls };
+                let status = jobs::submit(agent.connect().await?, &file).await?;
+                out!("accepted\n{}", terminal_safe(&jobs::render_status(&status)));
+                Ok(())
+            }
+            (None, None) => invalid!("--agent ADDR or --controller ADDR"),
+        },
         Command::Watch { agent, job_id } => {
             let status = jobs::watch(agent.connect().await?, &job_id).await?;
             out!("{}", terminal_safe(&jobs::render_status(&status)));
@@ -274,7 +301,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             patch_agent_controller::serve(args).await
         }
-        Command::Rollout(args) => rollout(*args).await,
+        Command::Rollout(args) => match args.controller.clone() {
+            Some(controller) => operate::create(&args, &controller).await,
+            None => rollout(*args).await,
+        },
+        Command::Rollouts(cmd) => operate::rollouts(cmd).await,
         Command::History {
             db,
             host,
@@ -317,9 +348,10 @@ fn sign_job(cmd: JobCommand) -> Result<()> {
         signing_key,
         output,
         targets,
+        selector,
         job,
     } = cmd;
-    let (env, job) = jobs::sign(&job, &targets, &signing_key)?;
+    let (env, job) = jobs::sign(&job, &jobs::Hosts::new(&targets, &selector), &signing_key)?;
     let bytes = prost::Message::encode_to_vec(&env);
     std::fs::write(&output, &bytes)
         .with_context(|| format!("cannot write {}", output.display()))?;

@@ -16,43 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-/// `--serial`: a batch size, absolute or a share of the hosts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Serial {
-    Hosts(usize),
-    Percent(u32),
-}
-
-impl std::str::FromStr for Serial {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not N or N% (a batch size, e.g. 1, 10 or 25%)");
-        if let Some(p) = s.strip_suffix('%') {
-            let p: u32 = p.parse().map_err(|_| bad())?;
-            if p == 0 || p > 100 {
-                return Err(format!("{s:?}: a percentage must be 1-100"));
-            }
-            Ok(Self::Percent(p))
-        } else {
-            let n: usize = s.parse().map_err(|_| bad())?;
-            if n == 0 {
-                return Err("--serial must be at least 1".into());
-            }
-            Ok(Self::Hosts(n))
-        }
-    }
-}
-
-impl Serial {
-    /// Hosts per batch for `total` hosts (a percentage rounds up; at least one).
-    pub fn batch_size(self, total: usize) -> usize {
-        match self {
-            Self::Hosts(n) => n,
-            Self::Percent(p) => (total * p as usize).div_ceil(100),
-        }
-        .max(1)
-    }
-}
+pub use patch_agent_controller::rollouts::{Serial, should_stop};
 
 fn parse_percent(s: &str) -> Result<f64, String> {
     let p: f64 = s
@@ -67,10 +31,38 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RolloutArgs {
-    /// The hosts: a TOML file with a [[host]] table per host (id, address = "HOST:PORT",
-    /// optional labels).
+    /// Direct mode: the hosts, a TOML file with a [[host]] table per host (id, address =
+    /// "HOST:PORT", optional labels); patchctl dials each agent and drives the rollout itself.
+    #[arg(
+        long,
+        required_unless_present = "controller",
+        conflicts_with = "controller"
+    )]
+    pub inventory: Option<PathBuf>,
+    /// Controller mode: upload the rollout to this controller (HOST:PORT, with an operator's
+    /// certificate), which drives it through the agents' control channels and keeps it
+    /// running without this terminal.
     #[arg(long)]
-    pub inventory: PathBuf,
+    pub controller: Option<String>,
+    /// Controller mode: the hosts, by host id.
+    #[arg(long, value_delimiter = ',', requires = "controller")]
+    pub hosts: Vec<String>,
+    /// Controller mode: the hosts whose own labels include every KEY=VALUE (comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = jobs::parse_pair, requires = "controller")]
+    pub selector: Vec<(String, String)>,
+    /// Controller mode: return once the rollout is created (its id is printed).
+    #[arg(long, requires = "controller")]
+    pub detach: bool,
+    /// Controller mode: the first occurrence starts at this time (RFC 3339), not now. Each
+    /// occurrence is signed now, valid only from its start, in a window of --expires.
+    #[arg(long, value_parser = parse_time, requires = "controller")]
+    pub start_at: Option<SystemTime>,
+    /// Controller mode: occurrences repeat this often (with --occurrences).
+    #[arg(long, value_parser = humantime::parse_duration, requires_all = ["controller", "occurrences"])]
+    pub every: Option<Duration>,
+    /// Controller mode: how many occurrences (with --every); one signed job each.
+    #[arg(long, requires = "every")]
+    pub occurrences: Option<u32>,
     /// PKCS#8 PEM Ed25519 private key to sign the jobs with.
     #[arg(long)]
     pub signing_key: PathBuf,
@@ -94,6 +86,11 @@ pub struct RolloutArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub job: JobArgs,
+}
+
+fn parse_time(s: &str) -> Result<SystemTime, String> {
+    humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time (2026-12-01T02:00:00Z): {e}"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -202,11 +199,6 @@ pub struct Summary {
     pub stopped_early: bool,
 }
 
-/// The stop rule: failed hosts exceed `max` percent of those attempted.
-pub fn should_stop(failed: usize, attempted: usize, max: f64) -> bool {
-    attempted > 0 && (failed as f64) * 100.0 > max * (attempted as f64)
-}
-
 /// A job id for one host: PREFIX-HOST, with characters a job id cannot hold replaced.
 fn job_id(prefix: &str, host: &str) -> String {
     let clean: String = host
@@ -296,7 +288,10 @@ pub async fn run(a: RolloutArgs) -> Result<Summary> {
 
 /// The inventory's hosts that carry every `--label`.
 fn select_hosts(a: &RolloutArgs) -> Result<Vec<Host>> {
-    let hosts: Vec<Host> = read_hosts(&a.inventory)?
+    let Some(inventory) = &a.inventory else {
+        invalid!("--inventory FILE or --controller ADDR");
+    };
+    let hosts: Vec<Host> = read_hosts(inventory)?
         .into_iter()
         .filter(|h| {
             a.labels
@@ -305,7 +300,7 @@ fn select_hosts(a: &RolloutArgs) -> Result<Vec<Host>> {
         })
         .collect();
     if hosts.is_empty() {
-        invalid!("no host in {} matches the labels", a.inventory.display());
+        invalid!("no host in {} matches the labels", inventory.display());
     }
     Ok(hosts)
 }
@@ -323,8 +318,9 @@ fn sign_all(a: &RolloutArgs, hosts: &[Host], prefix: &str) -> Result<Vec<(pb::Si
                 &signer,
                 &a.job,
                 job_id(prefix, &h.id),
-                std::slice::from_ref(&h.id),
+                &jobs::Hosts::new(std::slice::from_ref(&h.id), &[]),
                 now,
+                None,
             )?;
             Ok((env, job.job_id))
         })

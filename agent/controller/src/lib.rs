@@ -4,8 +4,11 @@
 //! Trust: the TLS handshake admits only certificates chaining to `--ca`; each request's host_id
 //! must then be one of the certificate's names, so an agent reports for itself only.
 
+pub mod channel;
 pub mod compliance;
 pub mod enroll;
+pub mod operator;
+pub mod rollouts;
 pub mod store;
 
 use patch_agent_service::auth::Peer;
@@ -18,17 +21,18 @@ use tonic::{Request, Response, Status};
 /// Implements `patchagent.v1.Controller`.
 pub struct ControllerService {
     store: Arc<dyn Store>,
+    hub: Arc<channel::Hub>,
 }
 
 impl ControllerService {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<dyn Store>, hub: Arc<channel::Hub>) -> Self {
+        Self { store, hub }
     }
 }
 
 /// A revoked host's call, refused (`patchctl hosts revoke`); the store checks in the write's
 /// own transaction.
-fn revoked(refusal: store::Refusal) -> Status {
+pub(crate) fn revoked(refusal: store::Refusal) -> Status {
     tracing::warn!(reason = %refusal, "Refused a call from a revoked host");
     Status::permission_denied(format!(
         "{refusal} on this controller; enrol it again with a token made by `patchctl tokens create --reenroll`"
@@ -41,29 +45,42 @@ pub(crate) fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The request's host_id must be one of the client certificate's names.
-pub(crate) fn authorize<T>(req: &Request<T>, host_id: &str) -> Result<(), Status> {
-    if host_id.is_empty() || host_id.len() > 253 || host_id.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(
-            "host_id must be 1-253 printable characters",
-        ));
-    }
+/// The client certificate's names (SAN DNS names and URIs, or its CN).
+pub(crate) fn peer_names<T>(req: &Request<T>) -> Result<Vec<String>, Status> {
     match req
         .extensions()
         .get::<patch_agent_service::listener::Conn>()
         .map(|c| c.peer.as_ref())
     {
-        Some(Peer::Tls { names, .. }) if names.iter().any(|n| n == host_id) => Ok(()),
-        Some(Peer::Tls { names, .. }) => Err(Status::permission_denied(format!(
-            "a certificate for {names:?} may not report for host_id {host_id:?}; an agent reports only for a host_id its certificate names"
-        ))),
+        Some(Peer::Tls { names, .. }) => Ok(names.clone()),
         _ => Err(Status::unauthenticated(
             "no client certificate on this connection",
         )),
     }
 }
 
-fn check_labels(labels: &std::collections::HashMap<String, String>) -> Result<(), Status> {
+/// The request's host_id must be one of the client certificate's names.
+pub(crate) fn authorize<T>(req: &Request<T>, host_id: &str) -> Result<(), Status> {
+    authorize_names(peer_names(req)?, host_id)
+}
+
+pub(crate) fn authorize_names(names: Vec<String>, host_id: &str) -> Result<(), Status> {
+    if host_id.is_empty() || host_id.len() > 253 || host_id.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "host_id must be 1-253 printable characters",
+        ));
+    }
+    if names.iter().any(|n| n == host_id) {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "a certificate for {names:?} may not report for host_id {host_id:?}; an agent reports only for a host_id its certificate names"
+    )))
+}
+
+pub(crate) fn check_labels(
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<(), Status> {
     if labels.len() > 64 {
         return Err(Status::invalid_argument("at most 64 labels"));
     }
@@ -143,6 +160,10 @@ impl patch_agent_wire::proto::Controller for ControllerService {
             .map_err(stored)?
             .map_err(revoked)?;
         tracing::info!(host = %host, job = %job, state = patch_agent_wire::convert::state_name(state), is_final, duplicate, "Job report");
+        if is_final && !duplicate {
+            // A rollout may be waiting for this result.
+            self.hub.wake.bump();
+        }
         Ok(Response::new(pb::ReportAck { duplicate }))
     }
 
@@ -187,6 +208,23 @@ impl patch_agent_wire::proto::Controller for ControllerService {
             need_full: !full && !known,
         }))
     }
+
+    type ConnectStream = channel::ConnectStream;
+
+    async fn connect(
+        &self,
+        req: Request<tonic::Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let names = peer_names(&req);
+        channel::serve(
+            self.hub.clone(),
+            self.store.clone(),
+            names,
+            req.into_inner(),
+        )
+        .await
+        .map(Response::new)
+    }
 }
 
 /// `patchctl serve` settings.
@@ -222,6 +260,11 @@ pub struct ServeArgs {
     /// Largest request message, in bytes (a full inventory is the largest).
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE)]
     pub max_message_size: usize,
+    /// Certificate identities (a name in the certificate: SAN or CN) that may call the operator
+    /// API: relay signed jobs (`patchctl submit --controller`) and create and steer rollouts.
+    /// Agents' certificates never may; these names are also reserved from enrolment.
+    #[arg(long, value_delimiter = ',')]
+    pub operators: Vec<String>,
     #[command(flatten)]
     pub enroll: EnrollArgs,
 }
@@ -297,7 +340,19 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     health
         .set_serving::<ControllerServer<ControllerService>>()
         .await;
-    let service = ControllerServer::new(ControllerService::new(store))
+    // Nobody is connected to a controller that just started; rollouts left running resume.
+    store.channels_reset().await.map_err(anyhow::Error::msg)?;
+    let hub = Arc::new(channel::Hub::new(channel::Wake::default()));
+    let driver = rollouts::Driver::new(store.clone(), hub.clone());
+    let resumed = driver.resume_all().await.map_err(anyhow::Error::msg)?;
+    let operator = patch_agent_wire::proto::OperatorServer::new(operator::OperatorService::new(
+        store.clone(),
+        hub.clone(),
+        driver,
+        a.operators.clone(),
+    ))
+    .max_decoding_message_size(a.max_message_size);
+    let service = ControllerServer::new(ControllerService::new(store, hub))
         .max_decoding_message_size(a.max_message_size);
     // Reflection, so admins can use grpcurl without the .proto files.
     let reflection = || {
@@ -312,12 +367,16 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            // Finds control channels whose agent vanished (a NAT dropped the flow).
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
             .layer(patch_agent_service::listener::ActivityLayer)
             .layer(patch_agent_service::auth::AnonymousLayer::new(&[
                 patch_agent_wire::proto::ENROLL_PATH,
             ]))
             .add_optional_service(enrollment)
             .add_service(service)
+            .add_service(operator)
             .add_service(health_service)
             .add_service(v1)
             .add_service(v1alpha)
@@ -325,6 +384,9 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 let _ = stop.wait_for(|s| *s).await;
             }),
     );
+    if resumed > 0 {
+        tracing::info!(rollouts = resumed, "Resumed rollouts");
+    }
     println!(
         "patchctl serve: listening on {addr} (mutual TLS{}), database {}",
         if enrolling {
@@ -397,6 +459,7 @@ fn enrollment_service(
         .names
         .into_iter()
         .chain(a.enroll.reserve_names.iter().cloned())
+        .chain(a.operators.iter().cloned())
         .collect();
     tracing::info!(ttl = ?a.enroll.agent_cert_ttl, signing_keys = keys.len(), "Enrolment open");
     Ok(Some(

@@ -110,6 +110,12 @@ pub fn warnings(c: &Checked) -> Vec<String> {
             c.config.jobs.trusted_keys_dir.display()
         ));
     }
+    if c.config.server.listen.is_empty() && c.config.report.controller.is_empty() {
+        out.push(
+            "server.listen and report.controller are both unset: no controller can reach this agent (only the local socket can)"
+                .into(),
+        );
+    }
     if c.config.auth.controllers.is_empty() && c.config.auth.viewers.is_empty() {
         out.push(
             "auth: no controllers or viewers: only root on the local socket can call the agent"
@@ -202,6 +208,7 @@ async fn serve(
     tracing::info!(keys = trust.len(), dir = %config.jobs.trusted_keys_dir.display(), "Trust store loaded");
     let engine = open_engine(&config, &facts, trust, &scanner).await?;
     let (report_tx, report_rx) = watch::channel((config.report.clone(), config.tls.clone()));
+    let live_report = report_rx.clone();
     let reporter = open_reporter(&config, &facts, &engine, &scanner, report_rx)?;
     let renewer = Renewer::new(
         report_tx.subscribe(),
@@ -227,6 +234,14 @@ async fn serve(
     }
     tokio::spawn(engine.clone().run());
     if let Some(r) = reporter {
+        tokio::spawn(
+            report::channel::ControlChannel {
+                settings: live_report.clone(),
+                origin: r.origin.clone(),
+                engine: engine.clone(),
+            }
+            .run(),
+        );
         tokio::spawn(r.run());
     }
     tokio::spawn(renewer.run());
@@ -276,7 +291,7 @@ async fn open_engine(
         trust,
         config
             .jobs
-            .admission_policy(&facts.host_id, &facts.machine_id),
+            .admission_policy(&facts.host_id, &facts.machine_id, &config.agent.labels),
         config.jobs.clone(),
         scanner.clone(),
         Arc::new(crate::jobs::clock::SystemClock),
@@ -371,25 +386,6 @@ impl Listeners {
     /// Binds the TCP listener (mutual TLS) and the local socket if configured, and serves
     /// both; returns the servers and the status line for systemd.
     async fn start(self, config: &Config) -> Result<(Servers, String), String> {
-        let listen = config.listen_addr()?;
-        let tcp = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        let tcp_addr = tcp.local_addr().map_err(|e| e.to_string())?;
-        let incoming = listener::tls_incoming(
-            tcp,
-            TlsAccept {
-                config: self.tls.clone(),
-                policy: Some(self.policy.clone()),
-                handshake_timeout: config.server.handshake_timeout,
-                limits: listener::Limits::new(
-                    config.server.max_connections,
-                    config.server.max_connections_per_ip,
-                    config.server.idle_timeout,
-                ),
-                shutdown: self.shutdown.clone(),
-            },
-        );
         let server = || {
             tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(256))
@@ -402,9 +398,39 @@ impl Listeners {
         let stop = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        servers.spawn(server().serve_with_incoming_shutdown(incoming, stop(self.shutdown.clone())));
-        tracing::info!(address = %tcp_addr, "Listening for gRPC over mutual TLS");
-        let mut status = format!("Listening on {tcp_addr} (mTLS)");
+        let mut status = match config.listen_addr()? {
+            Some(listen) => {
+                let tcp = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+                let tcp_addr = tcp.local_addr().map_err(|e| e.to_string())?;
+                let incoming = listener::tls_incoming(
+                    tcp,
+                    TlsAccept {
+                        config: self.tls.clone(),
+                        policy: Some(self.policy.clone()),
+                        handshake_timeout: config.server.handshake_timeout,
+                        limits: listener::Limits::new(
+                            config.server.max_connections,
+                            config.server.max_connections_per_ip,
+                            config.server.idle_timeout,
+                        ),
+                        shutdown: self.shutdown.clone(),
+                    },
+                );
+                servers.spawn(
+                    server().serve_with_incoming_shutdown(incoming, stop(self.shutdown.clone())),
+                );
+                tracing::info!(address = %tcp_addr, "Listening for gRPC over mutual TLS");
+                format!("Listening on {tcp_addr} (mTLS)")
+            }
+            None => {
+                tracing::info!(
+                    "No [server] listen: no TCP port; managed through the control channel and the local socket"
+                );
+                "No TCP listener".to_string()
+            }
+        };
         if let Some(path) = &config.server.local_socket {
             let unix = listener::bind_unix(path)?;
             let limits = listener::Limits::new(
@@ -553,8 +579,11 @@ async fn reload(path: &Path, running: &mut Config, live: &Live) {
     let keys = trust.len();
     live.engine.set_trust(trust);
     live.engine.set_jobs(
-        new.jobs
-            .admission_policy(&live.facts.host_id, &live.facts.machine_id),
+        new.jobs.admission_policy(
+            &live.facts.host_id,
+            &live.facts.machine_id,
+            &new.agent.labels,
+        ),
         new.jobs.clone(),
     );
     let _ = live.policy.send(Arc::new(AccessPolicy::new(&new.auth)));

@@ -29,3 +29,9 @@ pub const ENROLL_PATH: &str = "/patchagent.v1.Enrollment/Enroll";
 
 pub use v1::enrollment_client::EnrollmentClient;
 pub use v1::enrollment_server::{Enrollment, EnrollmentServer};
+
+/// Fully-qualified name of the operator service (rollouts and relayed jobs).
+pub const OPERATOR_SERVICE: &str = "patchagent.v1.Operator";
+
+pub use v1::operator_client::OperatorClient;
+pub use v1::operator_server::{Operator, OperatorServer};

@@ -88,6 +88,8 @@ pub struct HostListRow {
     pub last_seen: Option<i64>,
     pub agent_version: String,
     pub revoked_at: Option<i64>,
+    /// Since when the host holds a control channel to the controller; None: not connected.
+    pub connected_since: Option<i64>,
 }
 
 pub fn create_token(c: &Connection, t: &NewToken) -> rusqlite::Result<()> {
@@ -315,7 +317,7 @@ pub fn host_list(c: &Connection) -> rusqlite::Result<Vec<HostListRow>> {
     c.prepare(
         "SELECT host_id, labels, cert_serial, cert_not_after, enrolled_at,
            CASE WHEN last_seen = 0 THEN NULL ELSE last_seen END,
-           agent_version, revoked_at
+           agent_version, revoked_at, connected_since
          FROM hosts ORDER BY host_id",
     )?
     .query_map([], |r| {
@@ -329,6 +331,7 @@ pub fn host_list(c: &Connection) -> rusqlite::Result<Vec<HostListRow>> {
             last_seen: r.get(5)?,
             agent_version: r.get(6)?,
             revoked_at: r.get(7)?,
+            connected_since: r.get(8)?,
         })
     })?
     .collect()

@@ -18,8 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use tokio::sync::oneshot;
 
+pub mod control;
 pub mod enrollment;
 
+pub use control::{NewOccurrence, NewRollout, RolloutData};
 pub use enrollment::{Enrolment, HostListRow, NewToken, Refusal, TokenRow};
 
 pub type Result<T> = std::result::Result<T, String>;
@@ -138,6 +140,53 @@ pub trait Store: Send + Sync {
     /// True when the host existed and was not revoked before.
     async fn revoke_host(&self, host_id: String, now: i64) -> Result<bool>;
     async fn host_list(&self) -> Result<Vec<HostListRow>>;
+
+    /// A host opened its control channel (refused when revoked); it counts as connected.
+    async fn channel_opened(
+        &self,
+        host_id: String,
+        labels: HashMap<String, String>,
+        version: String,
+        now: i64,
+    ) -> Result<Admitted<()>>;
+    async fn channel_closed(&self, host_id: String, now: i64) -> Result<()>;
+    /// At start: no host is connected yet.
+    async fn channels_reset(&self) -> Result<()>;
+    /// Hosts not revoked and their labels, for selectors.
+    async fn host_labels(&self) -> Result<Vec<(String, BTreeMap<String, String>)>>;
+    /// The final status of a host's job, once its result is stored.
+    async fn job_final(&self, host_id: String, job_id: String) -> Result<Option<pb::JobStatus>>;
+    async fn create_rollout(&self, r: NewRollout) -> Result<()>;
+    /// A rollout with (or, `hosts` false, without) its hosts' parts.
+    async fn rollout(&self, id: String, hosts: bool) -> Result<Option<RolloutData>>;
+    async fn rollouts(&self) -> Result<Vec<pb::Rollout>>;
+    /// Rollouts to drive: scheduled, running or paused.
+    async fn active_rollouts(&self) -> Result<Vec<String>>;
+    /// Moves a rollout from one of `from` to `to`; false when it was in none of them.
+    async fn set_rollout_state(
+        &self,
+        id: String,
+        from: Vec<pb::RolloutState>,
+        to: pb::RolloutState,
+        note: String,
+    ) -> Result<bool>;
+    /// Fixes an occurrence's hosts and their batches, once.
+    async fn occurrence_started(
+        &self,
+        id: String,
+        idx: u32,
+        hosts: Vec<(String, u32)>,
+        now: i64,
+    ) -> Result<()>;
+    /// Records a host's part; false when it had already ended (nothing changed).
+    async fn set_rollout_host(&self, id: String, idx: u32, h: pb::RolloutHost) -> Result<bool>;
+    async fn occurrence_finished(
+        &self,
+        id: String,
+        idx: u32,
+        stopped: bool,
+        now: i64,
+    ) -> Result<()>;
 }
 
 const SCHEMA: &str = "
@@ -227,6 +276,7 @@ fn open(path: &Path, write: bool) -> Result<Connection> {
     if write {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .and_then(|()| conn.execute_batch(SCHEMA))
+            .and_then(|()| conn.execute_batch(control::SCHEMA))
             .and_then(|()| add_missing_columns(&conn))
             .map_err(|e| format!("cannot prepare the database {}: {e}", path.display()))?;
     } else {
@@ -256,6 +306,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("hosts", "revoked_at", "INTEGER"),
     ("hosts", "enroll_token", "TEXT"),
     ("hosts", "facts", "BLOB"),
+    ("hosts", "connected_since", "INTEGER"),
 ];
 
 fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
@@ -779,6 +830,89 @@ impl Store for SqliteStore {
 
     async fn host_list(&self) -> Result<Vec<HostListRow>> {
         self.read(enrollment::host_list).await
+    }
+
+    async fn channel_opened(
+        &self,
+        host_id: String,
+        labels: HashMap<String, String>,
+        version: String,
+        now: i64,
+    ) -> Result<Admitted<()>> {
+        self.write(move |c| control::channel_opened(c, &host_id, &labels, &version, now))
+            .await
+    }
+
+    async fn channel_closed(&self, host_id: String, now: i64) -> Result<()> {
+        self.write(move |c| control::channel_closed(c, &host_id, now))
+            .await
+    }
+
+    async fn channels_reset(&self) -> Result<()> {
+        self.write(control::channels_reset).await
+    }
+
+    async fn host_labels(&self) -> Result<Vec<(String, BTreeMap<String, String>)>> {
+        self.read(control::host_labels).await
+    }
+
+    async fn job_final(&self, host_id: String, job_id: String) -> Result<Option<pb::JobStatus>> {
+        self.read(move |c| control::job_final(c, &host_id, &job_id))
+            .await
+    }
+
+    async fn create_rollout(&self, r: NewRollout) -> Result<()> {
+        self.write(move |c| control::create_rollout(c, &r)).await
+    }
+
+    async fn rollout(&self, id: String, hosts: bool) -> Result<Option<RolloutData>> {
+        self.read(move |c| control::rollout(c, &id, hosts)).await
+    }
+
+    async fn rollouts(&self) -> Result<Vec<pb::Rollout>> {
+        self.read(control::rollouts).await
+    }
+
+    async fn active_rollouts(&self) -> Result<Vec<String>> {
+        self.read(control::active_rollouts).await
+    }
+
+    async fn set_rollout_state(
+        &self,
+        id: String,
+        from: Vec<pb::RolloutState>,
+        to: pb::RolloutState,
+        note: String,
+    ) -> Result<bool> {
+        self.write(move |c| control::set_state(c, &id, &from, to, &note))
+            .await
+    }
+
+    async fn occurrence_started(
+        &self,
+        id: String,
+        idx: u32,
+        hosts: Vec<(String, u32)>,
+        now: i64,
+    ) -> Result<()> {
+        self.write(move |c| control::occurrence_started(c, &id, idx, &hosts, now))
+            .await
+    }
+
+    async fn set_rollout_host(&self, id: String, idx: u32, h: pb::RolloutHost) -> Result<bool> {
+        self.write(move |c| control::set_host(c, &id, idx, &h))
+            .await
+    }
+
+    async fn occurrence_finished(
+        &self,
+        id: String,
+        idx: u32,
+        stopped: bool,
+        now: i64,
+    ) -> Result<()> {
+        self.write(move |c| control::occurrence_finished(c, &id, idx, stopped, now))
+            .await
     }
 }
 

@@ -71,8 +71,9 @@ impl Default for AgentSection {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
-    /// TCP address for gRPC over mutual TLS. Port 0 picks a free port (tests). Default:
-    /// `0.0.0.0:7443`.
+    /// TCP address for gRPC over mutual TLS. Port 0 picks a free port (tests). Default: unset,
+    /// no TCP port at all: the agent is then managed through its control channel to
+    /// `[report] controller` and the local socket. The packaged config sets `0.0.0.0:7443`.
     pub listen: String,
     /// Optional Unix socket without TLS for admins on the host, created 0600. uid 0 peers get the
     /// controller role, other peers the viewer role. Default: unset (no local socket).
@@ -106,7 +107,7 @@ pub struct ServerSection {
 impl Default for ServerSection {
     fn default() -> Self {
         Self {
-            listen: "0.0.0.0:7443".into(),
+            listen: String::new(),
             local_socket: None,
             handshake_timeout: Duration::from_secs(10),
             drain_grace: Duration::from_secs(1),
@@ -385,9 +386,13 @@ impl fmt::Display for Problems {
 }
 
 impl Config {
-    /// The TCP listen address, already validated by [`load`].
-    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
-        parse_listen(&self.server.listen)
+    /// The TCP listen address, already validated by [`load`]; None when `[server] listen` is
+    /// unset (no TCP port).
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.server.listen.is_empty() {
+            return Ok(None);
+        }
+        parse_listen(&self.server.listen).map(Some)
     }
 }
 
@@ -560,7 +565,9 @@ impl Findings {
 
 impl ServerSection {
     fn check(&self, out: &mut Findings) {
-        if let Err(e) = parse_listen(&self.listen) {
+        if !self.listen.is_empty()
+            && let Err(e) = parse_listen(&self.listen)
+        {
             out.bad("server.listen", e);
         }
         if let Some(sock) = &self.local_socket {
@@ -727,10 +734,16 @@ impl JobsSection {
 
     /// What admission allows on this host (`host_id`, `machine_id`), with hook files checked
     /// in `hooks_dir`.
-    pub fn admission_policy(&self, host_id: &str, machine_id: &str) -> AdmissionPolicy {
+    pub fn admission_policy(
+        &self,
+        host_id: &str,
+        machine_id: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> AdmissionPolicy {
         AdmissionPolicy {
             host_id: host_id.to_string(),
             machine_id: machine_id.to_string(),
+            labels: labels.clone(),
             max_lifetime: self.max_job_lifetime,
             clock_skew: self.clock_skew,
             max_duration: self.max_job_duration,
@@ -842,8 +855,10 @@ mod tests {
         assert!(p.is_empty(), "{p:?}");
         let c = c.expect("parses");
         assert!(validate(&c).is_empty());
-        // The packaged file shows the defaults, and turns the local socket on.
+        // The packaged file shows the defaults, and turns the TCP listener (for grpcurl and
+        // direct rollouts) and the local socket on.
         let mut expected = Config::default();
+        expected.server.listen = "0.0.0.0:7443".into();
         expected.server.local_socket = Some("/run/patch-agent/agent.sock".into());
         assert_eq!(c, expected);
     }

@@ -7,6 +7,7 @@
 //! report id, so a report sent twice (an acknowledgement lost with the connection) is stored
 //! once. On every new connection the agent says hello first (version, labels, capabilities).
 
+pub mod channel;
 pub mod outbox;
 
 use crate::config::{ReportSection, TlsSection};

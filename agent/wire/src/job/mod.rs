@@ -318,6 +318,8 @@ impl ValidJob {
 pub struct AdmissionPolicy {
     pub host_id: String,
     pub machine_id: String,
+    /// The host's own labels, which a job's target_selector must match.
+    pub labels: std::collections::BTreeMap<String, String>,
     pub max_lifetime: Duration,
     pub clock_skew: Duration,
     pub max_duration: Duration,
@@ -379,6 +381,7 @@ pub fn validate(
     if let Some(t) = job.targets.iter().find(|t| t.is_empty() || t.len() > 253) {
         return Err(invalid(format!("target {t:?} is not a host id")));
     }
+    check_selector(&job.targets, &job.target_selector).map_err(invalid)?;
     let expires_at = match time(&job.expires_at) {
         None => return Err(invalid("expires_at is required".into())),
         Some(t) => t.map_err(|e| invalid(format!("expires_at: {e}")))?,
@@ -403,7 +406,7 @@ pub fn validate(
     };
     admissible_here_and_now(
         &job.job_id,
-        &job.targets,
+        (&job.targets, &job.target_selector),
         expires_at,
         not_before,
         policy,
@@ -596,23 +599,71 @@ fn checks(c: &pb::PostChecks) -> Result<Vec<Check>, String> {
     Ok(checks)
 }
 
+/// Most pairs a target_selector may hold.
+pub const MAX_SELECTOR: usize = 32;
+
+/// A job names its hosts: by targets, by a selector of well-formed label pairs, or both.
+pub fn check_selector(
+    targets: &[String],
+    selector: &std::collections::HashMap<String, String>,
+) -> Result<(), String> {
+    if targets.is_empty() && selector.is_empty() {
+        return Err(
+            "the job names no hosts: it needs targets (host ids) or a target_selector (labels)"
+                .into(),
+        );
+    }
+    if selector.len() > MAX_SELECTOR {
+        return Err(format!(
+            "target_selector has {} pairs; at most {MAX_SELECTOR}",
+            selector.len()
+        ));
+    }
+    for (k, v) in selector {
+        crate::ids::check_label(k, v).map_err(|e| format!("target_selector: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Whether `labels` hold every pair of `selector`.
+pub fn selector_matches<'a>(
+    selector: impl IntoIterator<Item = (&'a String, &'a String)>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    selector
+        .into_iter()
+        .all(|(k, v)| labels.get(k).is_some_and(|x| x == v))
+}
+
 /// Whether a well-formed job is for this host, valid now, and within the allowed lifetime.
 fn admissible_here_and_now(
     id: &str,
-    targets: &[String],
+    (targets, selector): (&[String], &std::collections::HashMap<String, String>),
     expires_at: SystemTime,
     not_before: Option<SystemTime>,
     policy: &AdmissionPolicy,
     now: SystemTime,
 ) -> Result<(), Rejection> {
     let me = [policy.host_id.as_str(), policy.machine_id.as_str()];
-    if !targets
-        .iter()
-        .any(|t| !t.is_empty() && me.contains(&t.as_str()))
+    if !targets.is_empty()
+        && !targets
+            .iter()
+            .any(|t| !t.is_empty() && me.contains(&t.as_str()))
     {
         return Err(Rejection::OtherHost(format!(
             "job {} targets {:?}, not this host ({} / {})",
             id, targets, policy.host_id, policy.machine_id
+        )));
+    }
+    if !selector_matches(selector, &policy.labels) {
+        let mut want: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        want.sort();
+        return Err(Rejection::OtherHost(format!(
+            "job {} selects hosts labelled {}; this host ({}) is labelled {:?}",
+            id,
+            want.join(","),
+            policy.host_id,
+            policy.labels
         )));
     }
     if plus(expires_at, policy.clock_skew) <= now {
@@ -685,6 +736,7 @@ mod tests {
         AdmissionPolicy {
             host_id: "web1".into(),
             machine_id: "m1".into(),
+            labels: Default::default(),
             max_lifetime: Duration::from_secs(24 * 3600),
             clock_skew: Duration::from_secs(300),
             max_duration: Duration::from_secs(7200),
@@ -724,6 +776,46 @@ mod tests {
         assert_eq!(
             v.summary(),
             "upgrade all, exclude linux-image-amd64 /^libc.*/"
+        );
+    }
+
+    #[test]
+    fn hosts_are_named_by_targets_or_by_a_selector_of_labels() {
+        let now = SystemTime::now();
+        let mut p = policy();
+        p.labels = [
+            ("env".to_string(), "prod".to_string()),
+            ("role".into(), "web".into()),
+        ]
+        .into();
+        let mut j = job(now);
+        j.targets.clear();
+        let e = validate(j.clone(), "k", &p, Some("apt"), now).expect_err("no hosts");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("names no hosts"), "{e}");
+        j.target_selector = [("env".to_string(), "prod".to_string())].into();
+        validate(j.clone(), "k", &p, Some("apt"), now).expect("selected by env=prod");
+        j.target_selector.insert("role".into(), "db".into());
+        let e = validate(j.clone(), "k", &p, Some("apt"), now).expect_err("role differs");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.to_string().contains("env=prod,role=db"), "{e}");
+        // Both: listed and matching.
+        j.target_selector = [("env".to_string(), "prod".to_string())].into();
+        j.targets = vec!["web2".into(), "web1".into()];
+        validate(j.clone(), "k", &p, Some("apt"), now).expect("listed and matching");
+        j.targets = vec!["web2".into()];
+        assert_eq!(
+            validate(j.clone(), "k", &p, Some("apt"), now)
+                .expect_err("not listed")
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+        j.target_selector = [("Bad Key".to_string(), "x".to_string())].into();
+        assert_eq!(
+            validate(j, "k", &p, Some("apt"), now)
+                .expect_err("bad key")
+                .code(),
+            tonic::Code::InvalidArgument
         );
     }
 

@@ -210,6 +210,7 @@ impl Harness {
         let policy = AdmissionPolicy {
             host_id: HOST.into(),
             machine_id: "machine".into(),
+            labels: Default::default(),
             max_lifetime: self.cfg.max_job_lifetime,
             clock_skew: self.cfg.clock_skew,
             max_duration: self.cfg.max_job_duration,

@@ -1,0 +1,200 @@
+//! The control channel: one long-lived mutual-TLS stream to `[report] controller`
+//! (`patchagent.v1.Controller/Connect`), so a host nobody can dial still receives jobs.
+//!
+//! The agent opens it and says who it is; the controller sends signed envelopes down it; the
+//! agent admits each exactly as `SubmitJob` does (the engine's own admission: signature, host,
+//! freshness, replay) and answers with the outcome and its gRPC code. Progress and results go
+//! through the outbox like every other job's. HTTP/2 keepalive finds a dead peer; the agent
+//! reconnects with exponential backoff and jitter, and at once on a SIGHUP that changed
+//! `[report]` or `[tls]`.
+
+use super::{Backoff, Origin, error_chain};
+use crate::config::{ReportSection, TlsSection};
+use crate::jobs::engine::Engine;
+use patch_agent_wire::proto::{ControllerClient, v1 as pb};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+
+/// A channel that stayed up this long resets the backoff: the next failure is a new outage.
+const STABLE: Duration = Duration::from_secs(60);
+
+/// Keepalive pings on an idle channel; a peer that does not answer within `[report] timeout`
+/// is dead.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
+pub struct ControlChannel {
+    pub settings: watch::Receiver<(ReportSection, TlsSection)>,
+    pub origin: Origin,
+    pub engine: Arc<Engine>,
+}
+
+/// How a session ended.
+enum End {
+    /// `[report]` or `[tls]` changed: reconnect now.
+    Reloaded,
+    Failed(String),
+}
+
+impl ControlChannel {
+    /// Holds the channel open forever.
+    pub async fn run(mut self) {
+        let mut backoff = {
+            let cfg = &self.settings.borrow_and_update().0;
+            Backoff::new(cfg.retry_initial, cfg.retry_max)
+        };
+        let mut failures = 0u64;
+        loop {
+            let started = Instant::now();
+            match self.session().await {
+                End::Reloaded => {
+                    let cfg = &self.settings.borrow_and_update().0;
+                    backoff = Backoff::new(cfg.retry_initial, cfg.retry_max);
+                    tracing::info!("Reconnecting the control channel with the reloaded settings");
+                    continue;
+                }
+                End::Failed(why) => {
+                    if started.elapsed() >= STABLE {
+                        backoff.reset();
+                        failures = 0;
+                    }
+                    failures += 1;
+                    let pause = backoff.next(crate::pkg::scanner::random_u64());
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        tracing::warn!(
+                            controller = %self.settings.borrow().0.controller,
+                            error = %why,
+                            retry_in = ?pause,
+                            failed_attempts = failures,
+                            "Control channel down"
+                        );
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        _ = self.settings.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection: hello, then deliveries until the stream or the settings change.
+    async fn session(&mut self) -> End {
+        let (cfg, tls) = self.settings.borrow().clone();
+        let channel = match connect(&cfg, &tls).await {
+            Ok(c) => c,
+            Err(e) => return End::Failed(e),
+        };
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
+        let hello = pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Hello(pb::ChannelHello {
+                host_id: self.origin.host_id.clone(),
+                labels: self.origin.labels.clone().into_iter().collect(),
+                agent_version: crate::VERSION.to_string(),
+            })),
+        };
+        if tx.send(hello).await.is_err() {
+            return End::Failed("the channel closed before the hello".into());
+        }
+        let mut inbound = match ControllerClient::new(channel)
+            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return End::Failed(format!("Connect: {:?}: {}", s.code(), s.message())),
+        };
+        tracing::info!(controller = %cfg.controller, "Control channel open");
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => {
+                        if let Some(a) = self.admit(m).await
+                            && tx.send(a).await.is_err()
+                        {
+                            return End::Failed("the channel closed".into());
+                        }
+                    }
+                    Ok(None) => return End::Failed("the controller closed the channel".into()),
+                    Err(s) => return End::Failed(format!("{:?}: {}", s.code(), s.message())),
+                },
+                changed = self.settings.changed() => {
+                    if changed.is_err() {
+                        return End::Failed("the agent is stopping".into());
+                    }
+                    return End::Reloaded;
+                }
+            }
+        }
+    }
+
+    /// Admits one delivery as SubmitJob would; the answer for the controller.
+    async fn admit(&self, m: pb::ControllerMessage) -> Option<pb::AgentMessage> {
+        let Some(pb::controller_message::Message::Delivery(d)) = m.message else {
+            tracing::debug!("Ignoring an unknown control-channel message");
+            return None;
+        };
+        let Some(job) = d.job else {
+            return Some(admission(
+                d.delivery_id,
+                tonic::Code::InvalidArgument,
+                "the delivery carries no signed job".into(),
+                None,
+            ));
+        };
+        Some(match self.engine.submit_fair(&job).await {
+            Ok(record) => {
+                tracing::info!(job = %record.job_id, via = "control channel", "Job submitted");
+                admission(
+                    d.delivery_id,
+                    tonic::Code::Ok,
+                    "queued".into(),
+                    Some(crate::convert::status(&record)),
+                )
+            }
+            Err(refused) => {
+                let (why, stored) = *refused;
+                tracing::warn!(reason = %why, code = ?why.code(), via = "control channel", "Job refused");
+                admission(
+                    d.delivery_id,
+                    why.code(),
+                    why.to_string(),
+                    stored.map(|r| crate::convert::status(&r)),
+                )
+            }
+        })
+    }
+}
+
+fn admission(
+    delivery_id: u64,
+    code: tonic::Code,
+    message: String,
+    status: Option<pb::JobStatus>,
+) -> pb::AgentMessage {
+    pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Admission(pb::Admission {
+            delivery_id,
+            code: code as i32,
+            message,
+            status,
+        })),
+    }
+}
+
+/// A connection for the long-lived stream: like [`super::connect`] but with no per-call
+/// deadline (the stream lives for hours), and keepalive pings even while idle.
+async fn connect(cfg: &ReportSection, tls: &TlsSection) -> Result<Channel, String> {
+    let ca = cfg.ca.as_deref().unwrap_or(&tls.ca);
+    let config = patch_agent_service::tls::client_config(ca, &tls.cert, &tls.key)?;
+    let endpoint = Endpoint::from_shared(format!("http://{}", cfg.controller))
+        .map_err(|e| format!("report.controller {:?}: {e}", cfg.controller))?
+        .connect_timeout(cfg.timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(cfg.timeout)
+        .keep_alive_while_idle(true);
+    patch_agent_service::tls::connect(endpoint, &cfg.controller, cfg.server_name(), config)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {}", cfg.controller, error_chain(&e)))
+}
