@@ -216,11 +216,12 @@ impl Agent {
         agent.ready_in = started.elapsed();
         let status = msg
             .lines()
-            .find_map(|l| l.strip_prefix("STATUS=Listening on "))
+            .find_map(|l| l.strip_prefix("STATUS="))
             .unwrap_or_else(|| panic!("no STATUS in {msg:?}"));
+        // Empty for an agent with no TCP listener ("No TCP listener and ...").
         agent.addr = status
-            .split_whitespace()
-            .next()
+            .strip_prefix("Listening on ")
+            .and_then(|s| s.split_whitespace().next())
             .unwrap_or_default()
             .to_string();
         agent

@@ -91,6 +91,119 @@ impl Drop for Net {
     }
 }
 
+/// A NAT gateway: namespace `gw` (a node of an outer [`Net`]) holds a bridge for an inside
+/// network 10.214.N.0/24 and masquerades it out of its outer link. Hosts inside reach the
+/// outer network; nothing outside has a route to them. Inside namespaces go on drop.
+pub struct Nat {
+    gw: String,
+    tag: String,
+    subnet: u8,
+    inside: Vec<String>,
+}
+
+impl Nat {
+    pub fn new(gw: &str, subnet: u8) -> Self {
+        let nat = Nat {
+            gw: gw.to_string(),
+            tag: format!("{subnet}{}", std::process::id() % 1000),
+            subnet,
+            inside: Vec::new(),
+        };
+        ip_ok(&["-n", gw, "link", "add", "brin", "type", "bridge"]);
+        ip_ok(&[
+            "-n",
+            gw,
+            "addr",
+            "add",
+            &format!("10.214.{subnet}.1/24"),
+            "dev",
+            "brin",
+        ]);
+        ip_ok(&["-n", gw, "link", "set", "brin", "up"]);
+        let sysctl = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            gw,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]));
+        assert!(sysctl.status.success(), "ip_forward: {}", text(&sysctl));
+        let rules = format!(
+            "table ip nat {{
+ chain postrouting {{
+  type nat hook postrouting priority 100; policy accept;
+  ip saddr 10.214.{subnet}.0/24 oifname != \"brin\" masquerade
+ }}
+}}
+"
+        );
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", gw, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        use std::io::Write;
+        nft.stdin
+            .take()
+            .expect("stdin")
+            .write_all(rules.as_bytes())
+            .expect("rules");
+        let out = nft.wait_with_output().expect("nft");
+        assert!(out.status.success(), "nft: {}", text(&out));
+        nat
+    }
+
+    /// A namespace inside, at 10.214.N.i, its default route through the gateway; returns
+    /// (namespace, address).
+    pub fn add(&mut self, i: u8) -> (String, String) {
+        let ns = format!("pn-{}-{i}", self.tag);
+        let _ = ip(&["netns", "del", &ns]);
+        ip_ok(&["netns", "add", &ns]);
+        self.inside.push(ns.clone());
+        let (outer, inner) = (format!("pg{}{i}", self.tag), format!("pi{}{i}", self.tag));
+        ip_ok(&[
+            "-n", &self.gw, "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ]);
+        ip_ok(&["-n", &self.gw, "link", "set", &inner, "netns", &ns]);
+        ip_ok(&[
+            "-n", &self.gw, "link", "set", &outer, "master", "brin", "up",
+        ]);
+        let addr = format!("10.214.{}.{i}", self.subnet);
+        ip_ok(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &inner,
+        ]);
+        ip_ok(&["-n", &ns, "link", "set", &inner, "up"]);
+        ip_ok(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip_ok(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.214.{}.1", self.subnet),
+        ]);
+        (ns, addr)
+    }
+}
+
+impl Drop for Nat {
+    fn drop(&mut self) {
+        for ns in &self.inside {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
 /// `patchctl serve`, optionally inside a namespace.
 pub struct Controller {
     pub child: Child,
