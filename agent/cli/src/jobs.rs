@@ -204,11 +204,23 @@ pub fn build(
                     "--window and a schedule (--start-at, --every) both set a window: use one"
                 );
             }
+            if let Some(d) = a.max_duration
+                && d > a.expires
+            {
+                invalid!(
+                    "--max-duration {} does not fit a scheduled occurrence's window (--expires {}): the agent would never start it",
+                    humantime::format_duration(d),
+                    humantime::format_duration(a.expires)
+                );
+            }
             let end = o.start + a.expires;
             (Some(o.start), end, Some((o.start, end)))
         }
         None => (None, now + a.expires, a.window),
     };
+    // A scheduled occurrence's window bounds when the job may start. Without --max-duration
+    // the agent's own maximum (2h by default) may not fit in it: the job starts anyway.
+    let allow_partial = a.window_allow_partial || (at.is_some() && a.max_duration.is_none());
     Ok(pb::Job {
         job_id: id,
         targets: hosts.targets.clone(),
@@ -239,7 +251,7 @@ pub fn build(
         window: window.map(|(start, end)| pb::MaintenanceWindow {
             start: Some(start.into()),
             end: Some(end.into()),
-            allow_partial: a.window_allow_partial,
+            allow_partial,
         }),
     })
 }
