@@ -28,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // No `XClient::connect(addr)` constructors: every client is built on a channel that
         // patch_agent_service::tls made (mutual TLS), and `Controller/Connect` needs the name.
         .build_transport(false)
+        // Small starting buffers for every call (agent/wire/src/codec.rs).
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_fds(fds)?;
     Ok(())
 }

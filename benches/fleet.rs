@@ -42,6 +42,7 @@ fn start_controller(dir: &Path, pki: &Pki) -> (Child, String) {
         .arg(dir.join("ctl.pem"))
         .arg("--key")
         .arg(dir.join("ctl.key"))
+        .args(["--operators", "controller"])
         .env("RUST_LOG", "warn")
         .stdout(std::fs::File::create(&log).expect("log"))
         .stderr(Stdio::null())
@@ -299,6 +300,7 @@ fn fan_out(tmp: &Path, pki: &Pki, ctl_addr: &str, ctl_pid: u32, agents: usize) {
             hwm as f64 / 1024.0
         );
     }
+    through_the_channel(pki, ctl_addr, &signing, agents);
     let agent_rss: Vec<u64> = running
         .iter()
         .filter_map(|a| patchctl::bench::memory_kib(a.child.id()).map(|m| m.0))
@@ -311,6 +313,41 @@ fn fan_out(tmp: &Path, pki: &Pki, ctl_addr: &str, ctl_pid: u32, agents: usize) {
         );
     }
     drop(running);
+}
+
+/// The same fan-out driven by the controller through the agents' control channels
+/// (`patchctl rollout --controller`): wall time from create to the last result.
+fn through_the_channel(pki: &Pki, ctl_addr: &str, signing: &Path, agents: usize) {
+    let hosts: Vec<String> = (0..agents).map(|i| format!("a{i}")).collect();
+    let t0 = Instant::now();
+    let out = run(Command::new(patchctl())
+        .args([
+            "rollout",
+            "--json",
+            "--serial",
+            "100%",
+            "--controller",
+            ctl_addr,
+        ])
+        .args(["--server-name", "controller.bench", "--hosts"])
+        .arg(hosts.join(","))
+        .arg("--signing-key")
+        .arg(signing)
+        .arg("--ca")
+        .arg(pki.path("ca.pem"))
+        .arg("--cert")
+        .arg(pki.path("controller.pem"))
+        .arg("--key")
+        .arg(pki.path("controller.key"))
+        .args(["--scan", "--dry-run"]));
+    let wall = t0.elapsed();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("rollout json ({e}): {}", text(&out)));
+    let ok = v["occurrences"][0]["succeeded"].as_u64().unwrap_or(0);
+    println!(
+        "fan-out through the control channel (patchctl rollout --controller): {ok} of {agents} succeeded; wall {:.2} s from create to the last result",
+        wall.as_secs_f64()
+    );
 }
 
 fn main() {

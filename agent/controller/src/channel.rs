@@ -42,7 +42,9 @@ impl Wake {
     }
 }
 
-type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
+/// Boxed: a channel's queue allocates its slots up front (a block of 32), so each slot is a
+/// pointer rather than a whole message.
+type Outbound = mpsc::Sender<Box<pb::ControllerMessage>>;
 
 /// One agent's open channel.
 struct Conn {
@@ -134,7 +136,10 @@ impl Hub {
             })),
         };
         let answer = async {
-            conn.tx.send(Ok(msg)).await.map_err(|_| PushError::Lost)?;
+            conn.tx
+                .send(Box::new(msg))
+                .await
+                .map_err(|_| PushError::Lost)?;
             rx.await.map_err(|_| PushError::Lost)
         };
         let result = tokio::time::timeout(timeout, answer)
@@ -181,8 +186,9 @@ impl Hub {
     }
 }
 
-pub type ConnectStream =
-    tokio_stream::wrappers::ReceiverStream<Result<pb::ControllerMessage, Status>>;
+pub type ConnectStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::ControllerMessage, Status>> + Send>,
+>;
 
 /// Serves one `Connect`: waits for the hello, checks the host, registers the channel, and
 /// reads admissions until the stream ends.
@@ -253,5 +259,8 @@ pub async fn serve(
             tracing::info!(host = %host, reason = %why, connected = hub.len(), "Control channel closed");
         }
     });
-    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+    use tokio_stream::StreamExt;
+    Ok(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| Ok(*m)),
+    ))
 }

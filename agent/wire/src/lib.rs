@@ -9,6 +9,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod codec;
 pub mod convert;
 pub mod ids;
 pub mod job;
