@@ -42,7 +42,8 @@ fn start_controller(dir: &Path, pki: &Pki) -> (Child, String) {
         .arg(dir.join("ctl.pem"))
         .arg("--key")
         .arg(dir.join("ctl.key"))
-        .args(["--operators", "controller"])
+        // All agents dial from 127.0.0.1, like a site behind one NAT address.
+        .args(["--operators", "controller", "--max-connections-per-ip", "1024"])
         .env("RUST_LOG", "warn")
         .stdout(std::fs::File::create(&log).expect("log"))
         .stderr(Stdio::null())

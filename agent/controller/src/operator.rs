@@ -430,3 +430,101 @@ fn fresh_id() -> String {
         patch_agent_wire::ids::to_hex(&b)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(job: pb::Job) -> pb::SignedJob {
+        pb::SignedJob {
+            payload: prost::Message::encode_to_vec(&job),
+            key_id: "k".into(),
+            signature: vec![7; 64],
+        }
+    }
+
+    fn job(id: &str, targets: &[&str]) -> pb::Job {
+        pb::Job {
+            job_id: id.into(),
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: crate::now() + 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn request(occurrences: Vec<pb::SignedJob>) -> pb::CreateRolloutRequest {
+        pb::CreateRolloutRequest {
+            occurrences,
+            starts: Vec::new(),
+            serial: "2".into(),
+            max_fail_percent: 30.0,
+            host_timeout: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+        }
+    }
+
+    fn refused(r: pb::CreateRolloutRequest) -> String {
+        new_rollout(r, "alice".into())
+            .expect_err("refused")
+            .message()
+            .to_string()
+    }
+
+    #[test]
+    fn a_rollout_request_is_checked_before_anything_is_stored() {
+        let ok =
+            new_rollout(request(vec![env(job("j1", &["a", "b"]))]), "alice".into()).expect("valid");
+        assert_eq!(ok.targets, ["a", "b"]);
+        assert_eq!(ok.occurrences[0].job_id, "j1");
+        assert!(ok.id.starts_with("rollout-"));
+
+        assert!(refused(request(vec![])).contains("1-1000 occurrences"));
+        let mut r = request(vec![env(job("j1", &["a"]))]);
+        r.serial = "0".into();
+        assert!(refused(r).contains("at least 1"));
+        let mut r = request(vec![env(job("j1", &["a"]))]);
+        r.max_fail_percent = 101.0;
+        assert!(refused(r).contains("0-100"));
+        let mut r = request(vec![env(job("j1", &["a"]))]);
+        r.host_timeout = None;
+        assert!(refused(r).contains("host_timeout"));
+        let mut r = request(vec![env(job("j1", &["a"]))]);
+        r.starts = vec![prost_types::Timestamp::default(); 2];
+        assert!(refused(r).contains("one start per occurrence"));
+        assert!(
+            refused(request(vec![
+                env(job("j1", &["a"])),
+                env(job("j1", &["a"]))
+            ]))
+            .contains("appears in two occurrences")
+        );
+        assert!(
+            refused(request(vec![
+                env(job("j1", &["a"])),
+                env(job("j2", &["b"]))
+            ]))
+            .contains("other hosts")
+        );
+        assert!(refused(request(vec![env(job("j1", &[]))])).contains("names no hosts"));
+        let mut unsigned = env(job("j1", &["a"]));
+        unsigned.signature.clear();
+        assert!(refused(request(vec![unsigned])).contains("not signed"));
+        let garbage = pb::SignedJob {
+            payload: vec![0xff; 8],
+            key_id: "k".into(),
+            signature: vec![1],
+        };
+        assert!(refused(request(vec![garbage])).contains("not a Job"));
+        let mut expired = job("j1", &["a"]);
+        expired.expires_at = Some(prost_types::Timestamp {
+            seconds: 1,
+            nanos: 0,
+        });
+        assert!(refused(request(vec![env(expired)])).contains("expired"));
+    }
+}

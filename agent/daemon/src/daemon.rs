@@ -239,6 +239,7 @@ async fn serve(
                 settings: live_report.clone(),
                 origin: r.origin.clone(),
                 engine: engine.clone(),
+                link: r.link.clone(),
             }
             .run(),
         );
@@ -364,6 +365,7 @@ fn open_reporter(
     outbox.want_inventory();
     tracing::info!(controller = %config.report.controller, pending = outbox.len(), "Reporting to the controller");
     Ok(Some(Arc::new(report::Reporter {
+        link: Arc::new(report::link::Link::new(settings.clone())),
         settings,
         facts: facts.clone(),
         origin,

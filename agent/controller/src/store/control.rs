@@ -405,3 +405,236 @@ pub fn occurrence_finished(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{SqliteStore, Store};
+    use pb::{RolloutHostState as HostState, RolloutState as State};
+
+    fn envelope(job_id: &str) -> pb::SignedJob {
+        pb::SignedJob {
+            payload: prost::Message::encode_to_vec(&pb::Job {
+                job_id: job_id.into(),
+                ..Default::default()
+            }),
+            key_id: "k".into(),
+            signature: vec![1],
+        }
+    }
+
+    fn new_rollout() -> NewRollout {
+        NewRollout {
+            id: "r1".into(),
+            serial: "2".into(),
+            max_fail_percent: 30.0,
+            host_timeout_ms: 60_000,
+            created_at: 100,
+            created_by: "alice".into(),
+            targets: vec!["a".into(), "b".into(), "c".into()],
+            selector: BTreeMap::new(),
+            occurrences: vec![
+                NewOccurrence {
+                    job_id: "j-1".into(),
+                    envelope: envelope("j-1"),
+                    start_at: 1000,
+                    expires_at: 5000,
+                },
+                NewOccurrence {
+                    job_id: "j-2".into(),
+                    envelope: envelope("j-2"),
+                    start_at: 2000,
+                    expires_at: 6000,
+                },
+            ],
+        }
+    }
+
+    fn host(id: &str, state: HostState) -> pb::RolloutHost {
+        pb::RolloutHost {
+            host_id: id.into(),
+            batch: 1,
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rollout_round_trips_and_each_host_ends_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = SqliteStore::open_writer(&dir.path().join("c.db")).expect("db");
+        s.create_rollout(new_rollout()).await.expect("create");
+        let d = s
+            .rollout("r1".into(), true)
+            .await
+            .expect("read")
+            .expect("r1");
+        assert_eq!(d.rollout.state, State::Scheduled as i32);
+        assert_eq!(d.rollout.created_by, "alice");
+        assert_eq!(d.rollout.occurrences.len(), 2);
+        assert_eq!(
+            d.envelopes[1],
+            envelope("j-2"),
+            "the envelope byte for byte"
+        );
+        assert_eq!(d.rollout.next_start.as_ref().map(|t| t.seconds), Some(1000));
+        assert!(d.rollout.rule.contains("30%"));
+        assert_eq!(s.active_rollouts().await.expect("active"), ["r1"]);
+
+        // Hosts are fixed once: a second start (after a restart) changes nothing.
+        let hosts = vec![("a".to_string(), 1), ("b".into(), 1), ("c".into(), 2)];
+        s.occurrence_started("r1".into(), 1, hosts, 1001)
+            .await
+            .expect("start");
+        s.occurrence_started("r1".into(), 1, vec![("z".into(), 1)], 1002)
+            .await
+            .expect("again");
+        let d = s
+            .rollout("r1".into(), true)
+            .await
+            .expect("read")
+            .expect("r1");
+        let o = &d.rollout.occurrences[0];
+        let ids: Vec<&str> = o.hosts.iter().map(|h| h.host_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(o.started_at.as_ref().map(|t| t.seconds), Some(1001));
+        assert_eq!(d.rollout.next_start.as_ref().map(|t| t.seconds), Some(2000));
+
+        // A host's result is stored once: a later write cannot turn it into another.
+        assert!(
+            s.set_rollout_host("r1".into(), 1, host("a", HostState::Admitted))
+                .await
+                .expect("w")
+        );
+        assert!(
+            s.set_rollout_host("r1".into(), 1, host("a", HostState::Succeeded))
+                .await
+                .expect("w")
+        );
+        assert!(
+            !s.set_rollout_host("r1".into(), 1, host("a", HostState::Failed))
+                .await
+                .expect("w")
+        );
+        assert!(
+            s.set_rollout_host("r1".into(), 1, host("b", HostState::Skipped))
+                .await
+                .expect("w")
+        );
+        let d = s
+            .rollout("r1".into(), true)
+            .await
+            .expect("read")
+            .expect("r1");
+        let o = &d.rollout.occurrences[0];
+        assert_eq!(o.hosts[0].state, HostState::Succeeded as i32);
+        assert_eq!(
+            (o.attempted, o.succeeded, o.failed, o.skipped),
+            (1, 1, 0, 1)
+        );
+        // Lists leave the hosts out but keep the counts.
+        let list = s.rollouts().await.expect("list");
+        assert!(list[0].occurrences[0].hosts.is_empty());
+        assert_eq!(list[0].occurrences[0].succeeded, 1);
+
+        // State moves only from the states given.
+        assert!(
+            !s.set_rollout_state(
+                "r1".into(),
+                vec![State::Paused],
+                State::Running,
+                String::new()
+            )
+            .await
+            .expect("w")
+        );
+        assert!(
+            s.set_rollout_state(
+                "r1".into(),
+                vec![State::Scheduled],
+                State::Paused,
+                "paused by alice".into()
+            )
+            .await
+            .expect("w")
+        );
+        assert!(
+            s.set_rollout_state(
+                "r1".into(),
+                vec![State::Paused],
+                State::Cancelled,
+                "x".into()
+            )
+            .await
+            .expect("w")
+        );
+        assert!(s.active_rollouts().await.expect("active").is_empty());
+        let d = s
+            .rollout("r1".into(), false)
+            .await
+            .expect("read")
+            .expect("r1");
+        assert!(
+            d.rollout.next_start.is_none(),
+            "an ended rollout has no next start"
+        );
+        assert!(
+            s.rollout("nope".into(), true)
+                .await
+                .expect("read")
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn channels_mark_hosts_connected_and_revoked_hosts_are_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = SqliteStore::open_writer(&dir.path().join("c.db")).expect("db");
+        let labels: HashMap<String, String> = [("env".to_string(), "prod".to_string())].into();
+        s.channel_opened("h1".into(), labels.clone(), "1.0".into(), 10)
+            .await
+            .expect("w")
+            .expect("admitted");
+        s.channel_opened("h2".into(), HashMap::new(), "1.0".into(), 11)
+            .await
+            .expect("w")
+            .expect("admitted");
+        let rows = s.host_list().await.expect("list");
+        assert_eq!(rows[0].connected_since, Some(10));
+        assert_eq!(rows[0].labels["env"], "prod");
+        let labelled = s.host_labels().await.expect("labels");
+        assert_eq!(labelled.len(), 2);
+        s.channel_closed("h1".into(), 20).await.expect("close");
+        let rows = s.host_list().await.expect("list");
+        assert_eq!(
+            (rows[0].connected_since, rows[0].last_seen),
+            (None, Some(20))
+        );
+        assert_eq!(rows[1].connected_since, Some(11));
+        s.channels_reset().await.expect("reset");
+        assert!(
+            s.host_list()
+                .await
+                .expect("list")
+                .iter()
+                .all(|r| r.connected_since.is_none())
+        );
+        assert!(s.revoke_host("h2".into(), 30).await.expect("revoke"));
+        let refused = s
+            .channel_opened("h2".into(), HashMap::new(), "1.0".into(), 31)
+            .await
+            .expect("w");
+        assert!(matches!(refused, Err(crate::store::Refusal::Revoked(_))));
+        assert_eq!(
+            s.host_labels().await.expect("labels").len(),
+            1,
+            "revoked hosts are not selected"
+        );
+        assert!(
+            s.job_final("h1".into(), "j".into())
+                .await
+                .expect("read")
+                .is_none()
+        );
+    }
+}

@@ -8,26 +8,24 @@
 //! reconnects with exponential backoff and jitter, and at once on a SIGHUP that changed
 //! `[report]` or `[tls]`.
 
-use super::{Backoff, Origin, error_chain};
+use super::link::Link;
+use super::{Backoff, Origin};
 use crate::config::{ReportSection, TlsSection};
 use crate::jobs::engine::Engine;
 use patch_agent_wire::proto::{ControllerClient, v1 as pb};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Channel, Endpoint};
 
 /// A channel that stayed up this long resets the backoff: the next failure is a new outage.
 const STABLE: Duration = Duration::from_secs(60);
-
-/// Keepalive pings on an idle channel; a peer that does not answer within `[report] timeout`
-/// is dead.
-const KEEPALIVE: Duration = Duration::from_secs(30);
 
 pub struct ControlChannel {
     pub settings: watch::Receiver<(ReportSection, TlsSection)>,
     pub origin: Origin,
     pub engine: Arc<Engine>,
+    /// The connection, shared with the reporter.
+    pub link: Arc<Link>,
 }
 
 /// How a session ended.
@@ -35,7 +33,13 @@ enum End {
     /// `[report]` or `[tls]` changed: reconnect now.
     Reloaded,
     Failed(String),
+    /// The controller has no control channel (UNIMPLEMENTED: an older `patchctl serve`); the
+    /// connection is fine, and reports keep using it.
+    Unsupported,
 }
+
+/// How often an agent asks again a controller that has no control channel.
+const UNSUPPORTED_RETRY: Duration = Duration::from_secs(600);
 
 impl ControlChannel {
     /// Holds the channel open forever.
@@ -53,6 +57,17 @@ impl ControlChannel {
                     backoff = Backoff::new(cfg.retry_initial, cfg.retry_max);
                     tracing::info!("Reconnecting the control channel with the reloaded settings");
                     continue;
+                }
+                End::Unsupported => {
+                    tracing::warn!(
+                        controller = %self.settings.borrow().0.controller,
+                        retry_in = ?UNSUPPORTED_RETRY,
+                        "The controller has no control channel (Controller/Connect is unimplemented); jobs reach this agent only through its listener"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(UNSUPPORTED_RETRY) => {}
+                        _ = self.settings.changed() => {}
+                    }
                 }
                 End::Failed(why) => {
                     if started.elapsed() >= STABLE {
@@ -79,13 +94,23 @@ impl ControlChannel {
         }
     }
 
-    /// One connection: hello, then deliveries until the stream or the settings change.
+    /// One stream on the shared connection; a failure drops the connection for the reporter
+    /// too (it is the same peer), so both dial again.
     async fn session(&mut self) -> End {
-        let (cfg, tls) = self.settings.borrow().clone();
-        let channel = match connect(&cfg, &tls).await {
+        let (generation, channel) = match self.link.get().await {
             Ok(c) => c,
             Err(e) => return End::Failed(e),
         };
+        let end = self.stream(channel).await;
+        if !matches!(end, End::Unsupported) {
+            self.link.invalidate(generation).await;
+        }
+        end
+    }
+
+    /// Hello, then deliveries until the stream ends or the settings change.
+    async fn stream(&mut self, channel: tonic::transport::Channel) -> End {
+        let cfg = self.settings.borrow().0.clone();
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
         let hello = pb::AgentMessage {
             message: Some(pb::agent_message::Message::Hello(pb::ChannelHello {
@@ -102,6 +127,7 @@ impl ControlChannel {
             .await
         {
             Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unimplemented => return End::Unsupported,
             Err(s) => return End::Failed(format!("Connect: {:?}: {}", s.code(), s.message())),
         };
         tracing::info!(controller = %cfg.controller, "Control channel open");
@@ -180,21 +206,4 @@ fn admission(
             status,
         })),
     }
-}
-
-/// A connection for the long-lived stream: like [`super::connect`] but with no per-call
-/// deadline (the stream lives for hours), and keepalive pings even while idle.
-async fn connect(cfg: &ReportSection, tls: &TlsSection) -> Result<Channel, String> {
-    let ca = cfg.ca.as_deref().unwrap_or(&tls.ca);
-    let config = patch_agent_service::tls::client_config(ca, &tls.cert, &tls.key)?;
-    let endpoint = Endpoint::from_shared(format!("http://{}", cfg.controller))
-        .map_err(|e| format!("report.controller {:?}: {e}", cfg.controller))?
-        .connect_timeout(cfg.timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(cfg.timeout)
-        .keep_alive_while_idle(true);
-    patch_agent_service::tls::connect(endpoint, &cfg.controller, cfg.server_name(), config)
-        .await
-        .map_err(|e| format!("cannot connect to {}: {}", cfg.controller, error_chain(&e)))
 }

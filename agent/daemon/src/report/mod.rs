@@ -8,6 +8,7 @@
 //! once. On every new connection the agent says hello first (version, labels, capabilities).
 
 pub mod channel;
+pub mod link;
 pub mod outbox;
 
 use crate::config::{ReportSection, TlsSection};
@@ -102,12 +103,17 @@ pub struct Reporter {
     pub origin: Origin,
     pub scanner: Option<Arc<Scanner>>,
     pub outbox: Arc<Outbox>,
+    /// The connection, shared with the control channel.
+    pub link: Arc<link::Link>,
 }
 
 enum Failure {
-    /// The call failed: reconnect and retry after a pause.
-    Retry(String),
+    /// A call on connection `.1` failed: drop it, and retry after a pause.
+    Retry(String, u64),
 }
+
+/// A client and the generation of the [`link::Link`] connection it said hello on.
+type Client = Option<(u64, ControllerClient<Channel>)>;
 
 impl Reporter {
     /// The current `[report]` section.
@@ -129,13 +135,15 @@ impl Reporter {
         let mut settings = self.settings.clone();
         let backoff_of = |r: &ReportSection| Backoff::new(r.retry_initial, r.retry_max);
         let mut backoff = backoff_of(&settings.borrow_and_update().0);
-        let mut client: Option<ControllerClient<Channel>> = None;
+        let mut client: Client = None;
         let mut failures = 0u64;
         loop {
             if settings.has_changed().unwrap_or(false) {
                 // Reloaded: reconnect with the new address, names, files and timeouts.
                 backoff = backoff_of(&settings.borrow_and_update().0);
-                client = None;
+                if let Some((generation, _)) = client.take() {
+                    self.link.invalidate(generation).await;
+                }
             }
             if !self.outbox.has_work() {
                 self.outbox.wait().await;
@@ -154,8 +162,9 @@ impl Reporter {
                     failures = 0;
                     backoff.reset();
                 }
-                Err(Failure::Retry(why)) => {
+                Err(Failure::Retry(why, generation)) => {
                     client = None;
+                    self.link.invalidate(generation).await;
                     failures += 1;
                     let pause = backoff.next(crate::pkg::scanner::random_u64());
                     // The first failure and then every tenth, so a long outage stays readable.
@@ -175,43 +184,62 @@ impl Reporter {
         }
     }
 
-    async fn attempt(&self, client: &mut Option<ControllerClient<Channel>>) -> Result<(), Failure> {
+    /// A unary call with `[report] timeout` (the shared connection has no per-call deadline:
+    /// the control channel's stream rides on it).
+    async fn timed<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        let timeout = self.cfg().timeout;
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {timeout:?} ([report] timeout)"
+            ))),
+        }
+    }
+
+    async fn attempt(&self, client: &mut Client) -> Result<(), Failure> {
+        let (generation, channel) = self.link.get().await.map_err(|e| Failure::Retry(e, 0))?;
+        let retry =
+            |call: &str, s: &tonic::Status| Failure::Retry(status_text(call, s), generation);
         let c = match client {
-            Some(c) => c,
-            None => {
-                let channel = self.connect().await.map_err(Failure::Retry)?;
+            Some((g, c)) if *g == generation => c,
+            _ => {
+                // A new connection: say hello first.
                 let mut c = ControllerClient::new(channel);
-                let hello = c
-                    .hello(self.hello())
+                let hello = self
+                    .timed(c.hello(self.hello()))
                     .await
-                    .map_err(|s| Failure::Retry(status_text("hello", &s)))?
-                    .into_inner();
+                    .map_err(|s| retry("hello", &s))?;
                 if hello.inventory_wanted {
                     self.outbox.want_inventory();
                 }
-                client.insert(c)
+                &mut client.insert((generation, c)).1
             }
         };
         if let Some((seq, report)) = self.outbox.oldest() {
-            match c.report_job(report.clone()).await {
+            match self.timed(c.report_job(report.clone())).await {
                 Ok(_) => self.outbox.ack(seq),
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {
                     // The controller will never take it: keep the queue moving, say so loudly.
                     tracing::error!(report = %report.report_id, error = %s.message(), "The controller refused a report as invalid; dropping it");
                     self.outbox.ack(seq);
                 }
-                Err(s) => return Err(Failure::Retry(status_text("ReportJob", &s))),
+                Err(s) => return Err(retry("ReportJob", &s)),
             }
             return Ok(());
         }
         if self.outbox.inventory_due() {
-            self.send_inventory(c).await?;
+            self.send_inventory(c)
+                .await
+                .map_err(|s| retry("ReportInventory", &s))?;
             self.outbox.inventory_sent();
         }
         Ok(())
     }
 
-    async fn send_inventory(&self, c: &mut ControllerClient<Channel>) -> Result<(), Failure> {
+    async fn send_inventory(&self, c: &mut ControllerClient<Channel>) -> Result<(), tonic::Status> {
         let Some(scanner) = &self.scanner else {
             return Ok(());
         };
@@ -234,16 +262,10 @@ impl Reporter {
             scanned_at: Some(scanned_at.into()),
             outbox: Some(self.outbox.stats()),
         };
-        let ack = c
-            .report_inventory(report.clone())
-            .await
-            .map_err(|s| Failure::Retry(status_text("ReportInventory", &s)))?
-            .into_inner();
+        let ack = self.timed(c.report_inventory(report.clone())).await?;
         if ack.need_full {
             report.inventory = Some(inventory);
-            c.report_inventory(report)
-                .await
-                .map_err(|s| Failure::Retry(status_text("ReportInventory", &s)))?;
+            self.timed(c.report_inventory(report)).await?;
             tracing::info!(
                 packages = snap.packages.len(),
                 updates = snap.updates.updates.len(),
@@ -281,16 +303,10 @@ impl Reporter {
             outbox: Some(self.outbox.stats()),
         }
     }
-
-    /// A fresh connection; certificates are re-read, so a renewed certificate is used on the
-    /// next reconnect.
-    async fn connect(&self) -> Result<Channel, String> {
-        let (cfg, tls) = self.settings.borrow().clone();
-        connect(&cfg, &tls).await
-    }
 }
 
-/// A mutual-TLS channel to `[report] controller` with the `[tls]` certificate, files read now.
+/// A mutual-TLS channel to `[report] controller` with the `[tls]` certificate, files read now,
+/// and `[report] timeout` on every call (certificate renewal uses it).
 pub async fn connect(cfg: &ReportSection, tls: &TlsSection) -> Result<Channel, String> {
     let ca = cfg.ca.as_deref().unwrap_or(&tls.ca);
     let config = patch_agent_service::tls::client_config(ca, &tls.cert, &tls.key)?;
