@@ -43,7 +43,12 @@ fn start_controller(dir: &Path, pki: &Pki) -> (Child, String) {
         .arg("--key")
         .arg(dir.join("ctl.key"))
         // All agents dial from 127.0.0.1, like a site behind one NAT address.
-        .args(["--operators", "controller", "--max-connections-per-ip", "1024"])
+        .args([
+            "--operators",
+            "controller",
+            "--max-connections-per-ip",
+            "1024",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(std::fs::File::create(&log).expect("log"))
         .stderr(Stdio::null())

@@ -73,8 +73,9 @@ pub struct RolloutArgs {
     /// after each batch). 0 stops at the first failure.
     #[arg(long, default_value = "0", value_parser = parse_percent)]
     pub max_fail_percent: f64,
-    /// Only hosts whose labels include KEY=VALUE (repeatable; all must match).
-    #[arg(long = "label", value_parser = parse_label)]
+    /// Direct mode: only inventory hosts whose labels include KEY=VALUE (repeatable; all must
+    /// match). With --controller, use --selector.
+    #[arg(long = "label", value_parser = parse_label, conflicts_with = "controller")]
     pub labels: Vec<(String, String)>,
     /// Give up on a host whose job has not ended after this long.
     #[arg(long, default_value = "3h", value_parser = humantime::parse_duration)]

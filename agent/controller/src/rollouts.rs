@@ -351,11 +351,16 @@ impl Driver {
                     .unwrap_or(Duration::from_secs(3 * 3600));
                 let mut set = tokio::task::JoinSet::new();
                 for h in todo {
-                    let (store, hub) = (self.store.clone(), self.hub.clone());
-                    let (id, job_id, env) = (id.to_string(), occ.job_id.clone(), env.clone());
-                    set.spawn(async move {
-                        drive_host(&*store, &hub, &id, idx, &job_id, env, h, timeout).await
-                    });
+                    let part = Part {
+                        store: self.store.clone(),
+                        hub: self.hub.clone(),
+                        rollout: id.to_string(),
+                        occurrence: idx,
+                        job_id: occ.job_id.clone(),
+                        env: env.clone(),
+                        timeout,
+                    };
+                    set.spawn(async move { part.drive(h).await });
                 }
                 while let Some(done) = set.join_next().await {
                     done.map_err(|e| format!("a host task failed: {e}"))??;
@@ -412,93 +417,106 @@ impl Driver {
     }
 }
 
-/// One host's part: wait for it to connect, hand it the job, follow the job to its result.
-#[allow(clippy::too_many_arguments)]
-async fn drive_host(
-    store: &dyn Store,
-    hub: &Hub,
-    id: &str,
-    idx: u32,
-    job_id: &str,
+/// What one host's part of a batch needs: the rollout, the occurrence and its signed job.
+struct Part {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    rollout: String,
+    occurrence: u32,
+    job_id: String,
     env: pb::SignedJob,
-    mut h: pb::RolloutHost,
     timeout: Duration,
-) -> Result<(), String> {
-    let mut wake = hub.wake.subscribe();
-    let save = |h: pb::RolloutHost| async move {
-        store.set_rollout_host(id.to_string(), idx, h).await?;
-        hub.wake.bump();
-        Ok::<(), String>(())
-    };
-    if h.state == HostState::Pending as i32 {
-        h.state = HostState::Waiting as i32;
-        h.started_at = ts(crate::now());
-        save(h.clone()).await?;
-    }
-    let started = h.started_at.as_ref().map_or_else(crate::now, |t| t.seconds);
-    let deadline = started.saturating_add(timeout.as_secs() as i64);
-    loop {
-        if let Some(status) = store
-            .job_final(h.host_id.clone(), job_id.to_string())
-            .await?
-        {
-            h.state = if succeeded(status.state) {
-                HostState::Succeeded
-            } else {
-                HostState::Failed
-            } as i32;
-            h.job_state = patch_agent_wire::convert::state_name(status.state).to_string();
-            h.reason = status.reason;
-            h.finished_at = ts(crate::now());
-            return save(h).await;
+}
+
+impl Part {
+    /// Drives host `h`: wait for it to connect, hand it the job, follow the job to its result.
+    async fn drive(self, mut h: pb::RolloutHost) -> Result<(), String> {
+        let Part {
+            store,
+            hub,
+            rollout,
+            occurrence: idx,
+            job_id,
+            env,
+            timeout,
+        } = self;
+        let (store, hub, id, job_id) = (&*store, &*hub, rollout.as_str(), job_id.as_str());
+        let mut wake = hub.wake.subscribe();
+        let save = |h: pb::RolloutHost| async move {
+            store.set_rollout_host(id.to_string(), idx, h).await?;
+            hub.wake.bump();
+            Ok::<(), String>(())
+        };
+        if h.state == HostState::Pending as i32 {
+            h.state = HostState::Waiting as i32;
+            h.started_at = ts(crate::now());
+            save(h.clone()).await?;
         }
-        let now = crate::now();
-        if now >= deadline {
-            h.reason = if h.state == HostState::Waiting as i32 {
-                format!(
-                    "not connected within {} of its batch's start",
-                    humantime::format_duration(timeout)
-                )
-            } else {
-                format!("no result within {}", humantime::format_duration(timeout))
-            };
-            h.state = HostState::Failed as i32;
-            h.finished_at = ts(now);
-            return save(h).await;
-        }
-        if h.state == HostState::Waiting as i32 && hub.is_connected(&h.host_id) {
-            match hub.push(&h.host_id, env.clone(), ADMIT_TIMEOUT).await {
-                Ok(a)
-                    if a.code == tonic::Code::Ok as i32
-                        || a.code == tonic::Code::AlreadyExists as i32 =>
-                {
-                    h.state = HostState::Admitted as i32;
-                    h.reason = if a.code == tonic::Code::Ok as i32 {
-                        String::new()
-                    } else {
-                        "the host had the job already (a replay); following its result".into()
-                    };
-                    save(h.clone()).await?;
-                    continue;
-                }
-                Ok(a) => {
-                    h.state = HostState::Failed as i32;
-                    h.job_state = "REFUSED".into();
-                    h.reason = format!(
-                        "refused: {:?}: {}",
-                        tonic::Code::from_i32(a.code),
-                        a.message
-                    );
-                    h.finished_at = ts(crate::now());
-                    tracing::warn!(rollout = %id, host = %h.host_id, reason = %h.reason, "Host refused the job");
-                    return save(h).await;
-                }
-                Err(e) => {
-                    tracing::info!(rollout = %id, host = %h.host_id, error = %e, "Push failed; retrying while the host's time lasts");
+        let started = h.started_at.as_ref().map_or_else(crate::now, |t| t.seconds);
+        let deadline = started.saturating_add(timeout.as_secs() as i64);
+        loop {
+            if let Some(status) = store
+                .job_final(h.host_id.clone(), job_id.to_string())
+                .await?
+            {
+                h.state = if succeeded(status.state) {
+                    HostState::Succeeded
+                } else {
+                    HostState::Failed
+                } as i32;
+                h.job_state = patch_agent_wire::convert::state_name(status.state).to_string();
+                h.reason = status.reason;
+                h.finished_at = ts(crate::now());
+                return save(h).await;
+            }
+            let now = crate::now();
+            if now >= deadline {
+                h.reason = if h.state == HostState::Waiting as i32 {
+                    format!(
+                        "not connected within {} of its batch's start",
+                        humantime::format_duration(timeout)
+                    )
+                } else {
+                    format!("no result within {}", humantime::format_duration(timeout))
+                };
+                h.state = HostState::Failed as i32;
+                h.finished_at = ts(now);
+                return save(h).await;
+            }
+            if h.state == HostState::Waiting as i32 && hub.is_connected(&h.host_id) {
+                match hub.push(&h.host_id, env.clone(), ADMIT_TIMEOUT).await {
+                    Ok(a)
+                        if a.code == tonic::Code::Ok as i32
+                            || a.code == tonic::Code::AlreadyExists as i32 =>
+                    {
+                        h.state = HostState::Admitted as i32;
+                        h.reason = if a.code == tonic::Code::Ok as i32 {
+                            String::new()
+                        } else {
+                            "the host had the job already (a replay); following its result".into()
+                        };
+                        save(h.clone()).await?;
+                        continue;
+                    }
+                    Ok(a) => {
+                        h.state = HostState::Failed as i32;
+                        h.job_state = "REFUSED".into();
+                        h.reason = format!(
+                            "refused: {:?}: {}",
+                            tonic::Code::from_i32(a.code),
+                            a.message
+                        );
+                        h.finished_at = ts(crate::now());
+                        tracing::warn!(rollout = %id, host = %h.host_id, reason = %h.reason, "Host refused the job");
+                        return save(h).await;
+                    }
+                    Err(e) => {
+                        tracing::info!(rollout = %id, host = %h.host_id, error = %e, "Push failed; retrying while the host's time lasts");
+                    }
                 }
             }
+            let left = Duration::from_secs((deadline - now).max(1) as u64);
+            let _ = tokio::time::timeout(left.min(POLL), wake.changed()).await;
         }
-        let left = Duration::from_secs((deadline - now).max(1) as u64);
-        let _ = tokio::time::timeout(left.min(POLL), wake.changed()).await;
     }
 }
