@@ -261,17 +261,29 @@ fn rss_mib(pid: u32) -> (f64, f64) {
 fn main() {
     patch_agent_service::tls::install_default_provider();
     let n: usize = env_num("BENCH_CHANNELS", 10_000);
-    let files = (n as u64) * 2 + 4096;
-    // prlimit (util-linux) on this process: the controller it starts inherits the limit.
-    let limit = run(Command::new("prlimit")
-        .arg("--pid")
-        .arg(std::process::id().to_string())
-        .arg(format!("--nofile={files}:{files}")));
-    if !limit.status.success() {
-        println!(
-            "channels: cannot raise the open-file limit to {files} (run as root): {}",
-            text(&limit)
-        );
+    // Each side (this generator, the controller) holds one descriptor per channel.
+    let files = n as u64 + 4096;
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        })
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    if soft < files {
+        // prlimit (util-linux) on this process: the controller it starts inherits the limit.
+        let limit = run(Command::new("prlimit")
+            .arg("--pid")
+            .arg(std::process::id().to_string())
+            .arg(format!("--nofile={files}:{files}")));
+        if !limit.status.success() {
+            println!(
+                "channels: the open-file limit is {soft}, below the {files} needed, and cannot be raised (run as root): {}",
+                text(&limit)
+            );
+        }
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(tmp.path(), "pki");
