@@ -20,7 +20,7 @@ use common::*;
 use patch_agent_wire::proto::{ControllerClient, OperatorClient, v1 as pb};
 use rustls::pki_types::pem::PemObject;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -40,45 +40,18 @@ struct Counters {
     reported: AtomicUsize,
 }
 
-fn start_controller(dir: &Path, pki: &Pki, listen: &str) -> (Child, String) {
-    let log = dir.join(format!("controller-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&log);
-    let mut child = Command::new(patchctl())
-        .args(["serve", "--listen", listen, "--db"])
-        .arg(dir.join("controller.db"))
-        .arg("--ca")
-        .arg(pki.path("ca.pem"))
-        .arg("--cert")
-        .arg(dir.join("ctl.pem"))
-        .arg("--key")
-        .arg(dir.join("ctl.key"))
-        .args([
-            "--operators",
-            "controller",
-            "--max-connections",
-            "40000",
-            "--max-connections-per-ip",
-            "40000",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(std::fs::File::create(&log).expect("log"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let t = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(rest) = t.split("listening on ").nth(1) {
-            return (
-                child,
-                rest.split_whitespace().next().unwrap_or_default().into(),
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("controller did not start");
+/// `patchctl serve` as an operator's controller with room for every simulated agent (all dial
+/// from 127.0.0.1, like a site behind one NAT address).
+fn start_controller(dir: &Path, pki: &Pki, listen: &str) -> common::net::Controller {
+    let extra = strings(&[
+        "--operators",
+        "controller",
+        "--max-connections",
+        "40000",
+        "--max-connections-per-ip",
+        "40000",
+    ]);
+    common::net::Controller::start_env(dir, pki, listen, None, &extra, &[("RUST_LOG", "warn")])
 }
 
 /// `n` certificates, each for its own host id, signed by the dev CA as enrolment would.
@@ -304,8 +277,9 @@ fn main() {
         "channels: {n} agent certificates issued in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    let (mut ctl, addr) = start_controller(tmp.path(), &pki, "127.0.0.1:0");
-    let (idle_rss, _) = rss_mib(ctl.id());
+    let mut ctl = start_controller(tmp.path(), &pki, "127.0.0.1:0");
+    let addr = ctl.addr.clone();
+    let (idle_rss, _) = rss_mib(ctl.child.id());
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let counters = Arc::new(Counters::default());
@@ -331,7 +305,7 @@ fn main() {
         );
     }
     std::thread::sleep(Duration::from_secs(3));
-    let (rss, hwm) = rss_mib(ctl.id());
+    let (rss, hwm) = rss_mib(ctl.child.id());
     println!(
         "channels: controller RSS with {} connected: {rss:.1} MiB (peak {hwm:.1} MiB; {idle_rss:.1} MiB idle) = {:.1} KiB per channel",
         counters.connected.load(Ordering::SeqCst),
@@ -392,17 +366,16 @@ fn main() {
             (d + admitted).as_secs_f64()
         );
     }
-    let (rss, hwm) = rss_mib(ctl.id());
+    let (rss, hwm) = rss_mib(ctl.child.id());
     println!("channels: controller RSS after the push: {rss:.1} MiB (peak {hwm:.1} MiB)");
 
     // Restart on the same port; every agent comes back.
-    let _ = ctl.kill();
-    let _ = ctl.wait();
+    ctl.kill();
     let down = Instant::now();
     let _ = wait_for("all noticed the restart", Duration::from_secs(60), || {
         counters.connected.load(Ordering::SeqCst) == 0
     });
-    let (mut ctl, _) = start_controller(tmp.path(), &pki, &addr);
+    let mut ctl = start_controller(tmp.path(), &pki, &addr);
     let started = down.elapsed();
     if let Some(d) = wait_for("all reconnected", Duration::from_secs(300), || {
         counters.connected.load(Ordering::SeqCst) >= n
@@ -414,11 +387,10 @@ fn main() {
         );
     }
     std::thread::sleep(Duration::from_secs(2));
-    let (rss, hwm) = rss_mib(ctl.id());
+    let (rss, hwm) = rss_mib(ctl.child.id());
     println!(
         "channels: controller RSS after the reconnect storm: {rss:.1} MiB (peak {hwm:.1} MiB)"
     );
-    let _ = ctl.kill();
-    let _ = ctl.wait();
+    ctl.kill();
     drop(rt);
 }

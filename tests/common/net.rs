@@ -224,6 +224,18 @@ impl Controller {
         netns: Option<&str>,
         extra: &[String],
     ) -> Self {
+        Self::start_env(dir, pki, listen, netns, extra, &[])
+    }
+
+    /// [`Controller::start_with`] with environment variables (e.g. RUST_LOG for benches).
+    pub fn start_env(
+        dir: &Path,
+        pki: &Pki,
+        listen: &str,
+        netns: Option<&str>,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Self {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -246,6 +258,7 @@ impl Controller {
             .arg("--key")
             .arg(dir.join("ctl.key"))
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup"))
             .stderr(logf);

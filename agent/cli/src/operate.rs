@@ -161,45 +161,38 @@ pub async fn rollouts(cmd: RolloutsCommand) -> Result<()> {
             controller,
             id,
             json,
-        } => print(
-            &controller
-                .client()
-                .await?
-                .pause_rollout(r(id))
-                .await
-                .map_err(refused)?
-                .into_inner(),
-            json,
-        ),
+        } => steer(&controller, Steer::Pause, id, json).await,
         RolloutsCommand::Resume {
             controller,
             id,
             json,
-        } => print(
-            &controller
-                .client()
-                .await?
-                .resume_rollout(r(id))
-                .await
-                .map_err(refused)?
-                .into_inner(),
-            json,
-        ),
+        } => steer(&controller, Steer::Resume, id, json).await,
         RolloutsCommand::Cancel {
             controller,
             id,
             json,
-        } => print(
-            &controller
-                .client()
-                .await?
-                .cancel_rollout(r(id))
-                .await
-                .map_err(refused)?
-                .into_inner(),
-            json,
-        ),
+        } => steer(&controller, Steer::Cancel, id, json).await,
     }
+}
+
+enum Steer {
+    Pause,
+    Resume,
+    Cancel,
+}
+
+/// Pauses, resumes or cancels a rollout; prints it as it is then.
+async fn steer(controller: &ControllerArgs, how: Steer, id: String, json: bool) -> Result<()> {
+    let mut c = controller.client().await?;
+    let r = pb::RolloutRef { rollout_id: id };
+    let x = match how {
+        Steer::Pause => c.pause_rollout(r).await,
+        Steer::Resume => c.resume_rollout(r).await,
+        Steer::Cancel => c.cancel_rollout(r).await,
+    }
+    .map_err(refused)?
+    .into_inner();
+    print(&x, json)
 }
 
 /// A refusal from the controller, with its code.
