@@ -390,6 +390,24 @@ fn hosts_behind_nat_take_rollouts_through_their_channel_and_survive_kills() {
         );
     }
     site.wait_connected(&names, Duration::from_secs(20));
+    // The agent's own view (GetStatus over its local socket): the channel is open.
+    let sock = format!("unix:{}", site.hosts[0].dir.join("agent.sock").display());
+    let out = run(Command::new(patchctl()).args(["status", "--json", "--agent", &sock]));
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["channel_open"], true, "{status:#}");
+    assert_eq!(
+        status["controller_address"],
+        site.controller_addr().as_str()
+    );
+    let out = run(Command::new(patchctl()).args(["status", "--agent", &sock]));
+    assert!(
+        text(&out).contains(&format!(
+            "Controller {}: channel open since",
+            site.controller_addr()
+        )),
+        "{}",
+        text(&out)
+    );
     let table = run(Command::new(patchctl())
         .args(["hosts", "list", "--db"])
         .arg(site.db()));
@@ -656,6 +674,58 @@ fn hosts_behind_nat_take_rollouts_through_their_channel_and_survive_kills() {
     let out = run(&mut site.as_identity(&["rollouts", "list"], &site.hosts[0].dir.join("agent")));
     assert!(!out.status.success());
     assert!(text(&out).contains("PermissionDenied"), "{}", text(&out));
+
+    // A rollout scheduled for later can be cancelled before it starts; a second cancel is
+    // refused, naming the state; list shows every rollout with its state.
+    let later = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600))
+        .to_string();
+    let out = run(&mut site.rollout(&[
+        "--id",
+        "later-r",
+        "--detach",
+        "--hosts",
+        "host1",
+        "--start-at",
+        &later,
+        "--scan",
+    ]));
+    assert!(out.status.success(), "{}", text(&out));
+    let later_id = created_id(&out);
+    assert_eq!(site.show(&later_id)["state"], "scheduled");
+    let out = run(&mut site.operator(&["rollouts", "cancel", &later_id, "--json"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["state"], "cancelled");
+    assert!(v["next_start"].is_null(), "{v:#}");
+    let out = run(&mut site.operator(&["rollouts", "cancel", &later_id]));
+    assert!(
+        !out.status.success() && text(&out).contains("is cancelled; it cannot be cancelled"),
+        "{}",
+        text(&out)
+    );
+    let out = run(&mut site.operator(&["rollouts", "list", "--json"]));
+    let list: Vec<Value> = serde_json::from_slice(&out.stdout).expect("list JSON");
+    let states: std::collections::BTreeMap<String, String> = list
+        .iter()
+        .map(|r| {
+            (
+                r["occurrences"][0]["job_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                r["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(states["alpha-r"], "stopped");
+    assert_eq!(states["beta-r"], "completed");
+    assert_eq!(states["slow-r"], "completed");
+    assert_eq!(states["later-r"], "cancelled");
+    let table = text(&run(&mut site.operator(&["rollouts", "list"])));
+    assert!(
+        table.contains("ROLLOUT") && table.contains(&later_id),
+        "{table}"
+    );
 
     // 7. A host that is gone: hosts list shows it disconnected, and a rollout counts it failed
     // after --host-timeout.

@@ -51,6 +51,13 @@ pub struct StatusJson {
     pub cert_last_error: String,
     /// What an admin must do, if anything.
     pub cert_action: String,
+    /// `[report] controller`; empty: the agent reports to none.
+    pub controller_address: String,
+    /// The control channel is open: jobs can reach the agent through the controller.
+    pub channel_open: bool,
+    pub channel_since: String,
+    pub channel_last_error: String,
+    pub outbox_pending: u32,
 }
 
 /// Fetches the status from a connected agent.
@@ -101,7 +108,13 @@ pub fn to_json(s: &pb::GetStatusResponse) -> StatusJson {
     let r = s.reboot.clone().unwrap_or_default();
     let jobs = s.jobs.clone().unwrap_or_default();
     let cert = s.certificate.clone().unwrap_or_default();
+    let link = s.controller.clone().unwrap_or_default();
     StatusJson {
+        controller_address: link.address,
+        channel_open: link.channel_open,
+        channel_since: time(link.since.as_ref()),
+        channel_last_error: link.last_error,
+        outbox_pending: link.outbox_pending,
         cert_serial: cert.serial,
         cert_not_after: time(cert.not_after.as_ref()),
         cert_renew_at: time(cert.renew_at.as_ref()),
@@ -176,6 +189,26 @@ fn certificate(j: &StatusJson) -> String {
     out
 }
 
+fn controller(j: &StatusJson) -> String {
+    if j.controller_address.is_empty() {
+        return "none ([report] controller is unset)".into();
+    }
+    let mut out = format!(
+        "{}: channel {} since {}, {} report(s) waiting",
+        j.controller_address,
+        if j.channel_open { "open" } else { "down" },
+        j.channel_since,
+        j.outbox_pending
+    );
+    if !j.channel_open && !j.channel_last_error.is_empty() {
+        out.push_str(&format!(
+            "\n           last error: {}",
+            j.channel_last_error
+        ));
+    }
+    out
+}
+
 /// The human-readable summary.
 pub fn render(s: &pb::GetStatusResponse) -> String {
     let j = to_json(s);
@@ -236,7 +269,9 @@ pub fn render(s: &pb::GetStatusResponse) -> String {
          Pending    {pending}\n\
          Reboot     {reboot}\n\
          Jobs       {jobs}\n\
-         Cert       {cert}\n",
+         Cert       {cert}\n\
+         Controller {controller}\n",
+        controller = controller(&j),
         jobs = jobs,
         cert = certificate(&j),
         pending = pending,

@@ -216,9 +216,13 @@ async fn serve(
         config.enrolled.is_some(),
     );
     let reload_wanted = renewer.reload.clone();
+    let channel_state = reporter.as_ref().map_or_else(Default::default, |r| {
+        report::channel::ChannelState::new(&config.report.controller, r.outbox.clone())
+    });
     let (routes, health) = server::routes(
         AgentService::new(facts.clone(), scanner.clone(), engine.clone())
-            .with_certificate(renewer.state.clone()),
+            .with_certificate(renewer.state.clone())
+            .with_controller(channel_state.clone()),
     )
     .await?;
     let listeners = Listeners {
@@ -240,6 +244,7 @@ async fn serve(
                 origin: r.origin.clone(),
                 engine: engine.clone(),
                 link: r.link.clone(),
+                state: channel_state,
             }
             .run(),
         );

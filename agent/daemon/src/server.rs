@@ -29,6 +29,7 @@ pub struct AgentService {
     scanner: Option<Arc<Scanner>>,
     engine: Arc<Engine>,
     certificate: CertState,
+    controller: crate::report::channel::ChannelState,
 }
 
 impl AgentService {
@@ -39,7 +40,14 @@ impl AgentService {
             scanner,
             engine,
             certificate: CertState::default(),
+            controller: Default::default(),
         }
+    }
+
+    /// GetStatus reports this control-channel state (kept by [`crate::report::channel`]).
+    pub fn with_controller(mut self, state: crate::report::channel::ChannelState) -> Self {
+        self.controller = state;
+        self
     }
 
     /// GetStatus reports this certificate state (kept by [`crate::enroll::renew`]).
@@ -119,6 +127,7 @@ impl proto::Agent for AgentService {
                 }
             }),
             certificate: Some(self.certificate.get()),
+            controller: Some(self.controller.get()),
         }))
     }
 

@@ -26,6 +26,42 @@ pub struct ControlChannel {
     pub engine: Arc<Engine>,
     /// The connection, shared with the reporter.
     pub link: Arc<Link>,
+    /// What GetStatus says about the channel.
+    pub state: ChannelState,
+}
+
+/// The channel's state as GetStatus reports it, with the outbox's length.
+#[derive(Clone, Default)]
+pub struct ChannelState {
+    link: Arc<std::sync::Mutex<pb::ControllerLink>>,
+    outbox: Option<Arc<super::outbox::Outbox>>,
+}
+
+impl ChannelState {
+    pub fn new(address: &str, outbox: Arc<super::outbox::Outbox>) -> Self {
+        Self {
+            link: Arc::new(std::sync::Mutex::new(pb::ControllerLink {
+                address: address.to_string(),
+                ..Default::default()
+            })),
+            outbox: Some(outbox),
+        }
+    }
+
+    pub fn get(&self) -> pb::ControllerLink {
+        let mut link = self.link.lock().map(|l| l.clone()).unwrap_or_default();
+        link.outbox_pending = self.outbox.as_ref().map_or(0, |o| o.len() as u32);
+        link
+    }
+
+    fn set(&self, address: &str, open: bool, error: &str) {
+        if let Ok(mut l) = self.link.lock() {
+            l.address = address.to_string();
+            l.channel_open = open;
+            l.since = Some(std::time::SystemTime::now().into());
+            l.last_error = error.to_string();
+        }
+    }
 }
 
 /// How a session ended.
@@ -59,6 +95,12 @@ impl ControlChannel {
                     continue;
                 }
                 End::Unsupported => {
+                    let address = self.settings.borrow().0.controller.clone();
+                    self.state.set(
+                        &address,
+                        false,
+                        "the controller has no control channel (Controller/Connect is unimplemented)",
+                    );
                     tracing::warn!(
                         controller = %self.settings.borrow().0.controller,
                         retry_in = ?UNSUPPORTED_RETRY,
@@ -70,6 +112,8 @@ impl ControlChannel {
                     }
                 }
                 End::Failed(why) => {
+                    let address = self.settings.borrow().0.controller.clone();
+                    self.state.set(&address, false, &why);
                     if started.elapsed() >= STABLE {
                         backoff.reset();
                         failures = 0;
@@ -131,6 +175,7 @@ impl ControlChannel {
             Err(s) => return End::Failed(format!("Connect: {:?}: {}", s.code(), s.message())),
         };
         tracing::info!(controller = %cfg.controller, "Control channel open");
+        self.state.set(&cfg.controller, true, "");
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
