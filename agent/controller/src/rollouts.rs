@@ -199,7 +199,11 @@ impl Driver {
     async fn drive(&self, id: &str) -> Result<(), String> {
         let mut wake = self.hub.wake.subscribe();
         loop {
-            let data = self.load(id).await?;
+            // A rollout removed from the database (by hand) is not retried forever.
+            let Some(data) = self.store.rollout(id.to_string(), true).await? else {
+                tracing::warn!(rollout = %id, "The rollout is gone from the database; not driving it");
+                return Ok(());
+            };
             let r = &data.rollout;
             if !is_active(r.state) {
                 return Ok(());
@@ -272,7 +276,13 @@ impl Driver {
                 .map(|(h, _)| h)
                 .collect()
         } else {
-            r.targets.clone()
+            // A host listed twice runs the job once, in its first place.
+            let mut seen = HashSet::new();
+            r.targets
+                .iter()
+                .filter(|h| seen.insert(h.as_str()))
+                .cloned()
+                .collect()
         };
         let serial: Serial = r.serial.parse().unwrap_or(Serial::Hosts(1));
         let size = serial.batch_size(hosts.len());
