@@ -850,3 +850,128 @@ fn a_schedule_of_three_occurrences_one_minute_apart_runs_three_times() {
 fn net_route(ns: &str, to: &str) -> Output {
     run(Command::new("ip").args(["-n", ns, "route", "get", to]))
 }
+
+/// Final results a controller database holds: job ids, sorted.
+fn finals(db: &Path) -> Vec<String> {
+    let out = run(Command::new(patchctl())
+        .args(["history", "--json", "--db"])
+        .arg(db));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut v: Vec<String> = rows
+        .iter()
+        .filter(|r| r["final"] == true)
+        .filter_map(|r| r["job_id"].as_str().map(str::to_string))
+        .collect();
+    v.sort();
+    v
+}
+
+fn wait_finals(db: &Path, want: &[&str], timeout: Duration, log: &dyn Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let have = finals(db);
+        if want.iter().all(|j| have.iter().any(|h| h == j)) {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{want:?} not all in {} after {timeout:?}: {have:?}\n{}",
+                db.display(),
+                log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn an_agent_fails_over_to_its_next_controller_and_loses_no_report() {
+    let (tmp, pki) = setup("failover");
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    for d in [&a_dir, &b_dir] {
+        std::fs::create_dir_all(d).expect("dir");
+        issue_ctl_cert(d, &pki, "127.0.0.1");
+    }
+    let mut a = Controller::start(&a_dir, &pki, "127.0.0.1:0", None);
+    let b = Controller::start(&b_dir, &pki, "127.0.0.1:0", None);
+    let (a_addr, b_addr) = (a.addr.clone(), b.addr.clone());
+    let dir = tmp.path().join("host");
+    let sandbox = dir.join("apt");
+    apt_sandbox(&sandbox);
+    pki.issue(
+        &dir.join("agent"),
+        &["--name", "fo-host", "--usage", "server"],
+    );
+    let (key, trusted) = signing_key(tmp.path());
+    let (d, s) = (dir.display(), sandbox.display());
+    let config = format!(
+        "[agent]\nstate_dir = \"{d}/state\"\nhost_id = \"fo-host\"\n\
+         [server]\nlocal_socket = \"{d}/agent.sock\"\ndrain_grace = \"100ms\"\ndrain_timeout = \"1s\"\n\
+         [tls]\nca = \"{ca}\"\ncert = \"{d}/agent.pem\"\nkey = \"{d}/agent.key\"\n\
+         [auth]\ncontrollers = [\"controller\"]\n\
+         [packages]\nmanager = \"apt\"\nscan_on_start = false\napt_config = \"{s}/apt.conf\"\ndpkg_status = \"{s}/root/var/lib/dpkg/status\"\nreboot_required_file = \"{s}/root/run/reboot-required\"\n\
+         [jobs]\ntrusted_keys_dir = \"{t}\"\nmin_free_mib = 1\n\
+         [report]\ncontrollers = [\"{a_addr}\", \"{b_addr}\"]\nserver_name = \"controller.fleet\"\nretry_initial = \"200ms\"\nretry_max = \"1s\"\ntimeout = \"3s\"\n",
+        ca = pki.path("ca.pem").display(),
+        t = trusted.display(),
+    );
+    let agent = Agent::start(&dir, &config);
+    let sock = format!("unix:{}", dir.join("agent.sock").display());
+    let job = |id: &str| {
+        let file = tmp.path().join(format!("{id}.job"));
+        let out = run(Command::new(patchctl())
+            .args([
+                "job", "sign", "--id", id, "--target", "fo-host", "--scan", "-o",
+            ])
+            .arg(&file)
+            .arg("--signing-key")
+            .arg(&key));
+        assert!(out.status.success(), "sign: {}", text(&out));
+        let out = run(Command::new(patchctl())
+            .args(["submit", "--agent", &sock])
+            .arg(&file));
+        assert!(out.status.success(), "submit: {}", text(&out));
+    };
+    let (a_db, b_db) = (a_dir.join("controller.db"), b_dir.join("controller.db"));
+    let log = || agent.log_text();
+
+    // The first controller takes the reports while it is up.
+    job("fo-1");
+    wait_finals(&a_db, &["fo-1"], Duration::from_secs(30), &log);
+    assert!(finals(&b_db).is_empty());
+
+    // It dies: the reports that follow, and the control channel, go to the second. Nothing
+    // written to the outbox meanwhile is lost.
+    a.kill();
+    job("fo-2");
+    job("fo-3");
+    wait_finals(&b_db, &["fo-2", "fo-3"], Duration::from_secs(30), &log);
+    let status = run(Command::new(patchctl()).args(["status", "--json", "--agent", &sock]));
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status");
+    assert_eq!(status["controller_address"], b_addr.as_str(), "{status:#}");
+    assert_eq!(status["channel_open"], true);
+
+    // The first comes back: the agent stays with the one it failed over to.
+    let _a = Controller::start(&a_dir, &pki, &a_addr, None);
+    job("fo-4");
+    wait_finals(&b_db, &["fo-4"], Duration::from_secs(30), &log);
+    let mut all = finals(&a_db);
+    all.extend(finals(&b_db));
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all,
+        ["fo-1", "fo-2", "fo-3", "fo-4"],
+        "every result reached a controller"
+    );
+    let status = run(Command::new(patchctl()).args(["status", "--json", "--agent", &sock]));
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status");
+    assert_eq!(status["outbox_pending"], 0, "{status:#}");
+    assert!(
+        agent
+            .log_text()
+            .contains("Failed over to another controller"),
+        "{}",
+        agent.log_text()
+    );
+}

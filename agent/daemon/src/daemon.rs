@@ -110,7 +110,7 @@ pub fn warnings(c: &Checked) -> Vec<String> {
             c.config.jobs.trusted_keys_dir.display()
         ));
     }
-    if c.config.server.listen.is_empty() && c.config.report.controller.is_empty() {
+    if c.config.server.listen.is_empty() && !c.config.report.is_set() {
         out.push(
             "server.listen and report.controller are both unset: no controller can reach this agent (only the local socket can)"
                 .into(),
@@ -217,7 +217,7 @@ async fn serve(
     );
     let reload_wanted = renewer.reload.clone();
     let channel_state = reporter.as_ref().map_or_else(Default::default, |r| {
-        report::channel::ChannelState::new(&config.report.controller, r.outbox.clone())
+        report::channel::ChannelState::new(&config.report.shown(), r.outbox.clone())
     });
     let (routes, health) = server::routes(
         AgentService::new(facts.clone(), scanner.clone(), engine.clone())
@@ -350,7 +350,7 @@ fn open_reporter(
     scanner: &Option<Arc<Scanner>>,
     settings: watch::Receiver<(config::ReportSection, config::TlsSection)>,
 ) -> Result<Option<Arc<report::Reporter>>, String> {
-    if config.report.controller.is_empty() {
+    if !config.report.is_set() {
         tracing::info!("No [report] controller: job results and inventory are not reported");
         return Ok(None);
     }
@@ -368,7 +368,7 @@ fn open_reporter(
     }));
     // The controller may have lost it, or never had it: the checksum alone settles that.
     outbox.want_inventory();
-    tracing::info!(controller = %config.report.controller, pending = outbox.len(), "Reporting to the controller");
+    tracing::info!(controller = %config.report.shown(), pending = outbox.len(), "Reporting to the controller");
     Ok(Some(Arc::new(report::Reporter {
         link: Arc::new(report::link::Link::new(settings.clone())),
         settings,

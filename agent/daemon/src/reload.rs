@@ -4,9 +4,10 @@
 //! - live: `[tls]` files, `[auth]`, `[jobs]`, `[packages]` (the backend is rebuilt from the new
 //!   section), `[report]`, `log.level`. A SIGHUP applies them.
 //! - restart: `[server]` (listeners), `[agent]` (identity, state directory, labels),
-//!   `log.format`, `packages.manager`, `report.outbox_size`, and `report.controller` when it
-//!   turns reporting on or off. They keep their running values until the agent restarts; the
-//!   reload log and `patch-agent check-config` both say "restart needed for: KEY".
+//!   `log.format`, `packages.manager`, `report.outbox_size`, and `report.controller` or
+//!   `report.controllers` when it goes between unset and set. They keep their running values
+//!   until the agent restarts; the reload log and `patch-agent check-config` both say
+//!   "restart needed for: KEY".
 //!
 //! `check-config` knows what runs from `running-config.json` in the state directory, which the
 //! agent writes at start and after every reload: the effective value of every key.
@@ -46,14 +47,16 @@ fn flatten(prefix: &str, v: Value, out: &mut Keys) {
 
 /// Whether a change of `key` from `old` to `new` waits for a restart.
 fn needs_restart(key: &str, old: Option<&Value>, new: Option<&Value>, live_packages: bool) -> bool {
-    let empty = |v: Option<&Value>| v.is_none_or(|v| v.as_str() == Some(""));
+    let empty = |v: Option<&Value>| {
+        v.is_none_or(|v| v.as_str() == Some("") || v.as_array().is_some_and(Vec::is_empty))
+    };
     key.starts_with("server.")
         || key.starts_with("agent.")
         || key == "log.format"
         || key == "packages.manager"
         || (key.starts_with("packages.") && !live_packages)
         || key == "report.outbox_size"
-        || (key == "report.controller" && empty(old) != empty(new))
+        || ((key == "report.controller" || key == "report.controllers") && empty(old) != empty(new))
 }
 
 /// The keys that differ between what runs and a newly read configuration.
@@ -96,6 +99,9 @@ pub fn effective(running: &Config, mut new: Config, live_packages: bool) -> Conf
     new.report.outbox_size = running.report.outbox_size;
     if running.report.controller.is_empty() != new.report.controller.is_empty() {
         new.report.controller = running.report.controller.clone();
+    }
+    if running.report.controllers.is_empty() != new.report.controllers.is_empty() {
+        new.report.controllers = running.report.controllers.clone();
     }
     new
 }

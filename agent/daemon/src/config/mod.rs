@@ -274,8 +274,12 @@ pub struct ReportSection {
     /// The controller, `HOST:PORT`, reached over mutual TLS with the `[tls]` certificate and key.
     /// Default: unset (reports are not sent).
     pub controller: String,
-    /// The name to verify in the controller's certificate. Default: the host part of
-    /// `controller`.
+    /// More controllers (replicas on one database), `HOST:PORT` each, tried in order after
+    /// `controller` when the one in use cannot be reached. The agent stays with the one it
+    /// reached until that fails. Default: none.
+    pub controllers: Vec<String>,
+    /// The name to verify in the controller's certificate. Default: the host part of the
+    /// address dialled.
     pub server_name: String,
     /// The CA the controller's certificate must chain to. Default: `[tls] ca`.
     pub ca: Option<PathBuf>,
@@ -299,6 +303,7 @@ impl Default for ReportSection {
     fn default() -> Self {
         Self {
             controller: String::new(),
+            controllers: Vec::new(),
             server_name: String::new(),
             ca: None,
             outbox_size: 1000,
@@ -310,12 +315,34 @@ impl Default for ReportSection {
 }
 
 impl ReportSection {
-    /// The name to verify in the controller's certificate.
-    pub fn server_name(&self) -> &str {
+    /// Every controller address, in the order they are tried: `controller`, then
+    /// `controllers`, each once.
+    pub fn addresses(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for a in std::iter::once(&self.controller).chain(&self.controllers) {
+            if !a.is_empty() && !out.contains(a) {
+                out.push(a.clone());
+            }
+        }
+        out
+    }
+
+    /// Whether the agent reports to a controller at all.
+    pub fn is_set(&self) -> bool {
+        !self.addresses().is_empty()
+    }
+
+    /// The addresses as one line, for logs and messages.
+    pub fn shown(&self) -> String {
+        self.addresses().join(", ")
+    }
+
+    /// The name to verify in the certificate of the controller at `address`.
+    pub fn server_name_for<'a>(&'a self, address: &'a str) -> &'a str {
         if !self.server_name.is_empty() {
             return &self.server_name;
         }
-        host_part(&self.controller).unwrap_or_default()
+        host_part(address).unwrap_or_default()
     }
 }
 
@@ -685,17 +712,27 @@ impl PackagesSection {
 
 impl ReportSection {
     fn check(&self, out: &mut Findings) {
-        if !self.controller.is_empty() {
-            if !is_host_port(&self.controller) {
+        if !self.controller.is_empty() && !is_host_port(&self.controller) {
+            out.bad(
+                "report.controller",
+                format!(
+                    "`{}` is not HOST:PORT; use e.g. \"controller.example:7000\"",
+                    self.controller
+                ),
+            );
+        }
+        for (i, a) in self.controllers.iter().enumerate() {
+            if !is_host_port(a) {
                 out.bad(
-                    "report.controller",
-                    format!(
-                        "`{}` is not HOST:PORT; use e.g. \"controller.example:7000\"",
-                        self.controller
-                    ),
+                    &format!("report.controllers.{i}"),
+                    format!("`{a}` is not HOST:PORT; use e.g. \"controller-b.example:7000\""),
                 );
             }
-        } else if !self.server_name.is_empty() || self.ca.is_some() {
+        }
+        if self.controller.is_empty()
+            && self.controllers.is_empty()
+            && (!self.server_name.is_empty() || self.ca.is_some())
+        {
             out.bad(
                 "report.controller",
                 "server_name and ca are set but controller is not; set controller = \"HOST:PORT\"",
@@ -892,7 +929,24 @@ mod tests {
             controller: "[::1]:7000".into(),
             ..ReportSection::default()
         };
-        assert_eq!(r.server_name(), "::1");
+        assert_eq!(r.server_name_for("[::1]:7000"), "::1");
+        // Several controllers: tried in order, each once; each must be HOST:PORT.
+        let (c, p) = parse(
+            "[report]\ncontroller = \"a:7000\"\ncontrollers = [\"b:7000\", \"a:7000\", \"nohost\"]\n",
+        );
+        assert!(p.is_empty(), "{p:?}");
+        let c = c.expect("parses");
+        assert_eq!(c.report.addresses(), ["a:7000", "b:7000", "nohost"]);
+        assert_eq!(c.report.server_name_for("b:7000"), "b");
+        let bad = validate(&c);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(bad[0].0, "report.controllers.2");
+        let (c, p) = parse("[report]\ncontrollers = [\"b:7000\"]\nserver_name = \"ctl\"\n");
+        assert!(p.is_empty(), "{p:?}");
+        let c = c.expect("parses");
+        assert!(validate(&c).is_empty(), "controllers alone is enough");
+        assert!(c.report.is_set());
+        assert_eq!(c.report.server_name_for("b:7000"), "ctl");
     }
 
     #[test]

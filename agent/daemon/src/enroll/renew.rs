@@ -157,7 +157,7 @@ impl Renewer {
     }
 
     pub async fn run(mut self) {
-        if !self.enrolled || self.settings.borrow().0.controller.is_empty() {
+        if !self.enrolled || !self.settings.borrow().0.is_set() {
             // Nothing to renew: GetStatus reads the certificate when asked, again after a reload.
             loop {
                 let cert = self.settings.borrow_and_update().1.cert.clone();
@@ -239,7 +239,7 @@ impl Renewer {
         let action = expired_action(
             self.enrolled,
             info.not_after,
-            &report.controller,
+            &report.shown(),
             &self.host_id,
         );
         tracing::error!(serial = %info.serial, action = %action, "Certificate expired");
@@ -283,7 +283,7 @@ impl Renewer {
                     s.action = format!(
                         "renewal keeps failing; the certificate expires at {}. Check that the controller {} is reachable and has not revoked this host (`patchctl hosts list`)",
                         fmt(info.not_after),
-                        report.controller
+                        report.shown()
                     );
                 });
                 pause

@@ -95,14 +95,14 @@ impl ControlChannel {
                     continue;
                 }
                 End::Unsupported => {
-                    let address = self.settings.borrow().0.controller.clone();
+                    let address = self.settings.borrow().0.shown();
                     self.state.set(
                         &address,
                         false,
                         "the controller has no control channel (Controller/Connect is unimplemented)",
                     );
                     tracing::warn!(
-                        controller = %self.settings.borrow().0.controller,
+                        controller = %self.settings.borrow().0.shown(),
                         retry_in = ?UNSUPPORTED_RETRY,
                         "The controller has no control channel (Controller/Connect is unimplemented); jobs reach this agent only through its listener"
                     );
@@ -112,7 +112,7 @@ impl ControlChannel {
                     }
                 }
                 End::Failed(why) => {
-                    let address = self.settings.borrow().0.controller.clone();
+                    let address = self.settings.borrow().0.shown();
                     self.state.set(&address, false, &why);
                     if started.elapsed() >= STABLE {
                         backoff.reset();
@@ -122,7 +122,7 @@ impl ControlChannel {
                     let pause = backoff.next(crate::pkg::scanner::random_u64());
                     if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(
-                            controller = %self.settings.borrow().0.controller,
+                            controller = %self.settings.borrow().0.shown(),
                             error = %why,
                             retry_in = ?pause,
                             failed_attempts = failures,
@@ -141,20 +141,19 @@ impl ControlChannel {
     /// One stream on the shared connection; a failure drops the connection for the reporter
     /// too (it is the same peer), so both dial again.
     async fn session(&mut self) -> End {
-        let (generation, channel) = match self.link.get().await {
+        let conn = match self.link.get().await {
             Ok(c) => c,
             Err(e) => return End::Failed(e),
         };
-        let end = self.stream(channel).await;
+        let end = self.stream(conn.channel, &conn.address).await;
         if !matches!(end, End::Unsupported) {
-            self.link.invalidate(generation).await;
+            self.link.invalidate(conn.generation).await;
         }
         end
     }
 
     /// Hello, then deliveries until the stream ends or the settings change.
-    async fn stream(&mut self, channel: tonic::transport::Channel) -> End {
-        let cfg = self.settings.borrow().0.clone();
+    async fn stream(&mut self, channel: tonic::transport::Channel, address: &str) -> End {
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
         let hello = pb::AgentMessage {
             message: Some(pb::agent_message::Message::Hello(pb::ChannelHello {
@@ -174,8 +173,8 @@ impl ControlChannel {
             Err(s) if s.code() == tonic::Code::Unimplemented => return End::Unsupported,
             Err(s) => return End::Failed(format!("Connect: {:?}: {}", s.code(), s.message())),
         };
-        tracing::info!(controller = %cfg.controller, "Control channel open");
-        self.state.set(&cfg.controller, true, "");
+        tracing::info!(controller = %address, "Control channel open");
+        self.state.set(address, true, "");
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg {

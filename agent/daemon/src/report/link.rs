@@ -19,54 +19,93 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 
 pub struct Link {
     settings: watch::Receiver<(ReportSection, TlsSection)>,
-    current: Mutex<(u64, Option<Channel>)>,
+    current: Mutex<Current>,
+}
+
+#[derive(Default)]
+struct Current {
+    generation: u64,
+    conn: Option<Conn>,
+    /// The address last reached: tried first next time (an agent stays with the controller it
+    /// failed over to until that one fails).
+    preferred: String,
+}
+
+/// A connection and where it goes.
+#[derive(Clone)]
+pub struct Conn {
+    pub generation: u64,
+    pub channel: Channel,
+    pub address: String,
 }
 
 impl Link {
     pub fn new(settings: watch::Receiver<(ReportSection, TlsSection)>) -> Self {
         Self {
             settings,
-            current: Mutex::new((0, None)),
+            current: Mutex::new(Current::default()),
         }
     }
 
-    /// The current connection and its generation, dialling one if there is none.
-    pub async fn get(&self) -> Result<(u64, Channel), String> {
+    /// The current connection, dialling one if there is none: the controllers in order
+    /// (`[report] controller`, then `controllers`), starting with the one last reached.
+    pub async fn get(&self) -> Result<Conn, String> {
         let mut current = self.current.lock().await;
-        if let Some(c) = &current.1 {
-            return Ok((current.0, c.clone()));
+        if let Some(c) = &current.conn {
+            return Ok(c.clone());
         }
         let (cfg, tls) = self.settings.borrow().clone();
-        let channel = connect(&cfg, &tls).await?;
-        current.0 += 1;
-        current.1 = Some(channel.clone());
-        Ok((current.0, channel))
+        let mut order = cfg.addresses();
+        if let Some(i) = order.iter().position(|a| *a == current.preferred) {
+            order.rotate_left(i);
+        }
+        let mut errors = Vec::new();
+        for address in order {
+            match connect(&cfg, &tls, &address).await {
+                Ok(channel) => {
+                    if !current.preferred.is_empty() && current.preferred != address {
+                        tracing::warn!(from = %current.preferred, to = %address, "Failed over to another controller");
+                    }
+                    current.generation += 1;
+                    current.preferred = address.clone();
+                    let conn = Conn {
+                        generation: current.generation,
+                        channel,
+                        address,
+                    };
+                    current.conn = Some(conn.clone());
+                    return Ok(conn);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(errors.join("; "))
     }
 
     /// Drops connection `generation` (a call on it failed, or the settings changed since it
     /// was made); a newer one is left alone.
     pub async fn invalidate(&self, generation: u64) {
         let mut current = self.current.lock().await;
-        if current.0 == generation {
-            current.1 = None;
+        if current.generation == generation {
+            current.conn = None;
         }
     }
 }
 
-/// A connection to `[report] controller` with the `[tls]` certificate, files read now. No
-/// per-call deadline (the control channel's stream lives for hours; unary calls set their own,
-/// `[report] timeout`), and keepalive pings even while idle.
-async fn connect(cfg: &ReportSection, tls: &TlsSection) -> Result<Channel, String> {
+/// A connection to the controller at `address` with the `[tls]` certificate, files read now.
+/// No per-call deadline (the control channel's stream lives for hours; unary calls set their
+/// own, `[report] timeout`), and keepalive pings even while idle.
+async fn connect(cfg: &ReportSection, tls: &TlsSection, address: &str) -> Result<Channel, String> {
     let ca = cfg.ca.as_deref().unwrap_or(&tls.ca);
     let config = patch_agent_service::tls::client_config(ca, &tls.cert, &tls.key)?;
-    let endpoint = Endpoint::from_shared(format!("http://{}", cfg.controller))
-        .map_err(|e| format!("report.controller {:?}: {e}", cfg.controller))?
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("controller {address:?}: {e}"))?
         .connect_timeout(cfg.timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(cfg.timeout)
         .keep_alive_while_idle(true);
-    patch_agent_service::tls::connect(endpoint, &cfg.controller, cfg.server_name(), config)
+    patch_agent_service::tls::connect(endpoint, address, cfg.server_name_for(address), config)
         .await
-        .map_err(|e| format!("cannot connect to {}: {}", cfg.controller, error_chain(&e)))
+        .map_err(|e| format!("cannot connect to {address}: {}", error_chain(&e)))
 }

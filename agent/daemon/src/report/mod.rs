@@ -153,7 +153,7 @@ impl Reporter {
                 Ok(()) => {
                     if failures > 0 {
                         tracing::info!(
-                            controller = %self.cfg().controller,
+                            controller = %self.cfg().shown(),
                             failed_attempts = failures,
                             pending = self.outbox.len(),
                             "Reaching the controller again"
@@ -170,7 +170,7 @@ impl Reporter {
                     // The first failure and then every tenth, so a long outage stays readable.
                     if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(
-                            controller = %self.cfg().controller,
+                            controller = %self.cfg().shown(),
                             error = %why,
                             pending = self.outbox.len(),
                             retry_in = ?pause,
@@ -200,7 +200,11 @@ impl Reporter {
     }
 
     async fn attempt(&self, client: &mut Client) -> Result<(), Failure> {
-        let (generation, channel) = self.link.get().await.map_err(|e| Failure::Retry(e, 0))?;
+        let link::Conn {
+            generation,
+            channel,
+            ..
+        } = self.link.get().await.map_err(|e| Failure::Retry(e, 0))?;
         let retry =
             |call: &str, s: &tonic::Status| Failure::Retry(status_text(call, s), generation);
         let c = match client {
@@ -305,21 +309,38 @@ impl Reporter {
     }
 }
 
-/// A mutual-TLS channel to `[report] controller` with the `[tls]` certificate, files read now,
-/// and `[report] timeout` on every call (certificate renewal uses it).
+/// A mutual-TLS channel to the first of `[report] controller` and `controllers` that answers,
+/// with the `[tls]` certificate, files read now, and `[report] timeout` on every call
+/// (certificate renewal uses it).
 pub async fn connect(cfg: &ReportSection, tls: &TlsSection) -> Result<Channel, String> {
     let ca = cfg.ca.as_deref().unwrap_or(&tls.ca);
     let config = patch_agent_service::tls::client_config(ca, &tls.cert, &tls.key)?;
-    let endpoint = Endpoint::from_shared(format!("http://{}", cfg.controller))
-        .map_err(|e| format!("report.controller {:?}: {e}", cfg.controller))?
-        .connect_timeout(cfg.timeout)
-        .timeout(cfg.timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(cfg.timeout);
-    patch_agent_service::tls::connect(endpoint, &cfg.controller, cfg.server_name(), config)
+    let mut errors = Vec::new();
+    for address in cfg.addresses() {
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("controller {address:?}: {e}"))?
+            .connect_timeout(cfg.timeout)
+            .timeout(cfg.timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(cfg.timeout);
+        match patch_agent_service::tls::connect(
+            endpoint,
+            &address,
+            cfg.server_name_for(&address),
+            config.clone(),
+        )
         .await
-        .map_err(|e| format!("cannot connect to {}: {}", cfg.controller, error_chain(&e)))
+        {
+            Ok(c) => return Ok(c),
+            Err(e) => errors.push(format!("cannot connect to {address}: {}", error_chain(&e))),
+        }
+    }
+    Err(if errors.is_empty() {
+        "no [report] controller is set".into()
+    } else {
+        errors.join("; ")
+    })
 }
 
 /// An error and its sources, joined with ": " (tonic's transport errors hide the cause).
