@@ -8,6 +8,7 @@ pub mod channel;
 pub mod compliance;
 pub mod enroll;
 pub mod operator;
+pub mod retention;
 pub mod rollouts;
 pub mod store;
 
@@ -265,6 +266,10 @@ pub struct ServeArgs {
     /// Agents' certificates never may; these names are also reserved from enrolment.
     #[arg(long, value_delimiter = ',')]
     pub operators: Vec<String>,
+    /// Job results, resolved-update history and ended rollouts older than this are deleted in
+    /// the background, an hour apart, in small batches (ingest does not wait for them).
+    #[arg(long, default_value = "400d", value_parser = retention::parse_retain)]
+    pub retain: std::time::Duration,
     #[command(flatten)]
     pub enroll: EnrollArgs,
 }
@@ -345,6 +350,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let hub = Arc::new(channel::Hub::new(channel::Wake::default()));
     let driver = rollouts::Driver::new(store.clone(), hub.clone());
     let resumed = driver.resume_all().await.map_err(anyhow::Error::msg)?;
+    tokio::spawn(retention::run(store.clone(), a.retain));
     let operator = patch_agent_wire::proto::OperatorServer::new(operator::OperatorService::new(
         store.clone(),
         hub.clone(),

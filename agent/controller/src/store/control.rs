@@ -406,6 +406,36 @@ pub fn occurrence_finished(
     Ok(())
 }
 
+/// Deletes up to `batch` rollouts that ended and were created before `cutoff`, with their
+/// occurrences and hosts; rows deleted.
+pub fn prune_rollouts(c: &Connection, cutoff: i64, batch: i64) -> rusqlite::Result<usize> {
+    let ids: Vec<String> = c
+        .prepare(
+            "SELECT id FROM rollouts WHERE created_at < ?1 AND state IN (?2, ?3, ?4) LIMIT ?5",
+        )?
+        .query_map(
+            params![
+                cutoff,
+                pb::RolloutState::Completed as i32,
+                pb::RolloutState::Stopped as i32,
+                pb::RolloutState::Cancelled as i32,
+                batch
+            ],
+            |r| r.get(0),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut n = 0;
+    for id in &ids {
+        n += c.execute("DELETE FROM rollout_hosts WHERE rollout_id = ?1", [id])?;
+        n += c.execute(
+            "DELETE FROM rollout_occurrences WHERE rollout_id = ?1",
+            [id],
+        )?;
+        n += c.execute("DELETE FROM rollouts WHERE id = ?1", [id])?;
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -187,6 +187,11 @@ pub trait Store: Send + Sync {
         stopped: bool,
         now: i64,
     ) -> Result<()>;
+
+    /// Deletes history older than `cutoff` (unix seconds), at most `batch` rows of each kind
+    /// per call, so ingest waits for one small batch at most: final job results and their
+    /// report ids, resolved-update history, and rollouts that ended. Returns the rows deleted.
+    async fn prune(&self, cutoff: i64, batch: usize) -> Result<usize>;
 }
 
 const SCHEMA: &str = "
@@ -914,6 +919,32 @@ impl Store for SqliteStore {
         self.write(move |c| control::occurrence_finished(c, &id, idx, stopped, now))
             .await
     }
+
+    async fn prune(&self, cutoff: i64, batch: usize) -> Result<usize> {
+        self.write(move |c| prune(c, cutoff, batch)).await
+    }
+}
+
+/// One batch of [`Store::prune`].
+fn prune(c: &Connection, cutoff: i64, batch: usize) -> rusqlite::Result<usize> {
+    let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+    let mut n = c.execute(
+        "DELETE FROM jobs WHERE rowid IN
+           (SELECT rowid FROM jobs WHERE final = 1 AND updated_at < ?1 LIMIT ?2)",
+        params![cutoff, batch],
+    )?;
+    n += c.execute(
+        "DELETE FROM reports WHERE rowid IN
+           (SELECT rowid FROM reports WHERE received_at < ?1 LIMIT ?2)",
+        params![cutoff, batch],
+    )?;
+    n += c.execute(
+        "DELETE FROM resolved WHERE rowid IN
+           (SELECT rowid FROM resolved WHERE resolved_at < ?1 LIMIT ?2)",
+        params![cutoff, batch],
+    )?;
+    n += control::prune_rollouts(c, cutoff, batch)?;
+    Ok(n)
 }
 
 /// The latest inventory of a host, if any (for `patchctl` views and tests).
@@ -1088,6 +1119,55 @@ mod tests {
         let hosts = s.host_list().await.expect("hosts");
         assert_eq!(hosts[0].revoked_at, None);
         assert_eq!(hosts[0].cert_serial.as_deref(), Some("h1-serial"));
+    }
+
+    #[tokio::test]
+    async fn history_older_than_the_retention_goes_in_batches_and_the_rest_stays() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = SqliteStore::open_writer(&dir.path().join("c.db")).expect("open");
+        for i in 0..25 {
+            s.job_report(
+                job("h1", &format!("old-{i}"), pb::JobState::Succeeded, "final"),
+                1_000,
+            )
+            .await
+            .expect("w")
+            .expect("admitted");
+        }
+        // Still running: progress is kept, whatever its age.
+        s.job_report(job("h1", "running", pb::JobState::Applying, "2"), 1_000)
+            .await
+            .expect("w")
+            .expect("admitted");
+        s.job_report(job("h1", "new", pb::JobState::Succeeded, "final"), 9_000)
+            .await
+            .expect("w")
+            .expect("admitted");
+        // One small batch per call: 10 results and their 10 report ids.
+        assert_eq!(s.prune(5_000, 10).await.expect("prune"), 20);
+        let left = crate::retention::prune_all(&s, 5_000).await.expect("all");
+        assert_eq!(left, 15 + 16, "the other 15 results, 16 report ids");
+        assert_eq!(
+            s.prune(5_000, 10).await.expect("prune"),
+            0,
+            "nothing left to do"
+        );
+        let mut jobs: Vec<String> = s
+            .history(None, None)
+            .await
+            .expect("history")
+            .into_iter()
+            .map(|r| r.job_id)
+            .collect();
+        jobs.sort();
+        assert_eq!(jobs, ["new", "running"]);
+        // The recent report is still a duplicate when sent again.
+        assert!(
+            s.job_report(job("h1", "new", pb::JobState::Succeeded, "final"), 9_001)
+                .await
+                .expect("w")
+                .expect("admitted")
+        );
     }
 
     #[tokio::test]
