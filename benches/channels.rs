@@ -117,8 +117,7 @@ async fn agent(
             serve(&id, client, inbound, tx, &counters).await;
             counters.connected.fetch_sub(1, Ordering::SeqCst);
         }
-        let r = u64::from(rand_u32());
-        tokio::time::sleep(backoff.next(r)).await;
+        tokio::time::sleep(backoff.next(patch_agent::pkg::scanner::random_u64())).await;
     }
 }
 
@@ -204,13 +203,6 @@ async fn serve(
             counters.reported.fetch_add(1, Ordering::SeqCst);
         }
     }
-}
-
-fn rand_u32() -> u32 {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 4];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    u32::from_le_bytes(b)
 }
 
 fn wait_for(what: &str, timeout: Duration, done: impl Fn() -> bool) -> Option<Duration> {

@@ -10,7 +10,7 @@ use prost::Message;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 /// What `patchctl job sign` builds a job from.
 #[derive(Debug, Clone, clap::Args)]
@@ -92,13 +92,7 @@ fn parse_window(s: &str) -> Result<(SystemTime, SystemTime), String> {
 }
 
 pub fn fresh_id() -> String {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 4];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!("job-{secs}-{}", patch_agent_wire::ids::to_hex(&b))
+    patch_agent_wire::ids::fresh_id("job")
 }
 
 /// Which hosts a job names: host ids, a selector of labels, or both (a host must then be
@@ -366,13 +360,7 @@ pub fn render_status(s: &pb::JobStatus) -> String {
     out
 }
 
-/// Whether a final state counts as success for `patchctl watch`.
-pub fn succeeded(state: i32) -> bool {
-    matches!(
-        pb::JobState::try_from(state),
-        Ok(pb::JobState::Succeeded | pb::JobState::SucceededRebootRequired)
-    )
-}
+pub use patch_agent_wire::convert::succeeded;
 
 pub async fn submit(channel: tonic::transport::Channel, file: &Path) -> Result<pb::JobStatus> {
     let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;

@@ -408,7 +408,7 @@ fn new_rollout(r: pb::CreateRolloutRequest, who: String) -> Result<NewRollout, S
     }
     let (targets, selector) = hosts.unwrap_or_default();
     Ok(NewRollout {
-        id: fresh_id(),
+        id: patch_agent_wire::ids::fresh_id("rollout"),
         serial: r.serial,
         max_fail_percent: r.max_fail_percent,
         host_timeout_ms: timeout.as_millis() as i64,
@@ -418,17 +418,6 @@ fn new_rollout(r: pb::CreateRolloutRequest, who: String) -> Result<NewRollout, S
         selector,
         occurrences,
     })
-}
-
-fn fresh_id() -> String {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 4];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    format!(
-        "rollout-{}-{}",
-        crate::now(),
-        patch_agent_wire::ids::to_hex(&b)
-    )
 }
 
 #[cfg(test)]

@@ -79,12 +79,7 @@ pub fn should_stop(failed: usize, attempted: usize, max: f64) -> bool {
     attempted > 0 && (failed as f64) * 100.0 > max * (attempted as f64)
 }
 
-pub fn succeeded(state: i32) -> bool {
-    matches!(
-        pb::JobState::try_from(state),
-        Ok(pb::JobState::Succeeded | pb::JobState::SucceededRebootRequired)
-    )
-}
+pub use patch_agent_wire::convert::succeeded;
 
 pub fn is_active(state: i32) -> bool {
     matches!(
@@ -101,10 +96,7 @@ fn is_done(h: &pb::RolloutHost) -> bool {
 }
 
 fn ts(secs: i64) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp {
-        seconds: secs,
-        nanos: 0,
-    })
+    crate::store::control::ts(Some(secs))
 }
 
 /// How an occurrence ended.

@@ -87,6 +87,14 @@ pub fn sla(s: SlaClass) -> pb::SlaClass {
 
 /// A job state as operators read it: `SUCCEEDED`, `FAILED`, ...; `UNKNOWN` for a value this
 /// build does not know.
+/// Whether a job's final state counts as success (for watch, rollouts and their thresholds).
+pub fn succeeded(state: i32) -> bool {
+    matches!(
+        pb::JobState::try_from(state),
+        Ok(pb::JobState::Succeeded | pb::JobState::SucceededRebootRequired)
+    )
+}
+
 pub fn state_name(s: i32) -> &'static str {
     pb::JobState::try_from(s).map_or("UNKNOWN", |s| {
         s.as_str_name().trim_start_matches("JOB_STATE_")

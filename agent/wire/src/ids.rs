@@ -85,6 +85,17 @@ pub fn valid_rpm_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'+'))
 }
 
+/// A fresh id: `PREFIX-UNIXSECONDS-8HEX` (random), e.g. `job-1796057654-12d079e9`.
+pub fn fresh_id(prefix: &str) -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 4];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{prefix}-{secs}-{}", to_hex(&b))
+}
+
 /// Lowercase hex of `b`.
 pub fn to_hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()

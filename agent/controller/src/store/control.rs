@@ -167,7 +167,7 @@ pub fn create_rollout(c: &Connection, r: &NewRollout) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn ts(secs: Option<i64>) -> Option<prost_types::Timestamp> {
+pub(crate) fn ts(secs: Option<i64>) -> Option<prost_types::Timestamp> {
     secs.map(|s| prost_types::Timestamp {
         seconds: s,
         nanos: 0,

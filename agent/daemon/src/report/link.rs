@@ -55,13 +55,15 @@ impl Link {
             return Ok(c.clone());
         }
         let (cfg, tls) = self.settings.borrow().clone();
+        let ca = cfg.ca.as_deref().unwrap_or(&tls.ca);
+        let config = patch_agent_service::tls::client_config(ca, &tls.cert, &tls.key)?;
         let mut order = cfg.addresses();
         if let Some(i) = order.iter().position(|a| *a == current.preferred) {
             order.rotate_left(i);
         }
         let mut errors = Vec::new();
         for address in order {
-            match connect(&cfg, &tls, &address).await {
+            match dial(&cfg, config.clone(), &address, None).await {
                 Ok(channel) => {
                     if !current.preferred.is_empty() && current.preferred != address {
                         tracing::warn!(from = %current.preferred, to = %address, "Failed over to another controller");
@@ -92,19 +94,25 @@ impl Link {
     }
 }
 
-/// A connection to the controller at `address` with the `[tls]` certificate, files read now.
-/// No per-call deadline (the control channel's stream lives for hours; unary calls set their
-/// own, `[report] timeout`), and keepalive pings even while idle.
-async fn connect(cfg: &ReportSection, tls: &TlsSection, address: &str) -> Result<Channel, String> {
-    let ca = cfg.ca.as_deref().unwrap_or(&tls.ca);
-    let config = patch_agent_service::tls::client_config(ca, &tls.cert, &tls.key)?;
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+/// A connection to the controller at `address` over TLS with `config`, keepalive pings even
+/// while idle. `per_call`: a deadline on every call; the shared link has none (the control
+/// channel's stream lives for hours; its unary calls set their own, `[report] timeout`).
+pub(super) async fn dial(
+    cfg: &ReportSection,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    address: &str,
+    per_call: Option<Duration>,
+) -> Result<Channel, String> {
+    let mut endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| format!("controller {address:?}: {e}"))?
         .connect_timeout(cfg.timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(cfg.timeout)
         .keep_alive_while_idle(true);
+    if let Some(t) = per_call {
+        endpoint = endpoint.timeout(t);
+    }
     patch_agent_service::tls::connect(endpoint, address, cfg.server_name_for(address), config)
         .await
         .map_err(|e| format!("cannot connect to {address}: {}", error_chain(&e)))

@@ -21,7 +21,7 @@ use patch_agent_wire::proto::{ControllerClient, v1 as pb};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Who this agent is, as every report says.
 #[derive(Debug, Clone)]
@@ -317,23 +317,9 @@ pub async fn connect(cfg: &ReportSection, tls: &TlsSection) -> Result<Channel, S
     let config = patch_agent_service::tls::client_config(ca, &tls.cert, &tls.key)?;
     let mut errors = Vec::new();
     for address in cfg.addresses() {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("controller {address:?}: {e}"))?
-            .connect_timeout(cfg.timeout)
-            .timeout(cfg.timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(cfg.timeout);
-        match patch_agent_service::tls::connect(
-            endpoint,
-            &address,
-            cfg.server_name_for(&address),
-            config.clone(),
-        )
-        .await
-        {
+        match link::dial(cfg, config.clone(), &address, Some(cfg.timeout)).await {
             Ok(c) => return Ok(c),
-            Err(e) => errors.push(format!("cannot connect to {address}: {}", error_chain(&e))),
+            Err(e) => errors.push(e),
         }
     }
     Err(if errors.is_empty() {
