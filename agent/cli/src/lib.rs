@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 pub use failure::Failure;
 use patch_agent_wire::convert::state_name;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
@@ -93,11 +93,14 @@ pub enum Command {
     /// Rollouts a controller drives: list, show, watch, pause, resume, cancel.
     #[command(subcommand)]
     Rollouts(operate::RolloutsCommand),
+    /// The controller's database: schema migrations.
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Stored job results per host, with per-package outcomes.
     History {
-        /// The controller's database (patchctl serve --db).
+        /// The controller's database (patchctl serve --db): a file, or a postgres:// URL.
         #[arg(long)]
-        db: PathBuf,
+        db: patch_agent_controller::store::Location,
         /// Only this host.
         #[arg(long)]
         host: Option<String>,
@@ -118,13 +121,37 @@ pub enum Command {
     CaHash { file: PathBuf },
     /// The compliance dashboard from stored reports.
     Compliance {
+        /// The controller's database (patchctl serve --db): a file, or a postgres:// URL.
         #[arg(long)]
-        db: PathBuf,
+        db: patch_agent_controller::store::Location,
         #[arg(long)]
         json: bool,
+        /// The daily history of the headline figures instead (one line a day, for trends).
+        #[arg(long)]
+        history: bool,
+        /// With --history: this many days back, today included.
+        #[arg(long, default_value_t = 30, requires = "history", value_parser = clap::value_parser!(u32).range(1..=3660))]
+        days: u32,
         /// A host whose last scan is older than this counts as unknown, not compliant.
         #[arg(long, default_value = "48h", value_parser = humantime::parse_duration)]
         stale_after: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Bring the database's schema to the version this patchctl uses (`patchctl serve` does
+    /// too, on start). Safe to run again, and with controllers running: one migration at a
+    /// time, each in one transaction.
+    Migrate {
+        /// The controller's database: a file, or a postgres:// URL.
+        #[arg(long)]
+        db: patch_agent_controller::store::Location,
+        /// Stop at this version instead of the latest.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+        to: Option<i64>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -314,8 +341,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => history(&db, host, job, json).await,
         Command::Compliance {
             db,
+            history: true,
+            days,
+            json,
+            ..
+        } => compliance_history(&db, days, json).await,
+        Command::Compliance {
+            db,
             json,
             stale_after,
+            ..
         } => compliance(&db, json, stale_after).await,
         Command::Cancel { agent, job_id } => {
             let status = jobs::cancel(agent.connect().await?, &job_id).await?;
@@ -336,6 +371,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(cmd) => bench_command(cmd).await,
+        Command::Db(DbCommand::Migrate { db, to, json }) => migrate(&db, to, json).await,
         Command::Tokens(cmd) => fleet::tokens(cmd).await,
         Command::Hosts(cmd) => fleet::hosts(cmd).await,
         Command::CaHash { file } => fleet::ca_hash(&file),
@@ -404,9 +440,15 @@ async fn rollout(args: rollout::RolloutArgs) -> Result<()> {
     Ok(())
 }
 
-async fn history(db: &Path, host: Option<String>, job: Option<String>, json: bool) -> Result<()> {
-    use patch_agent_controller::store::{SqliteStore, Store};
-    let rows = SqliteStore::open_reader(db)
+async fn history(
+    db: &patch_agent_controller::store::Location,
+    host: Option<String>,
+    job: Option<String>,
+    json: bool,
+) -> Result<()> {
+    use patch_agent_controller::store::{SqlStore, Store};
+    let rows = SqlStore::open_reader(db)
+        .await
         .map_err(anyhow::Error::msg)?
         .history(host, job)
         .await
@@ -421,19 +463,82 @@ async fn history(db: &Path, host: Option<String>, job: Option<String>, json: boo
     Ok(())
 }
 
-async fn compliance(db: &Path, json: bool, stale_after: Duration) -> Result<()> {
-    use patch_agent_controller::compliance;
-    use patch_agent_controller::store::{SqliteStore, Store};
-    let snap = SqliteStore::open_reader(db)
-        .map_err(anyhow::Error::msg)?
-        .snapshot()
+async fn migrate(
+    db: &patch_agent_controller::store::Location,
+    to: Option<i64>,
+    json: bool,
+) -> Result<()> {
+    use patch_agent_controller::store::{SqlStore, migrate::LATEST};
+    if let Some(to) = to
+        && to > LATEST
+    {
+        invalid!("--to {to}: this patchctl knows schema versions up to {LATEST}");
+    }
+    let m = SqlStore::migrate(db, to)
         .await
         .map_err(anyhow::Error::msg)?;
-    let now = std::time::SystemTime::now()
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&m)?);
+    } else if m.applied.is_empty() {
+        outln!("{db}: at schema version {}; nothing to do", m.from);
+    } else {
+        outln!(
+            "{db}: schema version {} -> {} (applied {})",
+            m.from,
+            m.to,
+            m.applied
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+async fn compliance_history(
+    db: &patch_agent_controller::store::Location,
+    days: u32,
+    json: bool,
+) -> Result<()> {
+    use patch_agent_controller::compliance;
+    use patch_agent_controller::store::{SqlStore, Store};
+    let since = unix_now().div_euclid(86_400) - i64::from(days) + 1;
+    let rows = SqlStore::open_reader(db)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .compliance_history(since)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        out!("{}", terminal_safe(&compliance::render_history(&rows)));
+    }
+    Ok(())
+}
+
+async fn compliance(
+    db: &patch_agent_controller::store::Location,
+    json: bool,
+    stale_after: Duration,
+) -> Result<()> {
+    use patch_agent_controller::compliance;
+    use patch_agent_controller::store::{SqlStore, Store};
     let stale = i64::try_from(stale_after.as_secs()).unwrap_or(i64::MAX);
-    let d = compliance::compute(&snap, now, stale);
+    // Computed in the database: nothing but the figures comes back.
+    let d = SqlStore::open_reader(db)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .compliance(unix_now(), stale)
+        .await
+        .map_err(anyhow::Error::msg)?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&d)?);
     } else {

@@ -71,15 +71,31 @@ pub struct Hub {
     conns: Mutex<HashMap<String, Arc<Conn>>>,
     next_conn: AtomicU64,
     pub wake: Wake,
+    /// This controller, as the database knows it among replicas.
+    pub replica: String,
+    /// How pushes reach hosts other replicas hold (PostgreSQL only).
+    relay: std::sync::OnceLock<Arc<crate::relay::Relay>>,
 }
 
 impl Hub {
-    pub fn new(wake: Wake) -> Self {
+    pub fn new(wake: Wake, replica: String) -> Self {
         Self {
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             wake,
+            replica,
+            relay: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Pushes for hosts not connected here go through `relay`.
+    pub fn set_relay(&self, relay: Arc<crate::relay::Relay>) {
+        let _ = self.relay.set(relay);
+    }
+
+    /// True when pushes can reach hosts connected to other replicas.
+    pub fn relays(&self) -> bool {
+        self.relay.get().is_some()
     }
 
     fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Conn>>> {
@@ -111,8 +127,24 @@ impl Hub {
         v
     }
 
-    /// Sends a signed job to `host` and waits for its admission.
+    /// Sends a signed job to `host`, here or through the replica that holds its channel, and
+    /// waits for its admission.
     pub async fn push(
+        &self,
+        host: &str,
+        job: pb::SignedJob,
+        timeout: Duration,
+    ) -> Result<pb::Admission, PushError> {
+        if !self.is_connected(host)
+            && let Some(relay) = self.relay.get()
+        {
+            return relay.push(host, &job, timeout).await;
+        }
+        self.push_local(host, job, timeout).await
+    }
+
+    /// Sends a signed job down this controller's channel to `host`.
+    pub async fn push_local(
         &self,
         host: &str,
         job: pb::SignedJob,
@@ -222,6 +254,7 @@ pub async fn serve(
     store
         .channel_opened(
             host.clone(),
+            hub.replica.clone(),
             hello.labels.clone(),
             hello.agent_version.clone(),
             crate::now(),
@@ -253,7 +286,10 @@ pub async fn serve(
             }
         };
         if hub.unregister(&host, conn.id) {
-            if let Err(e) = store.channel_closed(host.clone(), crate::now()).await {
+            if let Err(e) = store
+                .channel_closed(host.clone(), hub.replica.clone(), crate::now())
+                .await
+            {
                 tracing::warn!(host = %host, error = %e, "Cannot record the closed channel");
             }
             tracing::info!(host = %host, reason = %why, connected = hub.len(), "Control channel closed");

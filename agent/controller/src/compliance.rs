@@ -81,8 +81,13 @@ pub struct Dashboard {
     pub reports_dropped: (u64, u64),
 }
 
-fn percent(part: usize, whole: usize) -> Option<f64> {
+pub(crate) fn percent(part: usize, whole: usize) -> Option<f64> {
     (whole > 0).then(|| (part as f64) * 100.0 / (whole as f64))
+}
+
+/// The mean in hours of `n` durations totalling `total_secs`.
+pub(crate) fn mean_of(n: usize, total_secs: f64) -> Option<f64> {
+    (n > 0).then(|| total_secs / n as f64 / 3600.0)
 }
 
 fn mean_hours(xs: impl Iterator<Item = i64>) -> Option<f64> {
@@ -376,6 +381,40 @@ pub fn render(d: &Dashboard) -> String {
             "Reports dropped by full agent outboxes: {} progress, {} results\n",
             d.reports_dropped.0, d.reports_dropped.1
         ));
+    }
+    o
+}
+
+/// The terminal view of the daily history: one line a day, oldest first.
+pub fn render_history(days: &[crate::store::dashboard::Daily]) -> String {
+    let mut o = String::from(
+        "DATE        HOSTS  KNOWN  COMPLIANT  CRITICAL  HIGH    MEDIUM  LOW     PENDING  OVERDUE  MTTP     FAILURES\n",
+    );
+    for d in days {
+        let class = |i: usize| pct(d.class_compliance_percent.get(i).copied().flatten());
+        o.push_str(&format!(
+            "{:<10}  {:>5}  {:>5}  {:>9}  {:>8}  {:>6}  {:>6}  {:>6}  {:>7}  {:>7}  {:>7}  {:>8}\n",
+            patch_agent_wire::time::rfc3339_secs(d.day * 86_400)
+                .get(..10)
+                .unwrap_or_default(),
+            d.hosts,
+            d.hosts_known,
+            pct(d.overall_compliance_percent),
+            class(0),
+            class(1),
+            class(2),
+            class(3),
+            d.pending,
+            d.overdue,
+            d.mean_time_to_patch_hours
+                .map_or_else(|| "-".into(), |h| format!("{h:.1}h")),
+            pct(d.patch_failure_rate_percent),
+        ));
+    }
+    if days.is_empty() {
+        o.push_str(
+            "(no daily snapshots yet: `patchctl serve` records one at start and every hour)\n",
+        );
     }
     o
 }

@@ -8,9 +8,12 @@ pub mod channel;
 pub mod compliance;
 pub mod enroll;
 pub mod operator;
+pub mod relay;
 pub mod retention;
 pub mod rollouts;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 
 use patch_agent_service::auth::Peer;
 use patch_agent_wire::proto::{ControllerServer, v1 as pb};
@@ -234,9 +237,10 @@ pub struct ServeArgs {
     /// Address to listen on, e.g. 0.0.0.0:7000 (port 0 picks one; the address is printed).
     #[arg(long)]
     pub listen: String,
-    /// The SQLite database (created if missing).
+    /// The database: an SQLite file (created if missing), or a PostgreSQL URL
+    /// (postgres://USER@HOST[:PORT]/DB; several controllers may share one). Migrated on start.
     #[arg(long)]
-    pub db: std::path::PathBuf,
+    pub db: store::Location,
     /// CA certificate (PEM) that agent certificates must chain to.
     #[arg(long)]
     pub ca: std::path::PathBuf,
@@ -313,8 +317,11 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let enrolling = a.enroll.enroll_ca_cert.is_some();
     let tls = tls_config(&a, enrolling)?;
-    let store: Arc<dyn Store> =
-        Arc::new(store::SqliteStore::open_writer(&a.db).map_err(anyhow::Error::msg)?);
+    let mut opened = store::SqlStore::open_writer(&a.db)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    opened.listen();
+    let store: Arc<dyn Store> = Arc::new(opened);
     let enrollment = enrollment_service(&a, &store)?;
     let listen: std::net::SocketAddr = a
         .listen
@@ -345,16 +352,34 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     health
         .set_serving::<ControllerServer<ControllerService>>()
         .await;
-    // Nobody is connected to a controller that just started; rollouts left running resume.
-    store.channels_reset().await.map_err(anyhow::Error::msg)?;
-    let hub = Arc::new(channel::Hub::new(channel::Wake::default()));
+    // This process among the replicas on the database: alive before it takes any channel.
+    let replica = patch_agent_wire::ids::fresh_id("ctl");
+    let started = now();
+    store
+        .beat(replica.clone(), addr.to_string(), started)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tokio::spawn(beat(
+        store.clone(),
+        replica.clone(),
+        addr.to_string(),
+        started,
+    ));
+    let hub = Arc::new(channel::Hub::new(channel::Wake::default(), replica.clone()));
+    if let Some(relay) = relay::Relay::new(store.clone(), replica.clone()) {
+        hub.set_relay(relay.clone());
+        tokio::spawn(relay.serve(hub.clone()));
+    }
+    // Rollouts left active (by a restart, or a replica that died) resume where they stood.
     let driver = rollouts::Driver::new(store.clone(), hub.clone());
-    let resumed = driver.resume_all().await.map_err(anyhow::Error::msg)?;
+    let resumed = driver.sweep().await.map_err(anyhow::Error::msg)?;
+    tokio::spawn(driver.clone().run());
     tokio::spawn(retention::run(store.clone(), a.retain));
+    tokio::spawn(retention::record_compliance(store.clone()));
     let operator = patch_agent_wire::proto::OperatorServer::new(operator::OperatorService::new(
         store.clone(),
         hub.clone(),
-        driver,
+        driver.clone(),
         a.operators.clone(),
     ))
     .max_decoding_message_size(a.max_message_size);
@@ -400,7 +425,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         } else {
             ""
         },
-        a.db.display()
+        a.db
     );
     patch_agent_service::notify::Notifier::from_env()
         .notify(&format!("READY=1\nSTATUS=Listening on {addr}"));
@@ -412,8 +437,23 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("Stopping");
     let _ = shutdown_tx.send(true);
+    // Another replica takes the rollouts over now rather than when the leases lapse.
+    driver.release_all().await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
     Ok(())
+}
+
+/// How often a replica tells the database it is alive.
+const BEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn beat(store: Arc<dyn Store>, replica: String, address: String, started: i64) {
+    let mut tick = tokio::time::interval(BEAT);
+    loop {
+        tick.tick().await;
+        if let Err(e) = store.beat(replica.clone(), address.clone(), started).await {
+            tracing::warn!(error = %e, "Cannot record this controller as alive");
+        }
+    }
 }
 
 /// The listener's TLS: mutual, except that with enrolment on a client may come without a

@@ -159,8 +159,17 @@ impl patch_agent_wire::proto::Operator for OperatorService {
         let who = self.operator(&req)?;
         let env = req.into_inner();
         let job = route(&env)?;
-        let connected: BTreeMap<String, BTreeMap<String, String>> =
-            self.hub.connected().into_iter().collect();
+        // With replicas, the hosts connected to any of them.
+        let connected: BTreeMap<String, BTreeMap<String, String>> = if self.hub.relays() {
+            self.store
+                .connected()
+                .await
+                .map_err(crate::stored)?
+                .into_iter()
+                .collect()
+        } else {
+            self.hub.connected().into_iter().collect()
+        };
         let selected = |labels: &BTreeMap<String, String>| {
             patch_agent_wire::job::selector_matches(&job.target_selector, labels)
         };
@@ -235,7 +244,7 @@ impl patch_agent_wire::proto::Operator for OperatorService {
             .create_rollout(new)
             .await
             .map_err(crate::stored)?;
-        self.driver.spawn(id.clone());
+        self.driver.claim(id.clone()).await.map_err(crate::stored)?;
         Ok(Response::new(self.get(&id).await?))
     }
 

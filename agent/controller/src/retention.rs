@@ -43,6 +43,25 @@ pub async fn run(store: Arc<dyn Store>, retain: Duration) {
     }
 }
 
+/// How old a host's last scan may be and still count (as `patchctl compliance` defaults).
+pub const STALE_AFTER_SECS: i64 = 48 * 3600;
+
+/// Records the day's compliance figures at start and every hour (`compliance --history`);
+/// the day's last snapshot is the one kept.
+pub async fn record_compliance(store: Arc<dyn Store>) {
+    let mut tick = tokio::time::interval(EVERY);
+    loop {
+        tick.tick().await;
+        let figures = match store.compliance(crate::now(), STALE_AFTER_SECS).await {
+            Ok(d) => store.record_compliance(d).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = figures {
+            tracing::warn!(error = %e, "Cannot record today's compliance figures; trying again in an hour");
+        }
+    }
+}
+
 /// Deletes everything older than `cutoff`, batch by batch; rows deleted.
 pub async fn prune_all(store: &dyn Store, cutoff: i64) -> Result<usize, String> {
     let mut total = 0;

@@ -13,11 +13,11 @@
 //! ALREADY_EXISTS, which counts as admitted, never as a failure. Results come from the jobs
 //! table, where each (host, job) result is stored exactly once.
 
-use crate::channel::Hub;
+use crate::channel::{Hub, PushError};
 use crate::store::{RolloutData, Store};
 use patch_agent_wire::proto::v1 as pb;
 use pb::{RolloutHostState as HostState, RolloutState as State};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -106,11 +106,24 @@ enum Ending {
     Cancelled,
 }
 
-/// Drives every active rollout, one task each.
+/// How long a replica's lease on a rollout lasts unless renewed; another replica takes the
+/// rollout over at most [`LEASE_TICK`] after it runs out.
+pub const LEASE_TTL_SECS: i64 = 15;
+
+/// How often leases are renewed, and unled active rollouts looked for.
+pub const LEASE_TICK: Duration = Duration::from_secs(5);
+
+/// Drives the active rollouts whose lease this replica holds, one task each.
+///
+/// Every [`LEASE_TICK`] it renews the leases of the rollouts it drives (a rollout whose
+/// lease was lost, because this replica was cut off from the database for longer than the
+/// lease, stops being driven here) and takes the lease of any active rollout nobody holds:
+/// one left by a replica that died, or by a restart. Whoever takes it over goes on from the
+/// stored state: each host's part ends once in the database, whoever writes it.
 pub struct Driver {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
-    running: Mutex<HashSet<String>>,
+    running: Mutex<HashMap<String, tokio::task::AbortHandle>>,
 }
 
 impl Driver {
@@ -118,32 +131,99 @@ impl Driver {
         Arc::new(Self {
             store,
             hub,
-            running: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Resumes the rollouts a previous run left active; how many.
-    pub async fn resume_all(self: &Arc<Self>) -> Result<usize, String> {
-        let ids = self.store.active_rollouts().await?;
-        for id in &ids {
-            tracing::info!(rollout = %id, "Resuming rollout");
-            self.spawn(id.clone());
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::task::AbortHandle>> {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn me(&self) -> String {
+        self.hub.replica.clone()
+    }
+
+    /// Keeps leases, forever; see the type's documentation.
+    pub async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(LEASE_TICK);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.sweep().await {
+                tracing::warn!(error = %e, "Cannot renew or take rollout leases; trying again");
+            }
         }
-        Ok(ids.len())
+    }
+
+    /// One round of [`Driver::run`]; how many rollouts it started driving.
+    pub async fn sweep(self: &Arc<Self>) -> Result<usize, String> {
+        let driven: Vec<String> = self.running().keys().cloned().collect();
+        for id in driven {
+            if !self
+                .store
+                .lease_rollout(id.clone(), self.me(), LEASE_TTL_SECS)
+                .await?
+            {
+                tracing::warn!(rollout = %id, "Lost the rollout's lease to another controller; no longer driving it here");
+                if let Some(task) = self.running().remove(&id) {
+                    task.abort();
+                }
+            }
+        }
+        let mut started = 0;
+        for id in self.store.active_rollouts().await? {
+            if self.running().contains_key(&id) {
+                continue;
+            }
+            if self
+                .store
+                .lease_rollout(id.clone(), self.me(), LEASE_TTL_SECS)
+                .await?
+            {
+                tracing::info!(rollout = %id, replica = %self.hub.replica, "Driving rollout (lease taken)");
+                self.start(id);
+                started += 1;
+            }
+        }
+        Ok(started)
+    }
+
+    /// Drives a rollout just created here, if its lease can be had now (else the next sweep
+    /// of whichever replica gets it will).
+    pub async fn claim(self: &Arc<Self>, id: String) -> Result<(), String> {
+        if self
+            .store
+            .lease_rollout(id.clone(), self.me(), LEASE_TTL_SECS)
+            .await?
+        {
+            self.start(id);
+        }
+        Ok(())
+    }
+
+    /// Stops driving here and gives every lease up, so another replica takes over at once
+    /// (at shutdown).
+    pub async fn release_all(&self) {
+        let tasks: Vec<(String, tokio::task::AbortHandle)> = self.running().drain().collect();
+        for (id, task) in tasks {
+            task.abort();
+            if let Err(e) = self.store.release_rollout(id.clone(), self.me()).await {
+                tracing::warn!(rollout = %id, error = %e, "Cannot release the rollout's lease; it lapses by itself");
+            }
+        }
     }
 
     /// Starts driving a rollout unless a task already does.
-    pub fn spawn(self: &Arc<Self>, id: String) {
-        if !self
-            .running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id.clone())
-        {
+    fn start(self: &Arc<Self>, id: String) {
+        // The lock is held until the task is recorded, so its own removal comes after.
+        let mut running = self.running();
+        if running.contains_key(&id) {
             return;
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        let key = id.clone();
+        let task = tokio::spawn(async move {
             // Store errors (a full disk) retry: the rollout's state is all in the database.
             loop {
                 match this.drive(&id).await {
@@ -154,11 +234,10 @@ impl Driver {
                     }
                 }
             }
-            this.running
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&id);
+            this.running().remove(&id);
+            let _ = this.store.release_rollout(id, this.me()).await;
         });
+        running.insert(key, task.abort_handle());
     }
 
     async fn load(&self, id: &str) -> Result<RolloutData, String> {
@@ -485,7 +564,9 @@ impl Part {
                 h.finished_at = ts(now);
                 return save(h).await;
             }
-            if h.state == HostState::Waiting as i32 && hub.is_connected(&h.host_id) {
+            if h.state == HostState::Waiting as i32
+                && (hub.is_connected(&h.host_id) || hub.relays())
+            {
                 match hub.push(&h.host_id, env.clone(), ADMIT_TIMEOUT).await {
                     Ok(a)
                         if a.code == tonic::Code::Ok as i32
@@ -512,6 +593,7 @@ impl Part {
                         tracing::warn!(rollout = %id, host = %h.host_id, reason = %h.reason, "Host refused the job");
                         return save(h).await;
                     }
+                    Err(PushError::NotConnected) => {}
                     Err(e) => {
                         tracing::info!(rollout = %id, host = %h.host_id, error = %e, "Push failed; retrying while the host's time lasts");
                     }

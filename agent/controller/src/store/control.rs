@@ -2,46 +2,10 @@
 //! (their signed jobs, one per occurrence, and every host's part), so a controller killed
 //! mid-rollout resumes it where it stood.
 
-use super::{Admitted, admitted, labels_json};
+use super::ingest::labels;
+use super::sql::{Db, DbResult, Row, p};
 use patch_agent_wire::proto::v1 as pb;
-use rusqlite::{Connection, OptionalExtension, params};
-use std::collections::{BTreeMap, HashMap};
-
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS rollouts(
-  id TEXT PRIMARY KEY,
-  state INTEGER NOT NULL,
-  serial TEXT NOT NULL,
-  max_fail REAL NOT NULL,
-  host_timeout_ms INTEGER NOT NULL,
-  created_at INTEGER NOT NULL,
-  created_by TEXT NOT NULL,
-  targets TEXT NOT NULL,
-  selector TEXT NOT NULL,
-  note TEXT NOT NULL DEFAULT '');
-CREATE TABLE IF NOT EXISTS rollout_occurrences(
-  rollout_id TEXT NOT NULL,
-  idx INTEGER NOT NULL,
-  job_id TEXT NOT NULL,
-  envelope BLOB NOT NULL,
-  start_at INTEGER NOT NULL,
-  expires_at INTEGER NOT NULL,
-  started_at INTEGER,
-  finished_at INTEGER,
-  stopped INTEGER NOT NULL DEFAULT 0,
-  PRIMARY KEY(rollout_id, idx));
-CREATE TABLE IF NOT EXISTS rollout_hosts(
-  rollout_id TEXT NOT NULL,
-  idx INTEGER NOT NULL,
-  host_id TEXT NOT NULL,
-  batch INTEGER NOT NULL,
-  state INTEGER NOT NULL,
-  job_state TEXT NOT NULL DEFAULT '',
-  reason TEXT NOT NULL DEFAULT '',
-  started_at INTEGER,
-  finished_at INTEGER,
-  PRIMARY KEY(rollout_id, idx, host_id));
-";
+use std::collections::BTreeMap;
 
 /// A rollout as created: everything but the hosts' parts.
 #[derive(Debug, Clone)]
@@ -72,92 +36,53 @@ pub struct RolloutData {
     pub envelopes: Vec<pb::SignedJob>,
 }
 
-pub fn channel_opened(
-    c: &Connection,
-    host_id: &str,
-    labels: &HashMap<String, String>,
-    version: &str,
-    now: i64,
-) -> rusqlite::Result<Admitted<()>> {
-    admitted(c, host_id, |c| {
-        c.execute(
-            "INSERT INTO hosts(host_id, labels, agent_version, first_seen, last_seen, connected_since)
-             VALUES(?1, ?2, ?3, ?4, ?4, ?4)
-             ON CONFLICT(host_id) DO UPDATE SET labels = excluded.labels,
-               agent_version = excluded.agent_version, last_seen = ?4, connected_since = ?4",
-            params![host_id, labels_json(labels), version, now],
-        )?;
-        Ok(())
-    })
-}
-
-pub fn channel_closed(c: &Connection, host_id: &str, now: i64) -> rusqlite::Result<()> {
-    c.execute(
-        "UPDATE hosts SET connected_since = NULL, last_seen = max(last_seen, ?2) WHERE host_id = ?1",
-        params![host_id, now],
-    )?;
-    Ok(())
-}
-
-/// At start: no host is connected to a controller that just started.
-pub fn channels_reset(c: &Connection) -> rusqlite::Result<()> {
-    c.execute(
-        "UPDATE hosts SET connected_since = NULL WHERE connected_since IS NOT NULL",
-        [],
-    )?;
-    Ok(())
-}
-
 /// Hosts not revoked, with their labels: what a selector is matched against.
-pub fn host_labels(c: &Connection) -> rusqlite::Result<Vec<(String, BTreeMap<String, String>)>> {
-    c.prepare("SELECT host_id, labels FROM hosts WHERE revoked_at IS NULL ORDER BY host_id")?
-        .query_map([], |r| {
-            let labels: String = r.get(1)?;
-            Ok((r.get(0)?, serde_json::from_str(&labels).unwrap_or_default()))
-        })?
-        .collect()
+pub fn host_labels(db: &mut dyn Db) -> DbResult<Vec<(String, BTreeMap<String, String>)>> {
+    db.rows(
+        "SELECT host_id, labels FROM hosts WHERE revoked_at IS NULL ORDER BY host_id",
+        &[],
+    )?
+    .iter()
+    .map(|r| Ok((r.text(0)?, labels(&r.text(1)?))))
+    .collect()
 }
 
 /// The stored final status of a host's job, if its result arrived.
-pub fn job_final(
-    c: &Connection,
-    host_id: &str,
-    job_id: &str,
-) -> rusqlite::Result<Option<pb::JobStatus>> {
-    let blob: Option<Vec<u8>> = c
-        .query_row(
-            "SELECT status FROM jobs WHERE host_id = ?1 AND job_id = ?2 AND final = 1",
-            params![host_id, job_id],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(blob.and_then(|b| prost::Message::decode(b.as_slice()).ok()))
+pub fn job_final(db: &mut dyn Db, host_id: &str, job_id: &str) -> DbResult<Option<pb::JobStatus>> {
+    let blob = db.row(
+        "SELECT status FROM jobs WHERE host_id = ?1 AND job_id = ?2 AND final = 1",
+        p![host_id, job_id],
+    )?;
+    Ok(blob
+        .map(|r| r.bytes(0))
+        .transpose()?
+        .and_then(|b| prost::Message::decode(b.as_slice()).ok()))
 }
 
-pub fn create_rollout(c: &Connection, r: &NewRollout) -> rusqlite::Result<()> {
-    c.execute(
+pub fn create_rollout(db: &mut dyn Db, r: &NewRollout) -> DbResult<()> {
+    db.exec(
         "INSERT INTO rollouts(id, state, serial, max_fail, host_timeout_ms, created_at, created_by, targets, selector)
          VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
-            r.id,
+        p![
+            &r.id,
             pb::RolloutState::Scheduled as i32,
-            r.serial,
+            &r.serial,
             r.max_fail_percent,
             r.host_timeout_ms,
             r.created_at,
-            r.created_by,
+            &r.created_by,
             serde_json::to_string(&r.targets).unwrap_or_else(|_| "[]".into()),
             serde_json::to_string(&r.selector).unwrap_or_else(|_| "{}".into()),
         ],
     )?;
     for (i, o) in r.occurrences.iter().enumerate() {
-        c.execute(
+        db.exec(
             "INSERT INTO rollout_occurrences(rollout_id, idx, job_id, envelope, start_at, expires_at)
              VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                r.id,
-                i as i64 + 1,
-                o.job_id,
+            p![
+                &r.id,
+                i + 1,
+                &o.job_id,
                 prost::Message::encode_to_vec(&o.envelope),
                 o.start_at,
                 o.expires_at
@@ -181,67 +106,59 @@ pub fn rule(max_fail_percent: f64) -> String {
     )
 }
 
+fn head(r: &Row) -> DbResult<pb::Rollout> {
+    let max = r.f64(3)?;
+    let timeout_ms = r.i64(4)?;
+    Ok(pb::Rollout {
+        rollout_id: r.text(0)?,
+        state: r.int(1)?,
+        rule: rule(max),
+        serial: r.text(2)?,
+        max_fail_percent: max,
+        host_timeout: prost_types::Duration::try_from(std::time::Duration::from_millis(
+            timeout_ms.max(0) as u64,
+        ))
+        .ok(),
+        created_at: ts(Some(r.i64(5)?)),
+        created_by: r.text(6)?,
+        targets: serde_json::from_str(&r.text(7)?).unwrap_or_default(),
+        selector: serde_json::from_str(&r.text(8)?).unwrap_or_default(),
+        occurrences: Vec::new(),
+        next_start: None,
+        note: r.text(9)?,
+    })
+}
+
 /// One rollout; with `hosts` false, its occurrences without their hosts (for lists).
-pub fn rollout(c: &Connection, id: &str, hosts: bool) -> rusqlite::Result<Option<RolloutData>> {
-    let head = c
-        .query_row(
-            "SELECT id, state, serial, max_fail, host_timeout_ms, created_at, created_by, targets, selector, note
-             FROM rollouts WHERE id = ?1",
-            [id],
-            |r| {
-                let targets: String = r.get(7)?;
-                let selector: String = r.get(8)?;
-                let max: f64 = r.get(3)?;
-                let timeout_ms: i64 = r.get(4)?;
-                Ok(pb::Rollout {
-                    rollout_id: r.get(0)?,
-                    state: r.get(1)?,
-                    rule: rule(max),
-                    serial: r.get(2)?,
-                    max_fail_percent: max,
-                    host_timeout: prost_types::Duration::try_from(std::time::Duration::from_millis(
-                        timeout_ms.max(0) as u64,
-                    ))
-                    .ok(),
-                    created_at: ts(Some(r.get(5)?)),
-                    created_by: r.get(6)?,
-                    targets: serde_json::from_str(&targets).unwrap_or_default(),
-                    selector: serde_json::from_str(&selector).unwrap_or_default(),
-                    occurrences: Vec::new(),
-                    next_start: None,
-                    note: r.get(9)?,
-                })
-            },
-        )
-        .optional()?;
-    let Some(mut rollout) = head else {
+pub fn rollout(db: &mut dyn Db, id: &str, hosts: bool) -> DbResult<Option<RolloutData>> {
+    let Some(row) = db.row(
+        "SELECT id, state, serial, max_fail, host_timeout_ms, created_at, created_by, targets, selector, note
+         FROM rollouts WHERE id = ?1",
+        p![id],
+    )?
+    else {
         return Ok(None);
     };
+    let mut rollout = head(&row)?;
     let mut envelopes = Vec::new();
-    let mut q = c.prepare(
+    let rows = db.rows(
         "SELECT idx, job_id, envelope, start_at, expires_at, started_at, finished_at, stopped
          FROM rollout_occurrences WHERE rollout_id = ?1 ORDER BY idx",
+        p![id],
     )?;
-    let rows = q.query_map([id], |r| {
-        let env: Vec<u8> = r.get(2)?;
-        Ok((
-            pb::Occurrence {
-                index: r.get(0)?,
-                job_id: r.get(1)?,
-                start_at: ts(Some(r.get(3)?)),
-                expires_at: ts(Some(r.get(4)?)),
-                started_at: ts(r.get(5)?),
-                finished_at: ts(r.get(6)?),
-                stopped: r.get(7)?,
-                ..Default::default()
-            },
-            env,
-        ))
-    })?;
-    for row in rows {
-        let (mut o, env) = row?;
-        envelopes.push(prost::Message::decode(env.as_slice()).unwrap_or_default());
-        occurrence_hosts(c, id, &mut o, hosts)?;
+    for r in rows {
+        let mut o = pb::Occurrence {
+            index: r.int(0)?,
+            job_id: r.text(1)?,
+            start_at: ts(Some(r.i64(3)?)),
+            expires_at: ts(Some(r.i64(4)?)),
+            started_at: ts(r.opt_i64(5)?),
+            finished_at: ts(r.opt_i64(6)?),
+            stopped: r.bool(7)?,
+            ..Default::default()
+        };
+        envelopes.push(prost::Message::decode(r.bytes(2)?.as_slice()).unwrap_or_default());
+        occurrence_hosts(db, id, &mut o, hosts)?;
         if rollout.next_start.is_none() && o.started_at.is_none() {
             rollout.next_start = o.start_at;
         }
@@ -254,29 +171,26 @@ pub fn rollout(c: &Connection, id: &str, hosts: bool) -> rusqlite::Result<Option
 }
 
 /// Fills an occurrence's hosts (when `keep`) and its counts.
-fn occurrence_hosts(
-    c: &Connection,
-    id: &str,
-    o: &mut pb::Occurrence,
-    keep: bool,
-) -> rusqlite::Result<()> {
-    let mut q = c.prepare(
-        "SELECT host_id, batch, state, job_state, reason, started_at, finished_at
-         FROM rollout_hosts WHERE rollout_id = ?1 AND idx = ?2 ORDER BY batch, host_id",
-    )?;
-    let hosts = q
-        .query_map(params![id, o.index], |r| {
+fn occurrence_hosts(db: &mut dyn Db, id: &str, o: &mut pb::Occurrence, keep: bool) -> DbResult<()> {
+    let hosts = db
+        .rows(
+            "SELECT host_id, batch, state, job_state, reason, started_at, finished_at
+             FROM rollout_hosts WHERE rollout_id = ?1 AND idx = ?2 ORDER BY batch, host_id",
+            p![id, o.index],
+        )?
+        .iter()
+        .map(|r| {
             Ok(pb::RolloutHost {
-                host_id: r.get(0)?,
-                batch: r.get(1)?,
-                state: r.get(2)?,
-                job_state: r.get(3)?,
-                reason: r.get(4)?,
-                started_at: ts(r.get(5)?),
-                finished_at: ts(r.get(6)?),
+                host_id: r.text(0)?,
+                batch: r.int(1)?,
+                state: r.int(2)?,
+                job_state: r.text(3)?,
+                reason: r.text(4)?,
+                started_at: ts(r.opt_i64(5)?),
+                finished_at: ts(r.opt_i64(6)?),
             })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        })
+        .collect::<DbResult<Vec<_>>>()?;
     let count =
         |s: pb::RolloutHostState| hosts.iter().filter(|h| h.state == s as i32).count() as u32;
     o.succeeded = count(pb::RolloutHostState::Succeeded);
@@ -290,78 +204,83 @@ fn occurrence_hosts(
 }
 
 /// Every rollout, most recent first, without hosts.
-pub fn rollouts(c: &Connection) -> rusqlite::Result<Vec<pb::Rollout>> {
-    let ids: Vec<String> = c
-        .prepare("SELECT id FROM rollouts ORDER BY created_at DESC, id DESC")?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+pub fn rollouts(db: &mut dyn Db) -> DbResult<Vec<pb::Rollout>> {
+    let ids: Vec<String> = db
+        .rows(
+            "SELECT id FROM rollouts ORDER BY created_at DESC, id DESC",
+            &[],
+        )?
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<DbResult<_>>()?;
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
-        if let Some(r) = rollout(c, &id, false)? {
+        if let Some(r) = rollout(db, &id, false)? {
             out.push(r.rollout);
         }
     }
     Ok(out)
 }
 
+const ACTIVE: [pb::RolloutState; 3] = [
+    pb::RolloutState::Scheduled,
+    pb::RolloutState::Running,
+    pb::RolloutState::Paused,
+];
+
 /// Rollouts a controller must drive: scheduled, running or paused.
-pub fn active_rollouts(c: &Connection) -> rusqlite::Result<Vec<String>> {
-    c.prepare("SELECT id FROM rollouts WHERE state IN (?1, ?2, ?3) ORDER BY created_at, id")?
-        .query_map(
-            params![
-                pb::RolloutState::Scheduled as i32,
-                pb::RolloutState::Running as i32,
-                pb::RolloutState::Paused as i32
-            ],
-            |r| r.get(0),
-        )?
-        .collect()
+pub fn active_rollouts(db: &mut dyn Db) -> DbResult<Vec<String>> {
+    db.rows(
+        "SELECT id FROM rollouts WHERE state IN (?1, ?2, ?3) ORDER BY created_at, id",
+        p![ACTIVE[0] as i32, ACTIVE[1] as i32, ACTIVE[2] as i32],
+    )?
+    .iter()
+    .map(|r| r.text(0))
+    .collect()
 }
 
-/// Moves a rollout to `to` if it is in one of `from`; false when it was not (or is unknown).
+/// Moves a rollout to `to` if it is in one of `from`, in one statement (another replica may
+/// move it at the same time); false when it was not (or is unknown).
 pub fn set_state(
-    c: &Connection,
+    db: &mut dyn Db,
     id: &str,
     from: &[pb::RolloutState],
     to: pb::RolloutState,
     note: &str,
-) -> rusqlite::Result<bool> {
-    let state: Option<i32> = c
-        .query_row("SELECT state FROM rollouts WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
-        .optional()?;
-    match state {
-        Some(s) if from.iter().any(|f| *f as i32 == s) => {
-            c.execute(
-                "UPDATE rollouts SET state = ?2, note = ?3 WHERE id = ?1",
-                params![id, to as i32, note],
-            )?;
-            Ok(true)
-        }
-        _ => Ok(false),
+) -> DbResult<bool> {
+    if from.is_empty() {
+        return Ok(false);
     }
+    let states: Vec<String> = from.iter().map(|s| (*s as i32).to_string()).collect();
+    Ok(db.exec(
+        &format!(
+            "UPDATE rollouts SET state = ?2, note = ?3 WHERE id = ?1 AND state IN ({})",
+            states.join(", ")
+        ),
+        p![id, to as i32, note],
+    )? == 1)
 }
 
 /// Fixes an occurrence's hosts and batches when it starts; does nothing if it had started.
 pub fn occurrence_started(
-    c: &Connection,
+    db: &mut dyn Db,
     id: &str,
     idx: u32,
     hosts: &[(String, u32)],
     now: i64,
-) -> rusqlite::Result<()> {
-    let n = c.execute(
+) -> DbResult<()> {
+    let n = db.exec(
         "UPDATE rollout_occurrences SET started_at = ?3 WHERE rollout_id = ?1 AND idx = ?2 AND started_at IS NULL",
-        params![id, idx, now],
+        p![id, idx, now],
     )?;
     if n == 0 {
         return Ok(());
     }
     for (host, batch) in hosts {
-        c.execute(
-            "INSERT OR IGNORE INTO rollout_hosts(rollout_id, idx, host_id, batch, state) VALUES(?1, ?2, ?3, ?4, ?5)",
-            params![id, idx, host, batch, pb::RolloutHostState::Pending as i32],
+        db.exec(
+            "INSERT INTO rollout_hosts(rollout_id, idx, host_id, batch, state) VALUES(?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(rollout_id, idx, host_id) DO NOTHING",
+            p![id, idx, host, *batch, pb::RolloutHostState::Pending as i32],
         )?;
     }
     Ok(())
@@ -369,18 +288,18 @@ pub fn occurrence_started(
 
 /// Records a host's part. A host that ended (succeeded, failed, skipped) is never changed
 /// again: its result is stored exactly once.
-pub fn set_host(c: &Connection, id: &str, idx: u32, h: &pb::RolloutHost) -> rusqlite::Result<bool> {
+pub fn set_host(db: &mut dyn Db, id: &str, idx: u32, h: &pb::RolloutHost) -> DbResult<bool> {
     let secs = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| t.seconds);
-    let n = c.execute(
+    let n = db.exec(
         "UPDATE rollout_hosts SET state = ?4, job_state = ?5, reason = ?6, started_at = ?7, finished_at = ?8
          WHERE rollout_id = ?1 AND idx = ?2 AND host_id = ?3 AND state NOT IN (?9, ?10, ?11)",
-        params![
+        p![
             id,
             idx,
-            h.host_id,
+            &h.host_id,
             h.state,
-            h.job_state,
-            h.reason,
+            &h.job_state,
+            &h.reason,
             secs(&h.started_at),
             secs(&h.finished_at),
             pb::RolloutHostState::Succeeded as i32,
@@ -392,46 +311,45 @@ pub fn set_host(c: &Connection, id: &str, idx: u32, h: &pb::RolloutHost) -> rusq
 }
 
 pub fn occurrence_finished(
-    c: &Connection,
+    db: &mut dyn Db,
     id: &str,
     idx: u32,
     stopped: bool,
     now: i64,
-) -> rusqlite::Result<()> {
-    c.execute(
+) -> DbResult<()> {
+    db.exec(
         "UPDATE rollout_occurrences SET finished_at = ?3, stopped = ?4
          WHERE rollout_id = ?1 AND idx = ?2 AND finished_at IS NULL",
-        params![id, idx, now, stopped],
+        p![id, idx, now, stopped],
     )?;
     Ok(())
 }
 
 /// Deletes up to `batch` rollouts that ended and were created before `cutoff`, with their
 /// occurrences and hosts; rows deleted.
-pub fn prune_rollouts(c: &Connection, cutoff: i64, batch: i64) -> rusqlite::Result<usize> {
-    let ids: Vec<String> = c
-        .prepare(
+pub fn prune_rollouts(db: &mut dyn Db, cutoff: i64, batch: usize) -> DbResult<u64> {
+    let ids: Vec<String> = db
+        .rows(
             "SELECT id FROM rollouts WHERE created_at < ?1 AND state IN (?2, ?3, ?4) LIMIT ?5",
-        )?
-        .query_map(
-            params![
+            p![
                 cutoff,
                 pb::RolloutState::Completed as i32,
                 pb::RolloutState::Stopped as i32,
                 pb::RolloutState::Cancelled as i32,
                 batch
             ],
-            |r| r.get(0),
         )?
-        .collect::<rusqlite::Result<_>>()?;
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<DbResult<_>>()?;
     let mut n = 0;
     for id in &ids {
-        n += c.execute("DELETE FROM rollout_hosts WHERE rollout_id = ?1", [id])?;
-        n += c.execute(
+        n += db.exec("DELETE FROM rollout_hosts WHERE rollout_id = ?1", p![id])?;
+        n += db.exec(
             "DELETE FROM rollout_occurrences WHERE rollout_id = ?1",
-            [id],
+            p![id],
         )?;
-        n += c.execute("DELETE FROM rollouts WHERE id = ?1", [id])?;
+        n += db.exec("DELETE FROM rollouts WHERE id = ?1", p![id])?;
     }
     Ok(n)
 }
@@ -439,8 +357,9 @@ pub fn prune_rollouts(c: &Connection, cutoff: i64, batch: i64) -> rusqlite::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{SqliteStore, Store};
+    use crate::store::{Location, SqlStore, Store};
     use pb::{RolloutHostState as HostState, RolloutState as State};
+    use std::collections::HashMap;
 
     fn envelope(job_id: &str) -> pb::SignedJob {
         pb::SignedJob {
@@ -491,8 +410,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_rollout_round_trips_and_each_host_ends_once() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = SqliteStore::open_writer(&dir.path().join("c.db")).expect("db");
+        crate::store::for_each_backend(a_rollout_round_trips_and_each_host_ends_once_on).await;
+    }
+
+    async fn a_rollout_round_trips_and_each_host_ends_once_on(db: Location) {
+        let s = SqlStore::open_writer(&db).await.expect("open");
         s.create_rollout(new_rollout()).await.expect("create");
         let d = s
             .rollout("r1".into(), true)
@@ -618,46 +540,74 @@ mod tests {
 
     #[tokio::test]
     async fn channels_mark_hosts_connected_and_revoked_hosts_are_refused() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = SqliteStore::open_writer(&dir.path().join("c.db")).expect("db");
+        crate::store::for_each_backend(
+            channels_mark_hosts_connected_and_revoked_hosts_are_refused_on,
+        )
+        .await;
+    }
+
+    async fn channels_mark_hosts_connected_and_revoked_hosts_are_refused_on(db: Location) {
+        let s = SqlStore::open_writer(&db).await.expect("open");
         let labels: HashMap<String, String> = [("env".to_string(), "prod".to_string())].into();
-        s.channel_opened("h1".into(), labels.clone(), "1.0".into(), 10)
+        // r1 is alive; r2 never beat (a replica that died).
+        s.beat("r1".into(), "a:7000".into(), 1).await.expect("beat");
+        let open = |h: &str, r: &str, l: HashMap<String, String>, at: i64| {
+            s.channel_opened(h.into(), r.into(), l, "1.0".into(), at)
+        };
+        open("h1", "r1", labels.clone(), 10)
             .await
             .expect("w")
             .expect("admitted");
-        s.channel_opened("h2".into(), HashMap::new(), "1.0".into(), 11)
+        open("h2", "r1", HashMap::new(), 11)
+            .await
+            .expect("w")
+            .expect("admitted");
+        open("h3", "r2", HashMap::new(), 12)
             .await
             .expect("w")
             .expect("admitted");
         let rows = s.host_list().await.expect("list");
         assert_eq!(rows[0].connected_since, Some(10));
         assert_eq!(rows[0].labels["env"], "prod");
-        let labelled = s.host_labels().await.expect("labels");
-        assert_eq!(labelled.len(), 2);
-        s.channel_closed("h1".into(), 20).await.expect("close");
+        assert_eq!(rows[2].connected_since, None, "its replica is dead");
+        assert_eq!(
+            s.holder("h1".into()).await.expect("r").as_deref(),
+            Some("r1")
+        );
+        assert_eq!(s.holder("h3".into()).await.expect("r"), None);
+        assert_eq!(s.host_labels().await.expect("labels").len(), 3);
+        // A close from a replica the host left changes nothing.
+        s.channel_closed("h1".into(), "r2".into(), 19)
+            .await
+            .expect("close");
+        assert_eq!(
+            s.holder("h1".into()).await.expect("r").as_deref(),
+            Some("r1")
+        );
+        s.channel_closed("h1".into(), "r1".into(), 20)
+            .await
+            .expect("close");
         let rows = s.host_list().await.expect("list");
         assert_eq!(
             (rows[0].connected_since, rows[0].last_seen),
             (None, Some(20))
         );
         assert_eq!(rows[1].connected_since, Some(11));
-        s.channels_reset().await.expect("reset");
-        assert!(
-            s.host_list()
-                .await
-                .expect("list")
-                .iter()
-                .all(|r| r.connected_since.is_none())
-        );
-        assert!(s.revoke_host("h2".into(), 30).await.expect("revoke"));
-        let refused = s
-            .channel_opened("h2".into(), HashMap::new(), "1.0".into(), 31)
+        let connected: Vec<String> = s
+            .connected()
             .await
-            .expect("w");
+            .expect("connected")
+            .into_iter()
+            .map(|(h, _)| h)
+            .collect();
+        assert_eq!(connected, ["h2"]);
+        assert!(s.revoke_host("h2".into(), 30).await.expect("revoke"));
+        let refused = open("h2", "r1", HashMap::new(), 31).await.expect("w");
         assert!(matches!(refused, Err(crate::store::Refusal::Revoked(_))));
+        assert!(s.connected().await.expect("connected").is_empty());
         assert_eq!(
             s.host_labels().await.expect("labels").len(),
-            1,
+            2,
             "revoked hosts are not selected"
         );
         assert!(
@@ -665,6 +615,74 @@ mod tests {
                 .await
                 .expect("read")
                 .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn one_replica_holds_a_rollout_lease_and_relays_are_answered_once() {
+        crate::store::for_each_backend(leases_and_relays_on).await;
+    }
+
+    async fn leases_and_relays_on(db: Location) {
+        let s = SqlStore::open_writer(&db).await.expect("open");
+        s.create_rollout(new_rollout()).await.expect("create");
+        let lease = |who: &str, ttl: i64| s.lease_rollout("r1".into(), who.into(), ttl);
+        assert!(lease("a", 15).await.expect("w"));
+        assert!(lease("a", 15).await.expect("w"), "renewed by its holder");
+        assert!(!lease("b", 15).await.expect("w"), "held by a");
+        s.release_rollout("r1".into(), "b".into())
+            .await
+            .expect("not b's to release");
+        assert!(!lease("b", 15).await.expect("w"));
+        s.release_rollout("r1".into(), "a".into()).await.expect("w");
+        assert!(lease("b", -5).await.expect("w"), "released");
+        assert!(lease("a", 15).await.expect("w"), "b's lease ran out");
+        assert!(
+            !s.lease_rollout("nope".into(), "a".into(), 15)
+                .await
+                .expect("w"),
+            "no such rollout"
+        );
+
+        let task = crate::store::RelayTask {
+            id: "relay-1".into(),
+            host_id: "h1".into(),
+            envelope: vec![1, 2, 3],
+            timeout_ms: 1000,
+        };
+        s.relay_put(task, "r2".into(), 100).await.expect("put");
+        assert!(
+            s.relay_take("r1".into(), 101)
+                .await
+                .expect("take")
+                .is_empty()
+        );
+        let taken = s.relay_take("r2".into(), 101).await.expect("take");
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].envelope, [1, 2, 3]);
+        assert!(
+            s.relay_take("r2".into(), 102)
+                .await
+                .expect("take")
+                .is_empty(),
+            "claimed once"
+        );
+        assert_eq!(s.relay_result("relay-1".into()).await.expect("r"), None);
+        let answer = crate::store::Relayed::Admission {
+            code: 6,
+            message: "already".into(),
+        };
+        s.relay_answer("relay-1".into(), answer.clone(), 103)
+            .await
+            .expect("answer");
+        assert_eq!(
+            s.relay_result("relay-1".into()).await.expect("r"),
+            Some(answer)
+        );
+        assert_eq!(
+            s.relay_result("relay-1".into()).await.expect("r"),
+            None,
+            "read once"
         );
     }
 }

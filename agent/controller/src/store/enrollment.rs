@@ -2,10 +2,11 @@
 //!
 //! A token is stored as its id and the SHA-256 of its secret; the secret itself is shown once,
 //! by `patchctl tokens create`, and never stored. An enrolment checks the token, spends one use
-//! and records the host and the names its certificate carries in one transaction (the writer
-//! thread's), so a single-use token raced by two hosts enrolls exactly one.
+//! and records the host and the names its certificate carries in one transaction, so a
+//! single-use token raced by two hosts (or two controllers) enrolls exactly one.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use super::ingest::labels;
+use super::sql::{Db, DbResult, p};
 use std::collections::BTreeMap;
 use subtle::ConstantTimeEq;
 
@@ -92,12 +93,12 @@ pub struct HostListRow {
     pub connected_since: Option<i64>,
 }
 
-pub fn create_token(c: &Connection, t: &NewToken) -> rusqlite::Result<()> {
-    c.execute(
+pub fn create_token(db: &mut dyn Db, t: &NewToken) -> DbResult<()> {
+    db.exec(
         "INSERT INTO tokens(id, secret_sha256, labels, uses_left, reenroll, created_at, expires_at)
          VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            t.id,
+        p![
+            &t.id,
             &t.secret_sha256[..],
             serde_json::to_string(&t.labels).unwrap_or_else(|_| "{}".into()),
             t.uses,
@@ -109,31 +110,32 @@ pub fn create_token(c: &Connection, t: &NewToken) -> rusqlite::Result<()> {
     Ok(())
 }
 
-pub fn tokens(c: &Connection) -> rusqlite::Result<Vec<TokenRow>> {
-    c.prepare(
+pub fn tokens(db: &mut dyn Db) -> DbResult<Vec<TokenRow>> {
+    db.rows(
         "SELECT id, labels, uses_left, uses, reenroll, created_at, expires_at, revoked_at
          FROM tokens ORDER BY created_at, id",
+        &[],
     )?
-    .query_map([], |r| {
-        let labels: String = r.get(1)?;
+    .iter()
+    .map(|r| {
         Ok(TokenRow {
-            id: r.get(0)?,
-            labels: serde_json::from_str(&labels).unwrap_or_default(),
-            uses_left: r.get(2)?,
-            used: r.get(3)?,
-            reenroll: r.get(4)?,
-            created_at: r.get(5)?,
-            expires_at: r.get(6)?,
-            revoked_at: r.get(7)?,
+            id: r.text(0)?,
+            labels: labels(&r.text(1)?),
+            uses_left: r.i64(2)?,
+            used: r.i64(3)?,
+            reenroll: r.bool(4)?,
+            created_at: r.i64(5)?,
+            expires_at: r.i64(6)?,
+            revoked_at: r.opt_i64(7)?,
         })
-    })?
+    })
     .collect()
 }
 
-pub fn revoke_token(c: &Connection, id: &str, now: i64) -> rusqlite::Result<bool> {
-    Ok(c.execute(
+pub fn revoke_token(db: &mut dyn Db, id: &str, now: i64) -> DbResult<bool> {
+    Ok(db.exec(
         "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-        params![id, now],
+        p![id, now],
     )? == 1)
 }
 
@@ -144,195 +146,187 @@ struct Grant {
 }
 
 /// What the token grants when it may enroll now, else why not.
-fn check_token(
-    c: &Connection,
-    e: &Enrolment,
-    now: i64,
-) -> rusqlite::Result<Result<Grant, Refusal>> {
-    type Row = (Vec<u8>, String, i64, i64, Option<i64>, bool);
-    let row: Option<Row> = c
-        .query_row(
-            "SELECT secret_sha256, labels, uses_left, expires_at, revoked_at, reenroll
-             FROM tokens WHERE id = ?1",
-            [&e.token_id],
-            |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((hash, labels, uses_left, expires_at, revoked_at, reenroll)) = row else {
+fn check_token(db: &mut dyn Db, e: &Enrolment, now: i64) -> DbResult<Result<Grant, Refusal>> {
+    let Some(r) = db.row(
+        "SELECT secret_sha256, labels, uses_left, expires_at, revoked_at, reenroll
+         FROM tokens WHERE id = ?1",
+        p![&e.token_id],
+    )?
+    else {
         return Ok(Err(Refusal::UnknownToken));
     };
     // Constant time: how much of the secret is right must not show in the answer's timing.
-    if !bool::from(hash.as_slice().ct_eq(&e.secret_sha256[..])) {
+    if !bool::from(r.bytes(0)?.as_slice().ct_eq(&e.secret_sha256[..])) {
         return Ok(Err(Refusal::UnknownToken));
     }
-    if revoked_at.is_some() {
+    if r.opt_i64(4)?.is_some() {
         return Ok(Err(Refusal::TokenRevoked));
     }
-    if now >= expires_at {
+    if now >= r.i64(3)? {
         return Ok(Err(Refusal::TokenExpired));
     }
-    if uses_left <= 0 {
+    if r.i64(2)? <= 0 {
         return Ok(Err(Refusal::TokenUsedUp));
     }
     Ok(Ok(Grant {
-        labels: serde_json::from_str(&labels).unwrap_or_default(),
-        reenroll,
+        labels: labels(&r.text(1)?),
+        reenroll: r.bool(5)?,
     }))
 }
 
 /// The host that holds `name` (as its host id or a certificate name), other than `host_id`.
-fn name_owner(c: &Connection, name: &str, host_id: &str) -> rusqlite::Result<Option<String>> {
-    c.query_row(
+fn name_owner(db: &mut dyn Db, name: &str, host_id: &str) -> DbResult<Option<String>> {
+    db.row(
         "SELECT host_id FROM host_names WHERE name = ?1 AND host_id != ?2
          UNION SELECT host_id FROM hosts WHERE host_id = ?1 AND host_id != ?2 LIMIT 1",
-        params![name, host_id],
-        |r| r.get(0),
-    )
-    .optional()
+        p![name, host_id],
+    )?
+    .map(|r| r.text(0))
+    .transpose()
 }
 
 pub fn enroll(
-    c: &Connection,
+    db: &mut dyn Db,
     e: &Enrolment,
     now: i64,
-) -> rusqlite::Result<Result<BTreeMap<String, String>, Refusal>> {
-    let Grant { labels, reenroll } = match check_token(c, e, now)? {
+) -> DbResult<Result<BTreeMap<String, String>, Refusal>> {
+    let Grant { labels, reenroll } = match check_token(db, e, now)? {
         Ok(ok) => ok,
         Err(refusal) => return Ok(Err(refusal)),
     };
-    let known: bool = c.query_row(
-        "SELECT count(*) > 0 FROM hosts WHERE host_id = ?1",
-        [&e.host_id],
-        |r| r.get(0),
-    )?;
+    let known = db
+        .row(
+            "SELECT count(*) FROM hosts WHERE host_id = ?1",
+            p![&e.host_id],
+        )?
+        .map(|r| r.i64(0))
+        .transpose()?
+        .unwrap_or(0)
+        > 0;
     if known && !reenroll {
         return Ok(Err(Refusal::AlreadyEnrolled(e.host_id.clone())));
     }
     for name in &e.names {
-        if let Some(owner) = name_owner(c, name, &e.host_id)? {
+        if let Some(owner) = name_owner(db, name, &e.host_id)? {
             return Ok(Err(Refusal::NameTaken {
                 name: name.clone(),
                 owner,
             }));
         }
     }
-    // Spend the use; the writer thread serializes enrolments, and the condition makes it
-    // exact even if it did not.
-    if c.execute(
+    // Spend the use; the condition makes it exact whoever else enrolls at the same time.
+    if db.exec(
         "UPDATE tokens SET uses_left = uses_left - 1, uses = uses + 1 WHERE id = ?1 AND uses_left > 0",
-        [&e.token_id],
+        p![&e.token_id],
     )? != 1
     {
         return Ok(Err(Refusal::TokenUsedUp));
     }
-    c.execute(
+    db.exec(
         "INSERT INTO hosts(host_id, labels, agent_version, first_seen, last_seen, enrolled_at,
            cert_serial, cert_not_after, enroll_token, facts, revoked_at)
          VALUES(?1, ?2, ?3, ?4, 0, ?4, ?5, ?6, ?7, ?8, NULL)
          ON CONFLICT(host_id) DO UPDATE SET labels = excluded.labels,
            agent_version = excluded.agent_version, enrolled_at = ?4, cert_serial = ?5,
            cert_not_after = ?6, enroll_token = ?7, facts = ?8, revoked_at = NULL",
-        params![
-            e.host_id,
+        p![
+            &e.host_id,
             serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
-            e.agent_version,
+            &e.agent_version,
             now,
-            e.serial,
+            &e.serial,
             e.not_after,
-            e.token_id,
-            e.facts
+            &e.token_id,
+            &e.facts
         ],
     )?;
-    c.execute("DELETE FROM host_names WHERE host_id = ?1", [&e.host_id])?;
+    db.exec("DELETE FROM host_names WHERE host_id = ?1", p![&e.host_id])?;
     for name in &e.names {
-        c.execute(
+        db.exec(
             "INSERT INTO host_names(name, host_id) VALUES(?1, ?2)",
-            params![name, e.host_id],
+            p![name, &e.host_id],
         )?;
     }
     Ok(Ok(labels))
 }
 
-pub fn renewable(c: &Connection, host_id: &str) -> rusqlite::Result<Result<Vec<String>, Refusal>> {
-    let row: Option<(Option<i64>, Option<i64>)> = c
-        .query_row(
-            "SELECT enrolled_at, revoked_at FROM hosts WHERE host_id = ?1",
-            [host_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    match row {
+pub fn renewable(db: &mut dyn Db, host_id: &str) -> DbResult<Result<Vec<String>, Refusal>> {
+    let row = db.row(
+        "SELECT enrolled_at, revoked_at FROM hosts WHERE host_id = ?1",
+        p![host_id],
+    )?;
+    match row
+        .map(|r| Ok::<_, super::sql::DbError>((r.opt_i64(0)?, r.opt_i64(1)?)))
+        .transpose()?
+    {
         Some((_, Some(_))) => return Ok(Err(Refusal::Revoked(host_id.into()))),
         Some((Some(_), None)) => {}
         _ => return Ok(Err(Refusal::NotEnrolled(host_id.into()))),
     }
-    let mut names: Vec<String> = c
-        .prepare("SELECT name FROM host_names WHERE host_id = ?1 ORDER BY name")?
-        .query_map([host_id], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+    let mut names: Vec<String> = db
+        .rows(
+            "SELECT name FROM host_names WHERE host_id = ?1 ORDER BY name",
+            p![host_id],
+        )?
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<DbResult<_>>()?;
     // The host id first, as at enrolment.
     names.retain(|n| n != host_id);
     names.insert(0, host_id.to_string());
     Ok(Ok(names))
 }
 
-pub fn renewed(
-    c: &Connection,
-    host_id: &str,
-    serial: &str,
-    not_after: i64,
-) -> rusqlite::Result<bool> {
-    Ok(c.execute(
+pub fn renewed(db: &mut dyn Db, host_id: &str, serial: &str, not_after: i64) -> DbResult<bool> {
+    Ok(db.exec(
         "UPDATE hosts SET cert_serial = ?2, cert_not_after = ?3
          WHERE host_id = ?1 AND revoked_at IS NULL AND enrolled_at IS NOT NULL",
-        params![host_id, serial, not_after],
+        p![host_id, serial, not_after],
     )? == 1)
 }
 
-pub fn host_revoked(c: &Connection, host_id: &str) -> rusqlite::Result<bool> {
-    c.query_row(
-        "SELECT count(*) > 0 FROM hosts WHERE host_id = ?1 AND revoked_at IS NOT NULL",
-        [host_id],
-        |r| r.get(0),
-    )
+pub fn host_revoked(db: &mut dyn Db, host_id: &str) -> DbResult<bool> {
+    Ok(db
+        .row(
+            "SELECT count(*) FROM hosts WHERE host_id = ?1 AND revoked_at IS NOT NULL",
+            p![host_id],
+        )?
+        .map(|r| r.i64(0))
+        .transpose()?
+        .unwrap_or(0)
+        > 0)
 }
 
-pub fn revoke_host(c: &Connection, host_id: &str, now: i64) -> rusqlite::Result<bool> {
-    Ok(c.execute(
+pub fn revoke_host(db: &mut dyn Db, host_id: &str, now: i64) -> DbResult<bool> {
+    Ok(db.exec(
         "UPDATE hosts SET revoked_at = ?2 WHERE host_id = ?1 AND revoked_at IS NULL",
-        params![host_id, now],
+        p![host_id, now],
     )? == 1)
 }
 
-pub fn host_list(c: &Connection) -> rusqlite::Result<Vec<HostListRow>> {
-    c.prepare(
-        "SELECT host_id, labels, cert_serial, cert_not_after, enrolled_at,
-           CASE WHEN last_seen = 0 THEN NULL ELSE last_seen END,
-           agent_version, revoked_at, connected_since
-         FROM hosts ORDER BY host_id",
-    )?
-    .query_map([], |r| {
-        let labels: String = r.get(1)?;
-        Ok(HostListRow {
-            host_id: r.get(0)?,
-            labels: serde_json::from_str(&labels).unwrap_or_default(),
-            cert_serial: r.get(2)?,
-            cert_not_after: r.get(3)?,
-            enrolled_at: r.get(4)?,
-            last_seen: r.get(5)?,
-            agent_version: r.get(6)?,
-            revoked_at: r.get(7)?,
-            connected_since: r.get(8)?,
+/// Every host; a host counts as connected while its channel's controller is alive.
+pub fn host_list(db: &mut dyn Db) -> DbResult<Vec<HostListRow>> {
+    let sql = format!(
+        "SELECT h.host_id, h.labels, h.cert_serial, h.cert_not_after, h.enrolled_at,
+           CASE WHEN h.last_seen = 0 THEN NULL ELSE h.last_seen END,
+           h.agent_version, h.revoked_at, {}
+         FROM hosts h ORDER BY h.host_id",
+        super::replicas::connected_since(db)
+    );
+    db.rows(&sql, &[])?
+        .iter()
+        .map(|r| {
+            Ok(HostListRow {
+                host_id: r.text(0)?,
+                labels: labels(&r.text(1)?),
+                cert_serial: r.opt_text(2)?,
+                cert_not_after: r.opt_i64(3)?,
+                enrolled_at: r.opt_i64(4)?,
+                last_seen: r.opt_i64(5)?,
+                agent_version: r.text(6)?,
+                revoked_at: r.opt_i64(7)?,
+                connected_since: r.opt_i64(8)?,
+            })
         })
-    })?
-    .collect()
+        .collect()
 }

@@ -1,28 +1,38 @@
 //! Where the controller keeps what agents report.
 //!
-//! [`Store`] is the seam: [`SqliteStore`] is the embedded store (one file, WAL, one writer);
-//! a PostgreSQL store for fleets that outgrow one controller implements the same trait.
+//! [`Store`] is what the controller asks of its database; [`SqlStore`] answers it from SQLite
+//! (one file, for one controller) or PostgreSQL (for large fleets and several controllers on
+//! one database), chosen by `--db` ([`Location`]). The store's SQL is written once, against
+//! [`sql::Db`], and each backend runs it.
 //!
-//! The SQLite writer is one thread that owns the write connection. Requests queue to it; it
-//! takes everything queued (up to a batch), applies each in its own savepoint inside one
-//! transaction, commits once (`synchronous = FULL`: durable before anyone is told), and only
-//! then answers each caller. An agent removes a report from its outbox only after that answer,
-//! so a report is never lost between the two; and the report id is a primary key, so a report
-//! sent twice is stored once.
+//! Writes go to one writer thread per process, which applies everything queued (up to a
+//! batch) in one transaction, commits, and only then answers each caller. An agent removes a
+//! report from its outbox only after that answer, so a report is never lost between the two;
+//! and the report id is a primary key, so a report sent twice (to two replicas, even) is
+//! stored once.
 
 use patch_agent_wire::proto::v1 as pb;
-use prost::Message;
-use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 
 pub mod control;
+pub mod dashboard;
 pub mod enrollment;
+pub mod ingest;
+pub mod migrate;
+pub mod postgres;
+pub mod replicas;
+pub mod sql;
+mod sqlite;
+mod writer;
 
 pub use control::{NewOccurrence, NewRollout, RolloutData};
 pub use enrollment::{Enrolment, HostListRow, NewToken, Refusal, TokenRow};
+pub use postgres::Notice;
+pub use replicas::RelayTask;
+use sql::{Db, DbResult, Dialect};
 
 pub type Result<T> = std::result::Result<T, String>;
 
@@ -141,17 +151,24 @@ pub trait Store: Send + Sync {
     async fn revoke_host(&self, host_id: String, now: i64) -> Result<bool>;
     async fn host_list(&self) -> Result<Vec<HostListRow>>;
 
-    /// A host opened its control channel (refused when revoked); it counts as connected.
+    /// A host opened its control channel to `replica` (refused when revoked); it counts as
+    /// connected while that replica is alive.
     async fn channel_opened(
         &self,
         host_id: String,
+        replica: String,
         labels: HashMap<String, String>,
         version: String,
         now: i64,
     ) -> Result<Admitted<()>>;
-    async fn channel_closed(&self, host_id: String, now: i64) -> Result<()>;
-    /// At start: no host is connected yet.
-    async fn channels_reset(&self) -> Result<()>;
+    /// The channel to `replica` closed (nothing changes if the host moved to another).
+    async fn channel_closed(&self, host_id: String, replica: String, now: i64) -> Result<()>;
+    /// Replica `id` is alive (every few seconds).
+    async fn beat(&self, id: String, address: String, started_at: i64) -> Result<()>;
+    /// The live replica holding the host's channel, if any.
+    async fn holder(&self, host_id: String) -> Result<Option<String>>;
+    /// Hosts connected to any live replica, not revoked, with their labels.
+    async fn connected(&self) -> Result<Vec<(String, BTreeMap<String, String>)>>;
     /// Hosts not revoked and their labels, for selectors.
     async fn host_labels(&self) -> Result<Vec<(String, BTreeMap<String, String>)>>;
     /// The final status of a host's job, once its result is stored.
@@ -188,238 +205,272 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> Result<()>;
 
+    /// Takes or renews the lease on driving a rollout; false while another replica holds it.
+    async fn lease_rollout(&self, id: String, owner: String, ttl_secs: i64) -> Result<bool>;
+    async fn release_rollout(&self, id: String, owner: String) -> Result<()>;
+
+    /// Stores a push for a host that `replica` holds, and tells that replica.
+    async fn relay_put(&self, relay: RelayTask, replica: String, now: i64) -> Result<()>;
+    /// Claims the pushes waiting for `replica`.
+    async fn relay_take(&self, replica: String, now: i64) -> Result<Vec<RelayTask>>;
+    async fn relay_answer(&self, id: String, answer: Relayed, now: i64) -> Result<()>;
+    /// The answer to a relayed push once there is one (read once).
+    async fn relay_result(&self, id: String) -> Result<Option<Relayed>>;
+    async fn relay_cancel(&self, id: String) -> Result<()>;
+    /// Notices from other replicas; None where there can be no other (SQLite).
+    fn notices(&self) -> Option<broadcast::Receiver<Notice>>;
+
+    /// The compliance dashboard as of `now`, computed in the database.
+    async fn compliance(&self, now: i64, stale_after: i64) -> Result<crate::compliance::Dashboard>;
+    /// Records the day's headline figures (replacing the day's earlier ones).
+    async fn record_compliance(&self, d: crate::compliance::Dashboard) -> Result<()>;
+    /// Daily figures from `since_day` (days since 1970-01-01), oldest first.
+    async fn compliance_history(&self, since_day: i64) -> Result<Vec<dashboard::Daily>>;
+    /// A host's latest inventory.
+    async fn inventory_of(&self, host_id: String) -> Result<Option<pb::Inventory>>;
+
     /// Deletes history older than `cutoff` (unix seconds), at most `batch` rows of each kind
     /// per call, so ingest waits for one small batch at most: final job results and their
     /// report ids, resolved-update history, and rollouts that ended. Returns the rows deleted.
     async fn prune(&self, cutoff: i64, batch: usize) -> Result<usize>;
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS hosts(
-  host_id TEXT PRIMARY KEY,
-  labels TEXT NOT NULL DEFAULT '{}',
-  agent_version TEXT NOT NULL DEFAULT '',
-  hello BLOB,
-  first_seen INTEGER NOT NULL,
-  last_seen INTEGER NOT NULL,
-  dropped_progress INTEGER NOT NULL DEFAULT 0,
-  dropped_final INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS reports(
-  report_id TEXT PRIMARY KEY,
-  host_id TEXT NOT NULL,
-  received_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs(
-  host_id TEXT NOT NULL,
-  job_id TEXT NOT NULL,
-  state TEXT NOT NULL,
-  final INTEGER NOT NULL,
-  reboot_attempted INTEGER NOT NULL,
-  reboot_succeeded INTEGER NOT NULL,
-  status BLOB NOT NULL,
-  updated_at INTEGER NOT NULL,
-  PRIMARY KEY(host_id, job_id));
-CREATE INDEX IF NOT EXISTS jobs_by_job ON jobs(job_id);
-CREATE TABLE IF NOT EXISTS inventories(
-  host_id TEXT PRIMARY KEY,
-  checksum TEXT NOT NULL,
-  data BLOB NOT NULL,
-  reboot_required INTEGER NOT NULL,
-  scanned_at INTEGER,
-  received_at INTEGER NOT NULL,
-  scan_errors INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS pending(
-  host_id TEXT NOT NULL,
-  name TEXT NOT NULL,
-  arch TEXT NOT NULL,
-  candidate TEXT NOT NULL,
-  sla_class INTEGER NOT NULL,
-  since INTEGER NOT NULL,
-  first_seen INTEGER NOT NULL,
-  PRIMARY KEY(host_id, name, arch));
-CREATE TABLE IF NOT EXISTS tokens(
-  id TEXT PRIMARY KEY,
-  secret_sha256 BLOB NOT NULL,
-  labels TEXT NOT NULL,
-  uses_left INTEGER NOT NULL,
-  uses INTEGER NOT NULL DEFAULT 0,
-  reenroll INTEGER NOT NULL DEFAULT 0,
-  created_at INTEGER NOT NULL,
-  expires_at INTEGER NOT NULL,
-  revoked_at INTEGER);
-CREATE TABLE IF NOT EXISTS host_names(
-  name TEXT PRIMARY KEY,
-  host_id TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS resolved(
-  host_id TEXT NOT NULL,
-  name TEXT NOT NULL,
-  arch TEXT NOT NULL,
-  candidate TEXT NOT NULL,
-  sla_class INTEGER NOT NULL,
-  since INTEGER NOT NULL,
-  resolved_at INTEGER NOT NULL);
-";
+/// What became of a relayed push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relayed {
+    /// The agent answered: its admission's code and message.
+    Admission { code: i32, message: String },
+    /// The holding replica could not push (the host left, did not answer).
+    Failed(String),
+}
 
-fn open(path: &Path, write: bool) -> Result<Connection> {
-    let flags = if write {
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
-    } else {
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
-    } | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags).map_err(|e| {
-        format!(
-            "cannot open the database {}: {e}{}",
-            path.display(),
-            if write {
-                ""
-            } else {
-                " (is it a controller database made by `patchctl serve --db`?)"
+/// Where the store lives: `--db` as given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// An SQLite file.
+    File(PathBuf),
+    /// A PostgreSQL URL (`postgres://USER@HOST[:PORT]/DB`, a host that is a path being a
+    /// Unix socket directory).
+    Postgres(String),
+}
+
+impl std::str::FromStr for Location {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if s.is_empty() {
+            return Err("--db is empty: give a file path or a postgres:// URL".into());
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            s.parse::<::postgres::Config>()
+                .map_err(|e| format!("{} is not a PostgreSQL URL: {e}", postgres::redact(s)))?;
+            return Ok(Location::Postgres(s.to_string()));
+        }
+        if let Some((scheme, _)) = s.split_once("://") {
+            return Err(format!(
+                "--db {s}: {scheme}:// is not a database this controller uses; give a file path (SQLite) or a postgres:// URL"
+            ));
+        }
+        Ok(Location::File(PathBuf::from(s)))
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::File(p) => write!(f, "{}", p.display()),
+            Location::Postgres(url) => f.write_str(&postgres::redact(url)),
+        }
+    }
+}
+
+enum Reader {
+    Sqlite(Arc<Mutex<rusqlite::Connection>>),
+    Postgres(Arc<postgres::Readers>),
+}
+
+/// The store over SQLite or PostgreSQL; see the module documentation.
+pub struct SqlStore {
+    location: Location,
+    writer: Option<Mutex<mpsc::Sender<writer::Op>>>,
+    reader: Reader,
+    notices: Option<broadcast::Sender<Notice>>,
+}
+
+/// What `patchctl db migrate` did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Migrated {
+    pub from: i64,
+    pub applied: Vec<i64>,
+    pub to: i64,
+}
+
+/// Brings the database to `to` (the latest when None); runs on a blocking thread.
+fn migrate_blocking(location: &Location, to: Option<i64>) -> Result<Migrated> {
+    let now = crate::now();
+    let run = |db: &mut dyn Db| -> DbResult<Migrated> {
+        let from = migrate::current(db)?;
+        let applied = migrate::migrate(db, to, now)?;
+        Ok(Migrated {
+            from,
+            to: applied.last().copied().unwrap_or(from),
+            applied,
+        })
+    };
+    let fail = |e: sql::DbError| format!("cannot migrate {location}: {e}");
+    match location {
+        Location::File(path) => {
+            let mut conn = sqlite::open(path, true)?;
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(|e| fail(e.into()))?;
+            let out = run(&mut sqlite::Lite(&tx)).map_err(fail)?;
+            tx.commit().map_err(|e| fail(e.into()))?;
+            Ok(out)
+        }
+        Location::Postgres(url) => {
+            let mut client = postgres::connect(url)?;
+            let mut cache = postgres::Cache::new();
+            let mut tx = client.transaction().map_err(|e| fail(e.into()))?;
+            let out = run(&mut postgres::PgDb {
+                client: &mut tx,
+                cache: &mut cache,
+            })
+            .map_err(fail)?;
+            tx.commit().map_err(|e| fail(e.into()))?;
+            Ok(out)
+        }
+    }
+}
+
+impl SqlStore {
+    /// `patchctl db migrate`: applies the migrations the database lacks.
+    pub async fn migrate(location: &Location, to: Option<i64>) -> Result<Migrated> {
+        let location = location.clone();
+        tokio::task::spawn_blocking(move || migrate_blocking(&location, to))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Opens the database for writing, creating and migrating it as needed, with its writer
+    /// thread (`patchctl serve`, and the commands that change tokens and hosts).
+    pub async fn open_writer(location: &Location) -> Result<Self> {
+        let location = location.clone();
+        tokio::task::spawn_blocking(move || Self::open_writer_blocking(location))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    fn open_writer_blocking(location: Location) -> Result<Self> {
+        migrate_blocking(&location, None)?;
+        let (tx, rx) = mpsc::channel::<writer::Op>();
+        let reader = match &location {
+            Location::File(path) => {
+                let conn = sqlite::open(path, true)?;
+                std::thread::Builder::new()
+                    .name("store-writer".into())
+                    .spawn(move || sqlite::writer(conn, rx))
+                    .map_err(|e| format!("cannot start the database writer: {e}"))?;
+                Reader::Sqlite(Arc::new(Mutex::new(sqlite::open(path, false)?)))
             }
-        )
-    })?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
-    if write {
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
-            .and_then(|()| conn.execute_batch(SCHEMA))
-            .and_then(|()| conn.execute_batch(control::SCHEMA))
-            .and_then(|()| add_missing_columns(&conn))
-            .map_err(|e| format!("cannot prepare the database {}: {e}", path.display()))?;
-    } else {
-        let ok: bool = conn
-            .query_row(
-                "SELECT count(*) = 6 FROM sqlite_master WHERE type = 'table' AND name IN ('hosts','reports','jobs','inventories','pending','resolved')",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| format!("{} is not a controller database: {e}", path.display()))?;
-        if !ok {
-            return Err(format!(
-                "{} is not a controller database (made by `patchctl serve --db`)",
-                path.display()
-            ));
-        }
-    }
-    Ok(conn)
-}
-
-/// Columns added after a database may have been created: added in place, once.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
-    ("inventories", "scan_errors", "INTEGER NOT NULL DEFAULT 0"),
-    ("hosts", "enrolled_at", "INTEGER"),
-    ("hosts", "cert_serial", "TEXT"),
-    ("hosts", "cert_not_after", "INTEGER"),
-    ("hosts", "revoked_at", "INTEGER"),
-    ("hosts", "enroll_token", "TEXT"),
-    ("hosts", "facts", "BLOB"),
-    ("hosts", "connected_since", "INTEGER"),
-];
-
-fn add_missing_columns(c: &Connection) -> rusqlite::Result<()> {
-    for (table, column, decl) in ADDED_COLUMNS {
-        let has: bool = c.query_row(
-            &format!("SELECT count(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
-            [column],
-            |r| r.get(0),
-        )?;
-        if !has {
-            c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
-        }
-    }
-    Ok(())
-}
-
-/// One write, queued to the writer thread: applied inside the batch's transaction, answered
-/// only after the commit.
-trait Call: Send {
-    fn apply(&mut self, c: &Connection) -> rusqlite::Result<()>;
-    fn answer(self: Box<Self>, result: Result<()>);
-}
-
-struct Write<T, F> {
-    f: Option<F>,
-    out: Option<T>,
-    tx: oneshot::Sender<Result<T>>,
-}
-
-impl<T, F> Call for Write<T, F>
-where
-    T: Send,
-    F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
-{
-    fn apply(&mut self, c: &Connection) -> rusqlite::Result<()> {
-        if let Some(f) = self.f.take() {
-            self.out = Some(f(c)?);
-        }
-        Ok(())
-    }
-
-    fn answer(self: Box<Self>, result: Result<()>) {
-        let Write { out, tx, .. } = *self;
-        let _ =
-            tx.send(result.and_then(|()| out.ok_or_else(|| "the write was not applied".into())));
-    }
-}
-
-type Op = Box<dyn Call>;
-
-/// The embedded store; see the module documentation.
-pub struct SqliteStore {
-    path: PathBuf,
-    writer: Option<Mutex<mpsc::Sender<Op>>>,
-    reader: Arc<Mutex<Connection>>,
-}
-
-/// Most requests applied in one transaction.
-const BATCH: usize = 512;
-
-impl SqliteStore {
-    /// Opens (creating) the database for writing, with its writer thread.
-    pub fn open_writer(path: &Path) -> Result<Self> {
-        let conn = open(path, true)?;
-        let reader = open(path, false)?;
-        let (tx, rx) = mpsc::channel::<Op>();
-        std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer(conn, rx))
-            .map_err(|e| format!("cannot start the database writer: {e}"))?;
+            Location::Postgres(url) => {
+                let client = postgres::connect(url)?;
+                let url2 = url.clone();
+                std::thread::Builder::new()
+                    .name("store-writer".into())
+                    .spawn(move || postgres::writer(url2, client, rx))
+                    .map_err(|e| format!("cannot start the database writer: {e}"))?;
+                Reader::Postgres(Arc::new(postgres::Readers::new(
+                    url.clone(),
+                    postgres::connect(url)?,
+                )))
+            }
+        };
         Ok(Self {
-            path: path.to_path_buf(),
+            location,
             writer: Some(Mutex::new(tx)),
-            reader: Arc::new(Mutex::new(reader)),
+            reader,
+            notices: None,
         })
     }
 
-    /// Opens an existing database read-only (`patchctl history`, `compliance`).
-    pub fn open_reader(path: &Path) -> Result<Self> {
-        if !path.exists() {
-            return Err(format!(
-                "{} does not exist; pass the --db that `patchctl serve` writes",
-                path.display()
+    /// Opens an existing database to read (`patchctl history`, `compliance`); it must be at
+    /// the schema version this patchctl reads.
+    pub async fn open_reader(location: &Location) -> Result<Self> {
+        let location = location.clone();
+        tokio::task::spawn_blocking(move || {
+            let reader = match &location {
+                Location::File(path) => {
+                    if !path.exists() {
+                        return Err(format!(
+                            "{} does not exist; pass the --db that `patchctl serve` writes",
+                            path.display()
+                        ));
+                    }
+                    let conn = sqlite::open(path, false)?;
+                    migrate::check(&mut sqlite::Lite(&conn), &location.to_string())
+                        .map_err(|e| e.to_string())?;
+                    Reader::Sqlite(Arc::new(Mutex::new(conn)))
+                }
+                Location::Postgres(url) => {
+                    let mut client = postgres::connect(url)?;
+                    migrate::check(
+                        &mut postgres::PgDb {
+                            client: &mut client,
+                            cache: &mut postgres::Cache::new(),
+                        },
+                        &location.to_string(),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    Reader::Postgres(Arc::new(postgres::Readers::new(url.clone(), client)))
+                }
+            };
+            Ok(Self {
+                location,
+                writer: None,
+                reader,
+                notices: None,
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Listens for other replicas' notices (PostgreSQL; nothing to hear on SQLite).
+    pub fn listen(&mut self) {
+        if let Location::Postgres(url) = &self.location {
+            self.notices = Some(postgres::listen(
+                url.clone(),
+                &[replicas::RELAY, replicas::RELAY_DONE],
             ));
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            writer: None,
-            reader: Arc::new(Mutex::new(open(path, false)?)),
-        })
     }
 
-    /// Queues `f` to the writer thread; answers after the commit that includes it.
-    async fn write<T, F>(&self, f: F) -> Result<T>
+    pub fn dialect(&self) -> Dialect {
+        match self.location {
+            Location::File(_) => Dialect::Sqlite,
+            Location::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// Queues `f` to the writer thread; answers after the commit that includes it. `key` is
+    /// the host (or other row) it touches.
+    async fn write<T, F>(&self, key: &str, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        F: FnMut(&mut dyn Db) -> DbResult<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let writer = self
             .writer
             .as_ref()
-            .ok_or_else(|| format!("{} is open read-only", self.path.display()))?;
+            .ok_or_else(|| format!("{} is open read-only", self.location))?;
         writer
             .lock()
             .map_err(|_| "the database writer failed".to_string())?
-            .send(Box::new(Write {
-                f: Some(f),
+            .send(Box::new(writer::Write {
+                key: key.to_string(),
+                f,
                 out: None,
                 tx,
             }))
@@ -430,373 +481,64 @@ impl SqliteStore {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl FnOnce(&mut dyn Db) -> DbResult<T> + Send + 'static,
     ) -> Result<T> {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = reader
-                .lock()
-                .map_err(|_| "the database reader failed".to_string())?;
-            f(&conn).map_err(|e| format!("database read failed: {e}"))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-    }
-}
-
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+        match &self.reader {
+            Reader::Sqlite(conn) => {
+                let conn = conn.clone();
+                tokio::task::spawn_blocking(move || {
+                    let conn = conn
+                        .lock()
+                        .map_err(|_| "the database reader failed".to_string())?;
+                    f(&mut sqlite::Lite(&conn)).map_err(|e| format!("database read failed: {e}"))
+                })
+                .await
+                .map_err(|e| e.to_string())?
             }
-        }
-        let mut replies = Vec::with_capacity(batch.len());
-        let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        {
-            Ok(tx) => tx,
-            Err(e) => {
-                let msg = format!("cannot start a transaction: {e}");
-                for op in batch {
-                    op.answer(Err(msg.clone()));
-                }
-                continue;
-            }
-        };
-        for mut op in batch {
-            let result = (|| {
-                let sp = tx.savepoint()?;
-                op.apply(&sp)?;
-                sp.commit()
-            })()
-            .map_err(|e| format!("database write failed: {e}"));
-            replies.push((op, result));
-        }
-        if let Err(e) = tx.commit() {
-            let msg = format!("database commit failed: {e}");
-            for (op, _) in replies {
-                op.answer(Err(msg.clone()));
-            }
-            continue;
-        }
-        for (op, result) in replies {
-            op.answer(result);
+            Reader::Postgres(readers) => readers.read(f).await,
         }
     }
 }
-
-/// Runs `f` unless the host is revoked.
-fn admitted<T>(
-    c: &Connection,
-    host_id: &str,
-    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-) -> rusqlite::Result<Admitted<T>> {
-    if enrollment::host_revoked(c, host_id)? {
-        return Ok(Err(Refusal::Revoked(host_id.to_string())));
-    }
-    f(c).map(Ok)
-}
-
-fn labels_json(labels: &HashMap<String, String>) -> String {
-    let sorted: BTreeMap<_, _> = labels.iter().collect();
-    serde_json::to_string(&sorted).unwrap_or_else(|_| "{}".into())
-}
-
-fn touch_host(
-    c: &Connection,
-    host_id: &str,
-    labels: &HashMap<String, String>,
-    outbox: Option<&pb::OutboxStats>,
-    now: i64,
-) -> rusqlite::Result<()> {
-    let (dp, df) = outbox.map_or((None, None), |o| {
-        (
-            Some(o.dropped_progress as i64),
-            Some(o.dropped_final as i64),
-        )
-    });
-    c.execute(
-        "INSERT INTO hosts(host_id, labels, first_seen, last_seen, dropped_progress, dropped_final)
-         VALUES(?1, ?2, ?3, ?3, coalesce(?4, 0), coalesce(?5, 0))
-         ON CONFLICT(host_id) DO UPDATE SET labels = excluded.labels, last_seen = ?3,
-           dropped_progress = coalesce(?4, dropped_progress), dropped_final = coalesce(?5, dropped_final)",
-        params![host_id, labels_json(labels), now, dp, df],
-    )?;
-    Ok(())
-}
-
-fn apply_hello(c: &Connection, h: &pb::HelloRequest, now: i64) -> rusqlite::Result<bool> {
-    touch_host(c, &h.host_id, &h.labels, h.outbox.as_ref(), now)?;
-    c.execute(
-        "UPDATE hosts SET agent_version = ?2, hello = ?3 WHERE host_id = ?1",
-        params![h.host_id, h.agent_version, h.encode_to_vec()],
-    )?;
-    let has: bool = c.query_row(
-        "SELECT count(*) > 0 FROM inventories WHERE host_id = ?1",
-        [&h.host_id],
-        |r| r.get(0),
-    )?;
-    Ok(!has)
-}
-
-fn apply_job(c: &Connection, r: &pb::JobReport, now: i64) -> rusqlite::Result<bool> {
-    let new = c.execute(
-        "INSERT OR IGNORE INTO reports(report_id, host_id, received_at) VALUES(?1, ?2, ?3)",
-        params![r.report_id, r.host_id, now],
-    )?;
-    if new == 0 {
-        return Ok(true);
-    }
-    touch_host(c, &r.host_id, &r.labels, r.outbox.as_ref(), now)?;
-    let Some(status) = &r.status else {
-        return Ok(false);
-    };
-    // A result is final: a late progress report (or a second result) never replaces it.
-    c.execute(
-        "INSERT INTO jobs(host_id, job_id, state, final, reboot_attempted, reboot_succeeded, status, updated_at)
-         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT(host_id, job_id) DO UPDATE SET state = excluded.state, final = excluded.final,
-           reboot_attempted = excluded.reboot_attempted, reboot_succeeded = excluded.reboot_succeeded,
-           status = excluded.status, updated_at = excluded.updated_at
-         WHERE jobs.final = 0",
-        params![
-            r.host_id,
-            status.job_id,
-            patch_agent_wire::convert::state_name(status.state),
-            r.r#final,
-            r.reboot_attempted,
-            r.reboot_succeeded,
-            status.encode_to_vec(),
-            now
-        ],
-    )?;
-    Ok(false)
-}
-
-/// A reported timestamp in unix seconds, clamped to 1970..=9999 so no later arithmetic on it
-/// can overflow, whatever an agent sent.
-fn secs(t: Option<&prost_types::Timestamp>) -> Option<i64> {
-    t.map(|t| {
-        t.seconds
-            .clamp(0, patch_agent_wire::time::MAX_TIMESTAMP_SECS)
-    })
-}
-
-fn apply_inventory(c: &Connection, r: &pb::InventoryReport, now: i64) -> rusqlite::Result<bool> {
-    touch_host(c, &r.host_id, &r.labels, r.outbox.as_ref(), now)?;
-    let Some(inv) = &r.inventory else {
-        let same = c.execute(
-            "UPDATE inventories SET scanned_at = ?3, received_at = ?4 WHERE host_id = ?1 AND checksum = ?2",
-            params![r.host_id, r.checksum, secs(r.scanned_at.as_ref()), now],
-        )?;
-        return Ok(same > 0);
-    };
-    let reboot = inv.reboot.as_ref().is_some_and(|b| b.required);
-    c.execute(
-        "INSERT INTO inventories(host_id, checksum, data, reboot_required, scanned_at, received_at, scan_errors)
-         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT(host_id) DO UPDATE SET checksum = excluded.checksum, data = excluded.data,
-           reboot_required = excluded.reboot_required, scanned_at = excluded.scanned_at,
-           received_at = excluded.received_at, scan_errors = excluded.scan_errors",
-        params![
-            r.host_id,
-            r.checksum,
-            inv.encode_to_vec(),
-            reboot,
-            secs(r.scanned_at.as_ref()),
-            now,
-            (inv.repo_errors.len() + inv.scan_errors.len()) as i64
-        ],
-    )?;
-    // Pending updates: keep the earliest first-seen time of each (name, arch); what is no
-    // longer pending was resolved now.
-    let mut old: HashMap<(String, String), (String, i32, i64, i64)> = HashMap::new();
-    {
-        let mut q = c.prepare(
-            "SELECT name, arch, candidate, sla_class, since, first_seen FROM pending WHERE host_id = ?1",
-        )?;
-        let rows = q.query_map([&r.host_id], |row| {
-            Ok((
-                (row.get::<_, String>(0)?, row.get::<_, String>(1)?),
-                (row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?),
-            ))
-        })?;
-        for row in rows {
-            let (k, v) = row?;
-            old.insert(k, v);
-        }
-    }
-    c.execute("DELETE FROM pending WHERE host_id = ?1", [&r.host_id])?;
-    let resolved_at = secs(r.scanned_at.as_ref()).unwrap_or(now);
-    {
-        let mut ins = c.prepare(
-            "INSERT OR REPLACE INTO pending(host_id, name, arch, candidate, sla_class, since, first_seen)
-             VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?;
-        for u in &inv.updates {
-            let key = (u.name.clone(), u.architecture.clone());
-            let agent_seen = secs(u.first_seen.as_ref()).unwrap_or(now);
-            let first_seen = old
-                .remove(&key)
-                .map_or(agent_seen, |(_, _, _, f)| f.min(agent_seen));
-            let since = secs(u.issued.as_ref()).unwrap_or(first_seen);
-            ins.execute(params![
-                r.host_id,
-                u.name,
-                u.architecture,
-                u.candidate_version,
-                u.sla_class,
-                since,
-                first_seen
-            ])?;
-        }
-    }
-    let mut res = c.prepare(
-        "INSERT INTO resolved(host_id, name, arch, candidate, sla_class, since, resolved_at)
-         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?;
-    for ((name, arch), (candidate, sla, since, _)) in old {
-        res.execute(params![
-            r.host_id,
-            name,
-            arch,
-            candidate,
-            sla,
-            since,
-            resolved_at
-        ])?;
-    }
-    Ok(true)
-}
-
-fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
-    let blob: Vec<u8> = row.get(6)?;
-    let s = pb::JobStatus::decode(blob.as_slice()).unwrap_or_default();
-    Ok(JobRow {
-        host_id: row.get(0)?,
-        job_id: row.get(1)?,
-        state: row.get(2)?,
-        r#final: row.get(3)?,
-        reboot_attempted: row.get(4)?,
-        reboot_succeeded: row.get(5)?,
-        updated_at: row.get(7)?,
-        reason: s.reason,
-        summary: s.summary,
-        dry_run: s.dry_run,
-        key_id: s.key_id,
-        submitted_at: secs(s.submitted_at.as_ref()),
-        started_at: secs(s.started_at.as_ref()),
-        finished_at: secs(s.finished_at.as_ref()),
-        packages: s
-            .packages
-            .into_iter()
-            .map(|p| PackageRow {
-                name: p.name,
-                from_version: p.from_version,
-                to_version: p.to_version,
-                outcome: p.outcome,
-            })
-            .collect(),
-    })
-}
-
-const JOB_COLUMNS: &str =
-    "host_id, job_id, state, final, reboot_attempted, reboot_succeeded, status, updated_at";
 
 #[tonic::async_trait]
-impl Store for SqliteStore {
+impl Store for SqlStore {
     async fn hello(&self, h: pb::HelloRequest, now: i64) -> Result<Admitted<bool>> {
-        self.write(move |c| admitted(c, &h.host_id, |c| apply_hello(c, &h, now)))
-            .await
+        let key = h.host_id.clone();
+        self.write(&key, move |db| {
+            ingest::admitted(db, &h.host_id, |db| ingest::hello(db, &h, now))
+        })
+        .await
     }
 
     async fn job_report(&self, r: pb::JobReport, now: i64) -> Result<Admitted<bool>> {
-        self.write(move |c| admitted(c, &r.host_id, |c| apply_job(c, &r, now)))
-            .await
+        let key = r.host_id.clone();
+        self.write(&key, move |db| {
+            ingest::admitted(db, &r.host_id, |db| ingest::job(db, &r, now))
+        })
+        .await
     }
 
     async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<Admitted<bool>> {
-        self.write(move |c| admitted(c, &r.host_id, |c| apply_inventory(c, &r, now)))
-            .await
+        let key = r.host_id.clone();
+        self.write(&key, move |db| {
+            ingest::admitted(db, &r.host_id, |db| ingest::inventory(db, &r, now))
+        })
+        .await
     }
 
     async fn history(&self, host: Option<String>, job: Option<String>) -> Result<Vec<JobRow>> {
-        self.read(move |c| {
-            let mut q = c.prepare(&format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR host_id = ?1)
-                 AND (?2 IS NULL OR job_id = ?2) ORDER BY updated_at, host_id, job_id"
-            ))?;
-            q.query_map(params![host, job], job_row)?.collect()
-        })
-        .await
+        self.read(move |db| ingest::history(db, host.as_deref(), job.as_deref()))
+            .await
     }
 
     async fn snapshot(&self) -> Result<FleetSnapshot> {
-        self.read(|c| {
-            let hosts = c
-                .prepare(
-                    "SELECT h.host_id, h.labels, h.agent_version, h.last_seen, i.host_id IS NOT NULL,
-                       coalesce(i.reboot_required, 0), h.dropped_progress, h.dropped_final,
-                       coalesce(i.scan_errors, 0), coalesce(i.scanned_at, i.received_at)
-                     FROM hosts h LEFT JOIN inventories i ON i.host_id = h.host_id ORDER BY h.host_id",
-                )?
-                .query_map([], |row| {
-                    let labels: String = row.get(1)?;
-                    Ok(HostRow {
-                        host_id: row.get(0)?,
-                        labels: serde_json::from_str(&labels).unwrap_or_default(),
-                        agent_version: row.get(2)?,
-                        last_seen: row.get(3)?,
-                        has_inventory: row.get(4)?,
-                        reboot_required: row.get(5)?,
-                        dropped_progress: row.get::<_, i64>(6)? as u64,
-                        dropped_final: row.get::<_, i64>(7)? as u64,
-                        scan_errors: row.get(8)?,
-                        scanned_at: row.get(9)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let pending = c
-                .prepare("SELECT host_id, name, sla_class, since FROM pending ORDER BY host_id, name")?
-                .query_map([], |row| {
-                    Ok(PendingRow {
-                        host_id: row.get(0)?,
-                        name: row.get(1)?,
-                        sla_class: row.get(2)?,
-                        since: row.get(3)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let resolved = c
-                .prepare("SELECT host_id, name, sla_class, since, resolved_at FROM resolved")?
-                .query_map([], |row| {
-                    Ok(ResolvedRow {
-                        host_id: row.get(0)?,
-                        name: row.get(1)?,
-                        sla_class: row.get(2)?,
-                        since: row.get(3)?,
-                        resolved_at: row.get(4)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let jobs = c
-                .prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE final = 1"))?
-                .query_map([], job_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(FleetSnapshot {
-                hosts,
-                pending,
-                resolved,
-                jobs,
-            })
-        })
-        .await
+        self.read(ingest::snapshot).await
     }
 
     async fn create_token(&self, t: NewToken) -> Result<()> {
-        self.write(move |c| enrollment::create_token(c, &t)).await
+        let key = t.id.clone();
+        self.write(&key, move |db| enrollment::create_token(db, &t))
+            .await
     }
 
     async fn tokens(&self) -> Result<Vec<TokenRow>> {
@@ -804,7 +546,8 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_token(&self, id: String, now: i64) -> Result<bool> {
-        self.write(move |c| enrollment::revoke_token(c, &id, now))
+        let key = id.clone();
+        self.write(&key, move |db| enrollment::revoke_token(db, &id, now))
             .await
     }
 
@@ -813,23 +556,30 @@ impl Store for SqliteStore {
         e: Enrolment,
         now: i64,
     ) -> Result<std::result::Result<BTreeMap<String, String>, Refusal>> {
-        self.write(move |c| enrollment::enroll(c, &e, now)).await
+        let key = e.host_id.clone();
+        self.write(&key, move |db| enrollment::enroll(db, &e, now))
+            .await
     }
 
     async fn renewable(
         &self,
         host_id: String,
     ) -> Result<std::result::Result<Vec<String>, Refusal>> {
-        self.read(move |c| enrollment::renewable(c, &host_id)).await
-    }
-
-    async fn renewed(&self, host_id: String, serial: String, not_after: i64) -> Result<bool> {
-        self.write(move |c| enrollment::renewed(c, &host_id, &serial, not_after))
+        self.read(move |db| enrollment::renewable(db, &host_id))
             .await
     }
 
+    async fn renewed(&self, host_id: String, serial: String, not_after: i64) -> Result<bool> {
+        let key = host_id.clone();
+        self.write(&key, move |db| {
+            enrollment::renewed(db, &host_id, &serial, not_after)
+        })
+        .await
+    }
+
     async fn revoke_host(&self, host_id: String, now: i64) -> Result<bool> {
-        self.write(move |c| enrollment::revoke_host(c, &host_id, now))
+        let key = host_id.clone();
+        self.write(&key, move |db| enrollment::revoke_host(db, &host_id, now))
             .await
     }
 
@@ -840,21 +590,40 @@ impl Store for SqliteStore {
     async fn channel_opened(
         &self,
         host_id: String,
+        replica: String,
         labels: HashMap<String, String>,
         version: String,
         now: i64,
     ) -> Result<Admitted<()>> {
-        self.write(move |c| control::channel_opened(c, &host_id, &labels, &version, now))
-            .await
+        let key = host_id.clone();
+        self.write(&key, move |db| {
+            replicas::channel_opened(db, &host_id, &replica, &labels, &version, now)
+        })
+        .await
     }
 
-    async fn channel_closed(&self, host_id: String, now: i64) -> Result<()> {
-        self.write(move |c| control::channel_closed(c, &host_id, now))
-            .await
+    async fn channel_closed(&self, host_id: String, replica: String, now: i64) -> Result<()> {
+        let key = host_id.clone();
+        self.write(&key, move |db| {
+            replicas::channel_closed(db, &host_id, &replica, now)
+        })
+        .await
     }
 
-    async fn channels_reset(&self) -> Result<()> {
-        self.write(control::channels_reset).await
+    async fn beat(&self, id: String, address: String, started_at: i64) -> Result<()> {
+        let key = id.clone();
+        self.write(&key, move |db| {
+            replicas::beat(db, &id, &address, started_at)
+        })
+        .await
+    }
+
+    async fn holder(&self, host_id: String) -> Result<Option<String>> {
+        self.read(move |db| replicas::holder(db, &host_id)).await
+    }
+
+    async fn connected(&self) -> Result<Vec<(String, BTreeMap<String, String>)>> {
+        self.read(replicas::connected).await
     }
 
     async fn host_labels(&self) -> Result<Vec<(String, BTreeMap<String, String>)>> {
@@ -862,16 +631,18 @@ impl Store for SqliteStore {
     }
 
     async fn job_final(&self, host_id: String, job_id: String) -> Result<Option<pb::JobStatus>> {
-        self.read(move |c| control::job_final(c, &host_id, &job_id))
+        self.read(move |db| control::job_final(db, &host_id, &job_id))
             .await
     }
 
     async fn create_rollout(&self, r: NewRollout) -> Result<()> {
-        self.write(move |c| control::create_rollout(c, &r)).await
+        let key = r.id.clone();
+        self.write(&key, move |db| control::create_rollout(db, &r))
+            .await
     }
 
     async fn rollout(&self, id: String, hosts: bool) -> Result<Option<RolloutData>> {
-        self.read(move |c| control::rollout(c, &id, hosts)).await
+        self.read(move |db| control::rollout(db, &id, hosts)).await
     }
 
     async fn rollouts(&self) -> Result<Vec<pb::Rollout>> {
@@ -889,8 +660,11 @@ impl Store for SqliteStore {
         to: pb::RolloutState,
         note: String,
     ) -> Result<bool> {
-        self.write(move |c| control::set_state(c, &id, &from, to, &note))
-            .await
+        let key = id.clone();
+        self.write(&key, move |db| {
+            control::set_state(db, &id, &from, to, &note)
+        })
+        .await
     }
 
     async fn occurrence_started(
@@ -900,12 +674,16 @@ impl Store for SqliteStore {
         hosts: Vec<(String, u32)>,
         now: i64,
     ) -> Result<()> {
-        self.write(move |c| control::occurrence_started(c, &id, idx, &hosts, now))
-            .await
+        let key = id.clone();
+        self.write(&key, move |db| {
+            control::occurrence_started(db, &id, idx, &hosts, now)
+        })
+        .await
     }
 
     async fn set_rollout_host(&self, id: String, idx: u32, h: pb::RolloutHost) -> Result<bool> {
-        self.write(move |c| control::set_host(c, &id, idx, &h))
+        let key = id.clone();
+        self.write(&key, move |db| control::set_host(db, &id, idx, &h))
             .await
     }
 
@@ -916,50 +694,109 @@ impl Store for SqliteStore {
         stopped: bool,
         now: i64,
     ) -> Result<()> {
-        self.write(move |c| control::occurrence_finished(c, &id, idx, stopped, now))
+        let key = id.clone();
+        self.write(&key, move |db| {
+            control::occurrence_finished(db, &id, idx, stopped, now)
+        })
+        .await
+    }
+
+    async fn lease_rollout(&self, id: String, owner: String, ttl_secs: i64) -> Result<bool> {
+        let key = id.clone();
+        self.write(&key, move |db| replicas::lease(db, &id, &owner, ttl_secs))
+            .await
+    }
+
+    async fn release_rollout(&self, id: String, owner: String) -> Result<()> {
+        let key = id.clone();
+        self.write(&key, move |db| replicas::release(db, &id, &owner))
+            .await
+    }
+
+    async fn relay_put(&self, relay: RelayTask, replica: String, now: i64) -> Result<()> {
+        let key = relay.host_id.clone();
+        self.write(&key, move |db| {
+            replicas::relay_put(
+                db,
+                &relay.id,
+                &relay.host_id,
+                &replica,
+                relay.envelope.clone(),
+                relay.timeout_ms,
+                now,
+            )
+        })
+        .await
+    }
+
+    async fn relay_take(&self, replica: String, now: i64) -> Result<Vec<RelayTask>> {
+        let key = replica.clone();
+        self.write(&key, move |db| replicas::relay_take(db, &replica, now))
+            .await
+    }
+
+    async fn relay_answer(&self, id: String, answer: Relayed, now: i64) -> Result<()> {
+        let key = id.clone();
+        self.write(&key, move |db| {
+            replicas::relay_answer(db, &id, &answer, now)
+        })
+        .await
+    }
+
+    async fn relay_result(&self, id: String) -> Result<Option<Relayed>> {
+        let key = id.clone();
+        self.write(&key, move |db| replicas::relay_result(db, &id))
+            .await
+    }
+
+    async fn relay_cancel(&self, id: String) -> Result<()> {
+        let key = id.clone();
+        self.write(&key, move |db| replicas::relay_cancel(db, &id))
+            .await
+    }
+
+    fn notices(&self) -> Option<broadcast::Receiver<Notice>> {
+        self.notices.as_ref().map(broadcast::Sender::subscribe)
+    }
+
+    async fn compliance(&self, now: i64, stale_after: i64) -> Result<crate::compliance::Dashboard> {
+        self.read(move |db| dashboard::query(db, now, stale_after))
+            .await
+    }
+
+    async fn record_compliance(&self, d: crate::compliance::Dashboard) -> Result<()> {
+        self.write("compliance", move |db| dashboard::record(db, &d))
+            .await
+    }
+
+    async fn compliance_history(&self, since_day: i64) -> Result<Vec<dashboard::Daily>> {
+        self.read(move |db| dashboard::history(db, since_day)).await
+    }
+
+    async fn inventory_of(&self, host_id: String) -> Result<Option<pb::Inventory>> {
+        self.read(move |db| ingest::read_inventory(db, &host_id))
             .await
     }
 
     async fn prune(&self, cutoff: i64, batch: usize) -> Result<usize> {
-        self.write(move |c| prune(c, cutoff, batch)).await
+        self.write("", move |db| ingest::prune(db, cutoff, batch))
+            .await
     }
 }
 
-/// One batch of [`Store::prune`].
-fn prune(c: &Connection, cutoff: i64, batch: usize) -> rusqlite::Result<usize> {
-    let batch = i64::try_from(batch).unwrap_or(i64::MAX);
-    let mut n = c.execute(
-        "DELETE FROM jobs WHERE rowid IN
-           (SELECT rowid FROM jobs WHERE final = 1 AND updated_at < ?1 LIMIT ?2)",
-        params![cutoff, batch],
-    )?;
-    n += c.execute(
-        "DELETE FROM reports WHERE rowid IN
-           (SELECT rowid FROM reports WHERE received_at < ?1 LIMIT ?2)",
-        params![cutoff, batch],
-    )?;
-    n += c.execute(
-        "DELETE FROM resolved WHERE rowid IN
-           (SELECT rowid FROM resolved WHERE resolved_at < ?1 LIMIT ?2)",
-        params![cutoff, batch],
-    )?;
-    n += control::prune_rollouts(c, cutoff, batch)?;
-    Ok(n)
-}
-
-/// The latest inventory of a host, if any (for `patchctl` views and tests).
-pub fn read_inventory(path: &Path, host_id: &str) -> Result<Option<pb::Inventory>> {
-    let c = open(path, false)?;
-    let blob: Option<Vec<u8>> = c
-        .query_row(
-            "SELECT data FROM inventories WHERE host_id = ?1",
-            [host_id],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(|e| e.to_string())?;
-    blob.map(|b| pb::Inventory::decode(b.as_slice()).map_err(|e| e.to_string()))
-        .transpose()
+/// Runs a store test against SQLite and against a real PostgreSQL server.
+#[cfg(test)]
+pub(crate) async fn for_each_backend<F, Fut>(test: F)
+where
+    F: Fn(Location) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("tmp");
+    test(Location::File(dir.path().join("c.db"))).await;
+    let url = crate::testing::Server::shared()
+        .database()
+        .expect("a PostgreSQL database for the test");
+    test(Location::Postgres(url)).await;
 }
 
 #[cfg(test)]
@@ -1016,8 +853,11 @@ mod tests {
 
     #[tokio::test]
     async fn tokens_names_and_revocation() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = SqliteStore::open_writer(&dir.path().join("c.db")).expect("open");
+        crate::store::for_each_backend(tokens_names_and_revocation_on).await;
+    }
+
+    async fn tokens_names_and_revocation_on(db: Location) {
+        let s = SqlStore::open_writer(&db).await.expect("open");
         s.create_token(token("t1", "s1", 1, 100, false))
             .await
             .expect("t1");
@@ -1123,8 +963,14 @@ mod tests {
 
     #[tokio::test]
     async fn history_older_than_the_retention_goes_in_batches_and_the_rest_stays() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = SqliteStore::open_writer(&dir.path().join("c.db")).expect("open");
+        crate::store::for_each_backend(
+            history_older_than_the_retention_goes_in_batches_and_the_rest_stays_on,
+        )
+        .await;
+    }
+
+    async fn history_older_than_the_retention_goes_in_batches_and_the_rest_stays_on(db: Location) {
+        let s = SqlStore::open_writer(&db).await.expect("open");
         for i in 0..25 {
             s.job_report(
                 job("h1", &format!("old-{i}"), pb::JobState::Succeeded, "final"),
@@ -1172,9 +1018,14 @@ mod tests {
 
     #[tokio::test]
     async fn duplicates_are_stored_once_and_a_result_is_never_replaced() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let db = dir.path().join("c.db");
-        let s = SqliteStore::open_writer(&db).expect("open");
+        crate::store::for_each_backend(
+            duplicates_are_stored_once_and_a_result_is_never_replaced_on,
+        )
+        .await;
+    }
+
+    async fn duplicates_are_stored_once_and_a_result_is_never_replaced_on(db: Location) {
+        let s = SqlStore::open_writer(&db).await.expect("open");
         assert!(
             !s.job_report(job("h1", "j", pb::JobState::Applying, "3"), 10)
                 .await
@@ -1198,7 +1049,8 @@ mod tests {
             .await
             .expect("w")
             .expect("admitted");
-        let rows = SqliteStore::open_reader(&db)
+        let rows = SqlStore::open_reader(&db)
+            .await
             .expect("reader")
             .history(None, None)
             .await
@@ -1212,9 +1064,11 @@ mod tests {
 
     #[tokio::test]
     async fn inventory_checksums_and_resolved_updates() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let db = dir.path().join("c.db");
-        let s = SqliteStore::open_writer(&db).expect("open");
+        crate::store::for_each_backend(inventory_checksums_and_resolved_updates_on).await;
+    }
+
+    async fn inventory_checksums_and_resolved_updates_on(db: Location) {
+        let s = SqlStore::open_writer(&db).await.expect("open");
         let upd = |name: &str| pb::Update {
             name: name.into(),
             sla_class: pb::SlaClass::High as i32,
@@ -1264,7 +1118,8 @@ mod tests {
             .await
             .expect("w")
             .expect("admitted");
-        let snap = SqliteStore::open_reader(&db)
+        let snap = SqlStore::open_reader(&db)
+            .await
             .expect("reader")
             .snapshot()
             .await
@@ -1279,13 +1134,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn reader_refuses_what_is_not_a_controller_database() {
+    #[tokio::test]
+    async fn reader_refuses_what_is_not_a_controller_database() {
         let dir = tempfile::tempdir().expect("tmp");
-        let missing = SqliteStore::open_reader(&dir.path().join("nope.db"));
+        let missing = SqlStore::open_reader(&Location::File(dir.path().join("nope.db"))).await;
         assert!(missing.err().is_some_and(|e| e.contains("does not exist")));
         let other = dir.path().join("other.db");
         std::fs::write(&other, b"hello").expect("write");
-        assert!(SqliteStore::open_reader(&other).is_err());
+        assert!(SqlStore::open_reader(&Location::File(other)).await.is_err());
+        // An empty PostgreSQL database is not one either, until migrated.
+        let url = crate::testing::Server::shared().database().expect("pg");
+        let empty = Location::Postgres(url);
+        let e = SqlStore::open_reader(&empty).await.err().expect("refused");
+        assert!(e.contains("patchctl db migrate"), "{e}");
     }
 }

@@ -1,0 +1,473 @@
+//! The compliance dashboard computed in the database: a handful of aggregate queries, so
+//! `patchctl compliance` answers without loading every pending update into the process.
+//! The definitions are [`crate::compliance`]'s; its `compute` over a full snapshot is the
+//! reference these queries are tested against. Also the daily history of the headline figures.
+
+use super::sql::{Db, DbError, DbResult, p};
+use crate::compliance::{CLASSES, ClassFigures, Dashboard, EnvFigures, mean_of, percent};
+use std::collections::BTreeMap;
+
+/// Each class's allowance in seconds, by `sla_class` in `column` (NULL for other classes).
+fn allowance(column: &str) -> String {
+    let arms: String = CLASSES
+        .iter()
+        .map(|(class, _, allow)| format!(" WHEN {class} THEN {allow}"))
+        .collect();
+    format!("(CASE {column}{arms} END)")
+}
+
+/// Every host with why it is unknown: 0 known, 1 scan errors, 2 stale, 3 no inventory.
+/// Parameters: ?1 now, ?2 stale_after.
+const HOSTS: &str = "WITH h AS (
+  SELECT h.host_id, h.labels, h.dropped_progress, h.dropped_final,
+    CASE WHEN i.host_id IS NULL THEN 3
+         WHEN i.scan_errors > 0 THEN 1
+         WHEN ?1 - coalesce(i.scanned_at, i.received_at) > ?2 THEN 2
+         ELSE 0 END AS why,
+    coalesce(i.reboot_required, 0) AS reboot
+  FROM hosts h LEFT JOIN inventories i ON i.host_id = h.host_id)";
+
+fn sum(cond: &str) -> String {
+    format!("CAST(coalesce(sum(CASE WHEN {cond} THEN 1 ELSE 0 END), 0) AS BIGINT)")
+}
+
+fn count(n: i64) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// The dashboard as of `now`; see [`crate::compliance`] for what each figure means.
+pub fn query(db: &mut dyn Db, now: i64, stale_after: i64) -> DbResult<Dashboard> {
+    let args = p![now, stale_after];
+    let hosts = db
+        .row(
+            &format!(
+                "{HOSTS} SELECT count(*), {}, {}, {}, {}, {}, {},
+                   CAST(coalesce(sum(dropped_progress), 0) AS BIGINT),
+                   CAST(coalesce(sum(dropped_final), 0) AS BIGINT)
+                 FROM h",
+                sum("why <> 3"),
+                sum("why = 0"),
+                sum("why = 1"),
+                sum("why = 2"),
+                sum("why = 3"),
+                sum("reboot <> 0"),
+            ),
+            args,
+        )?
+        .ok_or_else(|| DbError("the host figures returned no row".into()))?;
+    let known = count(hosts.i64(2)?);
+
+    let allow = allowance("p.sla_class");
+    let mut classes: BTreeMap<i64, (i64, i64, i64, Option<i64>)> = BTreeMap::new();
+    for r in db.rows(
+        &format!(
+            "{HOSTS}, late AS (
+               SELECT p.host_id, p.sla_class, ?1 - p.since - {allow} AS late
+               FROM pending p JOIN h ON h.host_id = p.host_id AND h.why = 0)
+             SELECT sla_class, count(*), {},
+               count(DISTINCT CASE WHEN late > 0 THEN host_id END),
+               max(CASE WHEN late > 0 THEN late END)
+             FROM late GROUP BY sla_class",
+            sum("late > 0")
+        ),
+        args,
+    )? {
+        classes.insert(r.i64(0)?, (r.i64(1)?, r.i64(2)?, r.i64(3)?, r.opt_i64(4)?));
+    }
+    let mut resolved: BTreeMap<i64, (i64, f64)> = BTreeMap::new();
+    for r in db.rows(
+        "SELECT sla_class, count(*),
+           CAST(sum(CASE WHEN resolved_at > since THEN resolved_at - since ELSE 0 END) AS DOUBLE PRECISION)
+         FROM resolved GROUP BY sla_class",
+        &[],
+    )? {
+        resolved.insert(r.i64(0)?, (r.i64(1)?, r.f64(2)?));
+    }
+    let env = db.dialect().json_text("h.labels", "environment");
+    let mut by_environment = BTreeMap::new();
+    for r in db.rows(
+        &format!(
+            "{HOSTS} SELECT coalesce({env}, '(none)'), count(*),
+               {}
+             FROM h WHERE why = 0 GROUP BY coalesce({env}, '(none)')",
+            sum(&format!(
+                "NOT EXISTS(SELECT 1 FROM pending p WHERE p.host_id = h.host_id AND ?1 - p.since - {allow} > 0)"
+            ))
+        ),
+        args,
+    )? {
+        let (hosts, compliant) = (count(r.i64(1)?), count(r.i64(2)?));
+        by_environment.insert(
+            r.text(0)?,
+            EnvFigures {
+                hosts,
+                compliant,
+                compliance_percent: percent(compliant, hosts).unwrap_or(0.0),
+            },
+        );
+    }
+    let jobs = db
+        .row(
+            &format!(
+                "SELECT {}, {}, {}, {} FROM jobs WHERE final = 1",
+                sum("dry_run = 0 AND state IN ('SUCCEEDED', 'SUCCEEDED_REBOOT_REQUIRED', 'FAILED', 'TIMED_OUT', 'INTERRUPTED')"),
+                sum("dry_run = 0 AND state IN ('FAILED', 'TIMED_OUT', 'INTERRUPTED')"),
+                sum("reboot_attempted <> 0"),
+                sum("reboot_attempted <> 0 AND reboot_succeeded <> 0"),
+            ),
+            &[],
+        )?
+        .ok_or_else(|| DbError("the job figures returned no row".into()))?;
+
+    let by_class = CLASSES
+        .iter()
+        .map(|(class, name, allow)| {
+            let (pending, overdue, hosts_late, max_late) =
+                classes.get(&i64::from(*class)).copied().unwrap_or_default();
+            let (n, total) = resolved
+                .get(&i64::from(*class))
+                .copied()
+                .unwrap_or_default();
+            ClassFigures {
+                class: name,
+                sla_hours: allow / 3600,
+                compliance_percent: percent(known.saturating_sub(count(hosts_late)), known),
+                pending: count(pending),
+                overdue: count(overdue),
+                hosts_overdue: count(hosts_late),
+                max_days_overdue: max_late.map(|d| d as f64 / 86400.0),
+                mean_time_to_patch_hours: mean_of(count(n), total),
+            }
+        })
+        .collect();
+    let compliant: usize = by_environment.values().map(|e| e.compliant).sum();
+    let (n, total) = resolved
+        .values()
+        .fold((0, 0.0), |(n, t), (m, s)| (n + m, t + s));
+    let (ran, failed) = (count(jobs.i64(0)?), count(jobs.i64(1)?));
+    let (reboots, reboots_ok) = (count(jobs.i64(2)?), count(jobs.i64(3)?));
+    let total_hosts = count(hosts.i64(0)?);
+    Ok(Dashboard {
+        generated_at: now,
+        hosts: total_hosts,
+        hosts_with_inventory: count(hosts.i64(1)?),
+        hosts_known: known,
+        hosts_unknown: total_hosts - known,
+        hosts_unknown_scan_errors: count(hosts.i64(3)?),
+        hosts_unknown_stale: count(hosts.i64(4)?),
+        hosts_unknown_no_inventory: count(hosts.i64(5)?),
+        stale_after_hours: stale_after as f64 / 3600.0,
+        hosts_compliant: compliant,
+        overall_compliance_percent: percent(compliant, known),
+        by_class,
+        by_environment,
+        mean_time_to_patch_hours: mean_of(count(n), total),
+        jobs_ran: ran,
+        jobs_failed: failed,
+        patch_failure_rate_percent: percent(failed, ran),
+        reboots,
+        reboots_succeeded: reboots_ok,
+        reboot_success_rate_percent: percent(reboots_ok, reboots),
+        hosts_reboot_required: count(hosts.i64(6)?),
+        reports_dropped: (hosts.int(7)?, hosts.int(8)?),
+    })
+}
+
+/// One day's headline figures: what a trend is plotted from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Daily {
+    /// Days since 1970-01-01 (UTC).
+    pub day: i64,
+    /// When the figures were computed (the day's last snapshot wins).
+    pub taken_at: i64,
+    pub hosts: usize,
+    pub hosts_known: usize,
+    pub hosts_compliant: usize,
+    pub overall_compliance_percent: Option<f64>,
+    /// Compliance percent of each class, critical to low.
+    pub class_compliance_percent: Vec<Option<f64>>,
+    pub pending: usize,
+    pub overdue: usize,
+    pub mean_time_to_patch_hours: Option<f64>,
+    pub patch_failure_rate_percent: Option<f64>,
+    pub hosts_reboot_required: usize,
+}
+
+impl Daily {
+    pub fn of(d: &Dashboard) -> Self {
+        Daily {
+            day: d.generated_at.div_euclid(86_400),
+            taken_at: d.generated_at,
+            hosts: d.hosts,
+            hosts_known: d.hosts_known,
+            hosts_compliant: d.hosts_compliant,
+            overall_compliance_percent: d.overall_compliance_percent,
+            class_compliance_percent: d.by_class.iter().map(|c| c.compliance_percent).collect(),
+            pending: d.by_class.iter().map(|c| c.pending).sum(),
+            overdue: d.by_class.iter().map(|c| c.overdue).sum(),
+            mean_time_to_patch_hours: d.mean_time_to_patch_hours,
+            patch_failure_rate_percent: d.patch_failure_rate_percent,
+            hosts_reboot_required: d.hosts_reboot_required,
+        }
+    }
+}
+
+/// Records the day's figures, replacing an earlier snapshot of the same day.
+pub fn record(db: &mut dyn Db, d: &Dashboard) -> DbResult<()> {
+    let daily = Daily::of(d);
+    let json = serde_json::to_string(&daily).map_err(|e| DbError(e.to_string()))?;
+    db.exec(
+        "INSERT INTO compliance_daily(day, taken_at, figures) VALUES(?1, ?2, ?3)
+         ON CONFLICT(day) DO UPDATE SET taken_at = excluded.taken_at, figures = excluded.figures
+         WHERE compliance_daily.taken_at <= excluded.taken_at",
+        p![daily.day, daily.taken_at, json],
+    )?;
+    Ok(())
+}
+
+/// The daily figures from `since_day`, oldest first.
+pub fn history(db: &mut dyn Db, since_day: i64) -> DbResult<Vec<Daily>> {
+    db.rows(
+        "SELECT figures FROM compliance_daily WHERE day >= ?1 ORDER BY day",
+        p![since_day],
+    )?
+    .iter()
+    .map(|r| {
+        serde_json::from_str(&r.text(0)?)
+            .map_err(|e| DbError(format!("a stored daily snapshot is unreadable: {e}")))
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::{Location, SqlStore, Store};
+    use patch_agent_wire::proto::v1 as pb;
+
+    fn ts(s: i64) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp {
+            seconds: s,
+            nanos: 0,
+        })
+    }
+
+    /// A small, deterministic pseudo-random sequence.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// Hosts of every kind (known, scan errors, stale, no inventory; three environments and
+    /// none), updates of every class pending for various ages, updates resolved, and results
+    /// of every state, dry runs and reboots among them.
+    async fn fleet(s: &SqlStore, now: i64) {
+        let mut r = Lcg(7);
+        for h in 0..60 {
+            let host = format!("h{h:02}");
+            let mut labels = std::collections::HashMap::new();
+            match h % 4 {
+                0 => {}
+                n => {
+                    labels.insert("environment".to_string(), format!("env{n}"));
+                }
+            }
+            let kind = r.next(10);
+            if kind == 0 {
+                s.hello(
+                    pb::HelloRequest {
+                        host_id: host.clone(),
+                        labels,
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .await
+                .expect("w")
+                .expect("admitted");
+                continue;
+            }
+            let scanned = if kind == 1 {
+                now - 3 * 86_400
+            } else {
+                now - 600
+            };
+            let updates = |r: &mut Lcg, n: usize, tag: &str| -> Vec<pb::Update> {
+                (0..n)
+                    .map(|i| pb::Update {
+                        name: format!("{tag}{i}"),
+                        architecture: "amd64".into(),
+                        sla_class: r.next(5) as i32,
+                        issued: if r.next(2) == 0 {
+                            ts(now - r.next(120) as i64 * 86_400)
+                        } else {
+                            None
+                        },
+                        first_seen: ts(now - r.next(40) as i64 * 86_400),
+                        ..Default::default()
+                    })
+                    .collect()
+            };
+            let send = |inv: pb::Inventory, at: i64| {
+                let bytes = prost::Message::encode_to_vec(&inv);
+                s.inventory(
+                    pb::InventoryReport {
+                        host_id: host.clone(),
+                        labels: labels.clone(),
+                        checksum: format!("{}", bytes.len()),
+                        inventory: Some(inv),
+                        scanned_at: ts(at),
+                        ..Default::default()
+                    },
+                    at,
+                )
+            };
+            // A first scan, then a later one that resolved some of its updates.
+            let first = updates(&mut r, 6, "p");
+            send(
+                pb::Inventory {
+                    updates: first.clone(),
+                    ..Default::default()
+                },
+                scanned - 86_400 * r.next(5) as i64 - 60,
+            )
+            .await
+            .expect("w")
+            .expect("admitted");
+            let mut later: Vec<pb::Update> = first.into_iter().skip(r.next(4) as usize).collect();
+            let extra = r.next(4) as usize;
+            later.extend(updates(&mut r, extra, "q"));
+            send(
+                pb::Inventory {
+                    updates: later,
+                    scan_errors: if kind == 2 {
+                        vec!["apt-get update failed".into()]
+                    } else {
+                        Vec::new()
+                    },
+                    reboot: Some(pb::RebootStatus {
+                        required: r.next(3) == 0,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                scanned,
+            )
+            .await
+            .expect("w")
+            .expect("admitted");
+            let states = [
+                pb::JobState::Succeeded,
+                pb::JobState::Failed,
+                pb::JobState::TimedOut,
+                pb::JobState::SucceededRebootRequired,
+                pb::JobState::Interrupted,
+                pb::JobState::Cancelled,
+            ];
+            for j in 0..r.next(4) {
+                let reboot = r.next(3) == 0;
+                s.job_report(
+                    pb::JobReport {
+                        report_id: format!("{host}-{j}"),
+                        host_id: host.clone(),
+                        status: Some(pb::JobStatus {
+                            job_id: format!("j{j}"),
+                            state: states[r.next(6) as usize] as i32,
+                            dry_run: r.next(4) == 0,
+                            ..Default::default()
+                        }),
+                        r#final: r.next(5) != 0,
+                        reboot_attempted: reboot,
+                        reboot_succeeded: reboot && r.next(2) == 0,
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .await
+                .expect("w")
+                .expect("admitted");
+            }
+        }
+    }
+
+    /// Floats rounded, so that sums taken in another order compare equal.
+    fn rounded(v: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match v {
+            Value::Number(n) if n.is_f64() => {
+                let x = n.as_f64().unwrap_or_default();
+                serde_json::json!((x * 1e6).round() / 1e6)
+            }
+            Value::Array(a) => Value::Array(a.into_iter().map(rounded).collect()),
+            Value::Object(o) => {
+                Value::Object(o.into_iter().map(|(k, v)| (k, rounded(v))).collect())
+            }
+            v => v,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_figures_in_sql_are_the_reference_figures() {
+        crate::store::for_each_backend(figures_on).await;
+    }
+
+    async fn figures_on(db: Location) {
+        let s = SqlStore::open_writer(&db).await.expect("open");
+        let now = 1_800_000_000;
+        fleet(&s, now).await;
+        let stale = 48 * 3600;
+        let sql = s.compliance(now, stale).await.expect("sql figures");
+        let reference =
+            crate::compliance::compute(&s.snapshot().await.expect("snapshot"), now, stale);
+        assert_eq!(
+            rounded(serde_json::to_value(&sql).expect("json")),
+            rounded(serde_json::to_value(&reference).expect("json")),
+            "{db}"
+        );
+        // The fleet has a bit of everything, so the comparison means something.
+        assert!(sql.hosts_unknown_no_inventory > 0 && sql.hosts_unknown_stale > 0);
+        assert!(sql.hosts_unknown_scan_errors > 0 && sql.hosts_known > 20);
+        assert!(sql.by_class.iter().all(|c| c.pending > 0), "{sql:?}");
+        assert!(sql.by_class.iter().any(|c| c.overdue > 0));
+        assert!(sql.jobs_failed > 0 && sql.jobs_ran > sql.jobs_failed);
+        assert!(sql.reboots > sql.reboots_succeeded && sql.reboots_succeeded > 0);
+        assert!(
+            sql.by_environment.len() >= 3,
+            "{:?}",
+            sql.by_environment.keys()
+        );
+        assert!(sql.by_environment.contains_key("(none)"));
+        assert!(sql.mean_time_to_patch_hours.is_some());
+
+        // The daily history: one row a day, the day's later snapshot replacing the earlier.
+        let mut later = sql.clone();
+        later.generated_at += 60;
+        later.hosts_compliant = 1;
+        let mut next_day = sql.clone();
+        next_day.generated_at += 86_400;
+        for d in [later.clone(), sql.clone(), next_day] {
+            s.record_compliance(d).await.expect("record");
+        }
+        let days = s.compliance_history(now / 86_400).await.expect("history");
+        assert_eq!(days.len(), 2);
+        assert_eq!(
+            days[0].hosts_compliant, 1,
+            "the day's last snapshot is kept"
+        );
+        assert_eq!(days[1].day, now / 86_400 + 1);
+        assert_eq!(days[0].class_compliance_percent.len(), 4);
+        assert!(
+            s.compliance_history(now / 86_400 + 1)
+                .await
+                .expect("history")
+                .len()
+                == 1
+        );
+    }
+}
