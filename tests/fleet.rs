@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::net::{Controller, Net, issue_ctl_cert};
+use common::net::{Backend, Controller, Net, db_of, issue_ctl_cert};
 use common::*;
 use nix::sys::signal::Signal;
 use patch_agent_wire::proto::v1 as pb;
@@ -13,6 +13,23 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+/// Runs a test against each store: `NAME::sqlite` and `NAME::postgres`.
+macro_rules! both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name(super::Backend::Sqlite);
+            }
+
+            #[test]
+            fn postgres() {
+                super::$name(super::Backend::Postgres);
+            }
+        }
+    };
+}
 
 /// One agent host of the fleet.
 struct Node {
@@ -39,10 +56,18 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// A controller at .2 and `n` agents at .11, .12, ...; `envs` labels them in turn.
-    fn new(name: &str, subnet: u8, n: u8, envs: &[&str]) -> Self {
-        let (tmp, pki) = setup(name);
-        let mut net = Net::new(name, subnet);
+    /// A controller on `backend` at .2 and `n` agents at .11, .12, ...; `envs` labels them
+    /// in turn. The PostgreSQL run of a test takes another name and subnet than its SQLite run.
+    fn new(name: &str, subnet: u8, n: u8, envs: &[&str], backend: Backend) -> Self {
+        let name = format!("{name}{}", backend.tag());
+        let subnet = if backend == Backend::Postgres {
+            subnet + 100
+        } else {
+            subnet
+        };
+        let (tmp, pki) = setup(&name);
+        backend.prepare(tmp.path());
+        let mut net = Net::new(&name, subnet);
         let (ctl_ns, ctl_ip) = net.add(2);
         issue_ctl_cert(tmp.path(), &pki, &ctl_ip);
         let (key, trusted) = signing_key(tmp.path());
@@ -168,8 +193,8 @@ impl Fleet {
         (out, v)
     }
 
-    fn db(&self) -> PathBuf {
-        self.tmp.path().join("controller.db")
+    fn db(&self) -> String {
+        db_of(self.tmp.path())
     }
 
     fn history(&self, job: Option<&str>) -> Vec<Value> {
@@ -243,7 +268,7 @@ impl Fleet {
     }
 }
 
-fn history(db: &Path, job: Option<&str>) -> Vec<Value> {
+fn history(db: &str, job: Option<&str>) -> Vec<Value> {
     let mut cmd = Command::new(patchctl());
     cmd.args(["history", "--json", "--db"]).arg(db);
     if let Some(j) = job {
@@ -274,9 +299,18 @@ fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-#[test]
-fn rollout_in_batches_stops_at_the_failure_threshold_and_results_reach_the_controller() {
-    let f = Fleet::new("ro", 101, 4, &["production", "production", "staging"]);
+both_stores!(rollout_in_batches_stops_at_the_failure_threshold_and_results_reach_the_controller);
+
+fn rollout_in_batches_stops_at_the_failure_threshold_and_results_reach_the_controller(
+    backend: Backend,
+) {
+    let f = Fleet::new(
+        "ro",
+        101,
+        4,
+        &["production", "production", "staging"],
+        backend,
+    );
     for i in 0..4 {
         if i == 2 {
             f.hook(i, "pre", "echo 'host3 is not ready' >&2; exit 1");
@@ -411,9 +445,10 @@ fn rollout_in_batches_stops_at_the_failure_threshold_and_results_reach_the_contr
     assert_eq!(d["by_environment"]["staging"]["hosts"], 1, "{d:#}");
 }
 
-#[test]
-fn nothing_is_lost_when_the_controller_or_an_agent_is_killed_or_a_link_is_cut() {
-    let mut f = Fleet::new("nl", 102, 3, &["production"]);
+both_stores!(nothing_is_lost_when_the_controller_or_an_agent_is_killed_or_a_link_is_cut);
+
+fn nothing_is_lost_when_the_controller_or_an_agent_is_killed_or_a_link_is_cut(backend: Backend) {
+    let mut f = Fleet::new("nl", 102, 3, &["production"], backend);
     // 1. SIGKILL the controller in the middle of a rollout; restart it on the same database.
     // Each job upgrades `slow`, whose maintainer script takes 4 s.
     let child = f
@@ -495,10 +530,12 @@ fn nothing_is_lost_when_the_controller_or_an_agent_is_killed_or_a_link_is_cut() 
     f.wait_results(&[("host2", "k3")], Duration::from_secs(30));
 }
 
-#[test]
-fn the_controller_trusts_only_its_ca_refuses_plaintext_and_spoofed_host_ids() {
+both_stores!(the_controller_trusts_only_its_ca_refuses_plaintext_and_spoofed_host_ids);
+
+fn the_controller_trusts_only_its_ca_refuses_plaintext_and_spoofed_host_ids(backend: Backend) {
     patch_agent_service::tls::install_default_provider();
-    let (tmp, pki) = setup("trust");
+    let (tmp, pki) = setup(&format!("trust{}", backend.tag()));
+    backend.prepare(tmp.path());
     issue_ctl_cert(tmp.path(), &pki, "127.0.0.1");
     let ctl = Controller::start(tmp.path(), &pki, "127.0.0.1:0", None);
     let (h1_cert, h1_key) = pki.issue(
@@ -583,15 +620,17 @@ fn the_controller_trusts_only_its_ca_refuses_plaintext_and_spoofed_host_ids() {
     assert!(!out.status.success(), "{}", text(&out));
 
     // Nothing from the refused calls reached the database.
-    let rows = history(&tmp.path().join("controller.db"), None);
+    let rows = history(&db_of(tmp.path()), None);
     assert!(rows.is_empty(), "{rows:#?}");
     assert!(ctl.log_text().contains("Agent hello host=h1"));
 }
 
-#[test]
-fn compliance_figures_from_a_database_built_by_reports() {
+both_stores!(compliance_figures_from_a_database_built_by_reports);
+
+fn compliance_figures_from_a_database_built_by_reports(backend: Backend) {
     patch_agent_service::tls::install_default_provider();
-    let (tmp, pki) = setup("compliance");
+    let (tmp, pki) = setup(&format!("compliance{}", backend.tag()));
+    backend.prepare(tmp.path());
     issue_ctl_cert(tmp.path(), &pki, "127.0.0.1");
     let ctl = Controller::start(tmp.path(), &pki, "127.0.0.1:0", None);
     let now = std::time::SystemTime::now()
@@ -793,7 +832,7 @@ fn compliance_figures_from_a_database_built_by_reports() {
     });
     let out = run(Command::new(patchctl())
         .args(["history", "--db"])
-        .arg(tmp.path().join("controller.db"))
+        .arg(db_of(tmp.path()))
         .args(["--job", "evil"]));
     assert!(out.status.success(), "history: {}", text(&out));
     let t = text(&out);
@@ -804,7 +843,7 @@ fn compliance_figures_from_a_database_built_by_reports() {
     );
     let out = run(Command::new(patchctl())
         .args(["compliance", "--json", "--db"])
-        .arg(tmp.path().join("controller.db")));
+        .arg(db_of(tmp.path())));
     assert!(out.status.success(), "{}", text(&out));
     let d: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(d["hosts_with_inventory"], 6, "{d:#}");
@@ -858,7 +897,7 @@ fn compliance_figures_from_a_database_built_by_reports() {
     // The terminal view shows the same figures.
     let out = run(Command::new(patchctl())
         .args(["compliance", "--db"])
-        .arg(tmp.path().join("controller.db")));
+        .arg(db_of(tmp.path())));
     let t = text(&out);
     assert!(t.contains("OVERALL COMPLIANCE: 75.0%"), "{t}");
     assert!(t.contains("UNKNOWN: 2 of 6 hosts"), "{t}");
@@ -869,7 +908,7 @@ fn compliance_figures_from_a_database_built_by_reports() {
     // A tighter --stale-after makes every host unknown.
     let out = run(Command::new(patchctl())
         .args(["compliance", "--json", "--stale-after", "1s", "--db"])
-        .arg(tmp.path().join("controller.db")));
+        .arg(db_of(tmp.path())));
     let d: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert!(d["hosts_known"].as_u64() <= Some(4), "{d:#}");
     assert!(
@@ -957,9 +996,11 @@ fn an_unreachable_agent_counts_as_failed() {
     );
 }
 
-#[test]
-fn sighup_points_the_reporter_at_a_new_controller_and_the_outbox_loses_nothing() {
-    let (tmp, pki) = setup("reportreload");
+both_stores!(sighup_points_the_reporter_at_a_new_controller_and_the_outbox_loses_nothing);
+
+fn sighup_points_the_reporter_at_a_new_controller_and_the_outbox_loses_nothing(backend: Backend) {
+    let (tmp, pki) = setup(&format!("reportreload{}", backend.tag()));
+    backend.prepare(tmp.path());
     issue_ctl_cert(tmp.path(), &pki, "127.0.0.1");
     let dir = tmp.path().join("a");
     let sandbox = dir.join("apt");
@@ -1004,7 +1045,7 @@ fn sighup_points_the_reporter_at_a_new_controller_and_the_outbox_loses_nothing()
     let stored = loop {
         let out = run(Command::new(patchctl())
             .args(["compliance", "--json", "--db"])
-            .arg(tmp.path().join("controller.db")));
+            .arg(db_of(tmp.path())));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         if v["hosts_with_inventory"] == 1 {
             break v;

@@ -204,6 +204,40 @@ impl Drop for Nat {
     }
 }
 
+/// Which store a test's controller uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// Points the controllers started in `dir` at this store: DIR/controller.db, or a new
+    /// database on the test process's PostgreSQL server (its URL kept in DIR/db-url).
+    pub fn prepare(self, dir: &Path) {
+        if self == Backend::Postgres {
+            let url = patch_agent_controller::testing::Server::shared()
+                .database()
+                .expect("a PostgreSQL database for the test");
+            std::fs::write(dir.join("db-url"), url).expect("db-url");
+        }
+    }
+
+    /// A short tag that keeps the two runs of one test apart (names, subnets).
+    pub fn tag(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "",
+            Backend::Postgres => "p",
+        }
+    }
+}
+
+/// The `--db` of the controllers started in `dir` (see [`Backend::prepare`]).
+pub fn db_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("db-url"))
+        .unwrap_or_else(|_| dir.join("controller.db").display().to_string())
+}
+
 /// `patchctl serve`, optionally inside a namespace.
 pub struct Controller {
     pub child: Child,
@@ -250,7 +284,7 @@ impl Controller {
             None => Command::new(patchctl()),
         };
         cmd.args(["serve", "--listen", listen, "--db"])
-            .arg(dir.join("controller.db"))
+            .arg(db_of(dir))
             .arg("--ca")
             .arg(pki.path("ca.pem"))
             .arg("--cert")
