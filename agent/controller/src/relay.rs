@@ -60,7 +60,7 @@ impl Relay {
             tracing::warn!(host, error = %e, "Cannot relay a push");
             return Err(PushError::Lost);
         }
-        tracing::debug!(host, holder = %holder, relay = %id, "Push relayed to the holding controller");
+        tracing::info!(host = %host, holder = %holder, relay = %id, "Push relayed to the controller that holds the host");
         // The holder's own push may take `timeout`; a little more for the two database trips.
         let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(5);
         loop {

@@ -197,6 +197,7 @@ impl Driver {
             .lease_rollout(id.clone(), self.me(), LEASE_TTL_SECS)
             .await?
         {
+            tracing::info!(rollout = %id, replica = %self.hub.replica, "Driving rollout (created here)");
             self.start(id);
         }
         Ok(())
