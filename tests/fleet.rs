@@ -919,6 +919,38 @@ fn compliance_figures_from_a_database_built_by_reports(backend: Backend) {
         t.contains("Reboot success rate:  50.0% (1 of 2 reboots)"),
         "{t}"
     );
+
+    // The daily history: `serve` records the day's figures at start (and hourly), the
+    // day's latest replacing the earlier. A restart records them now.
+    drop(ctl);
+    let _ctl = Controller::start(tmp.path(), &pki, "127.0.0.1:0", None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let days = loop {
+        let out = run(Command::new(patchctl())
+            .args(["compliance", "--history", "--days", "7", "--json", "--db"])
+            .arg(db_of(tmp.path())));
+        assert!(out.status.success(), "history: {}", text(&out));
+        let days: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
+        if days.last().is_some_and(|d| d["hosts"] == 6) {
+            break days;
+        }
+        assert!(Instant::now() < deadline, "no snapshot of 6 hosts: {days:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(days.len(), 1, "one row a day: {days:#?}");
+    assert_eq!(days[0]["overall_compliance_percent"], 75.0, "{days:#?}");
+    assert_eq!(days[0]["day"].as_i64(), Some(now.div_euclid(86_400)));
+    let out = run(Command::new(patchctl())
+        .args(["compliance", "--history", "--db"])
+        .arg(db_of(tmp.path())));
+    let t = text(&out);
+    assert!(t.contains("DATE") && t.contains("75.0%"), "{t}");
+    // Migrating a database at the latest version does nothing, and says so.
+    let out = run(Command::new(patchctl())
+        .args(["db", "migrate", "--db"])
+        .arg(db_of(tmp.path())));
+    assert!(out.status.success(), "migrate: {}", text(&out));
+    assert!(text(&out).contains("nothing to do"), "{}", text(&out));
 }
 
 #[test]

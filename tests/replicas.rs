@@ -287,6 +287,17 @@ fn a_killed_replica_rollout_is_finished_by_another_and_every_result_is_stored_on
     {
         assert_eq!(h["result"], "succeeded", "host{}: {v:#}", i + 1);
     }
+    // The database says the same to `patchctl rollouts --db`, with no controller asked.
+    let out = run(Command::new(patchctl())
+        .args(["rollouts", "show", &id, "--json", "--db"])
+        .arg(r.db()));
+    assert!(out.status.success(), "rollouts show --db: {}", text(&out));
+    let stored: Value = serde_json::from_slice(&out.stdout).expect("rollout JSON");
+    assert_eq!(stored["state"], "completed", "{stored:#}");
+    let out = run(Command::new(patchctl())
+        .args(["rollouts", "list", "--db"])
+        .arg(r.db()));
+    assert!(text(&out).contains(&id), "{}", text(&out));
     // The agents whose first controller died report through the second.
     wait_log(
         &r.b,

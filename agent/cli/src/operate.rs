@@ -9,6 +9,7 @@ use crate::rollout::RolloutArgs;
 use crate::{Failure, invalid, outln, terminal_safe};
 use anyhow::{Context, Result};
 use patch_agent_controller::operator::state_word;
+use patch_agent_controller::store::Store as _;
 use patch_agent_wire::proto::{OperatorClient, v1 as pb};
 use pb::{RolloutHostState as HostState, RolloutState as State};
 use serde_json::{Value, json};
@@ -44,19 +45,87 @@ async fn client(controller: &str, tls: &TlsArgs) -> Result<OperatorClient<Channe
     Ok(OperatorClient::new(channel))
 }
 
+/// Where `rollouts list` and `show` read: a controller, or its database directly.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Source {
+    /// The controller: HOST:PORT (mutual TLS with an operator's certificate).
+    #[arg(long, env = "PATCHCTL_CONTROLLER", required_unless_present = "db")]
+    pub controller: Option<String>,
+    /// Or read the controller's database (a file, or a postgres:// URL) without a controller.
+    #[arg(long, conflicts_with = "controller")]
+    pub db: Option<patch_agent_controller::store::Location>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+impl Source {
+    async fn list(&self) -> Result<Vec<pb::Rollout>> {
+        if let Some(db) = &self.db {
+            return Ok(store(db)
+                .await?
+                .rollouts()
+                .await
+                .map_err(anyhow::Error::msg)?);
+        }
+        Ok(self
+            .client()
+            .await?
+            .list_rollouts(pb::ListRolloutsRequest {})
+            .await
+            .map_err(refused)?
+            .into_inner()
+            .rollouts)
+    }
+
+    async fn get(&self, id: String) -> Result<pb::Rollout> {
+        if let Some(db) = &self.db {
+            return store(db)
+                .await?
+                .rollout(id.clone(), true)
+                .await
+                .map_err(anyhow::Error::msg)?
+                .map(|d| d.rollout)
+                .ok_or_else(|| anyhow::anyhow!("no rollout {id:?} in {db}"));
+        }
+        Ok(self
+            .client()
+            .await?
+            .get_rollout(pb::RolloutRef { rollout_id: id })
+            .await
+            .map_err(refused)?
+            .into_inner())
+    }
+
+    async fn client(&self) -> Result<OperatorClient<Channel>> {
+        let controller = self
+            .controller
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("give --controller or --db"))?;
+        client(controller, &self.tls).await
+    }
+}
+
+async fn store(
+    db: &patch_agent_controller::store::Location,
+) -> Result<patch_agent_controller::store::SqlStore> {
+    patch_agent_controller::store::SqlStore::open_reader(db)
+        .await
+        .map_err(anyhow::Error::msg)
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum RolloutsCommand {
     /// Rollouts the controller holds, most recent first.
     List {
         #[command(flatten)]
-        controller: ControllerArgs,
+        source: Source,
         #[arg(long)]
         json: bool,
     },
     /// One rollout: every occurrence and host, and the next occurrence due.
     Show {
         #[command(flatten)]
-        controller: ControllerArgs,
+        source: Source,
         id: String,
         #[arg(long)]
         json: bool,
@@ -95,17 +164,9 @@ pub enum RolloutsCommand {
 }
 
 pub async fn rollouts(cmd: RolloutsCommand) -> Result<()> {
-    let r = |id: String| pb::RolloutRef { rollout_id: id };
     match cmd {
-        RolloutsCommand::List { controller, json } => {
-            let list = controller
-                .client()
-                .await?
-                .list_rollouts(pb::ListRolloutsRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .rollouts;
+        RolloutsCommand::List { source, json } => {
+            let list = source.list().await?;
             if json {
                 let v: Vec<Value> = list.iter().map(rollout_json).collect();
                 outln!("{}", serde_json::to_string_pretty(&v)?);
@@ -138,20 +199,7 @@ pub async fn rollouts(cmd: RolloutsCommand) -> Result<()> {
             }
             Ok(())
         }
-        RolloutsCommand::Show {
-            controller,
-            id,
-            json,
-        } => {
-            let x = controller
-                .client()
-                .await?
-                .get_rollout(r(id))
-                .await
-                .map_err(refused)?
-                .into_inner();
-            print(&x, json)
-        }
+        RolloutsCommand::Show { source, id, json } => print(&source.get(id).await?, json),
         RolloutsCommand::Watch {
             controller,
             id,

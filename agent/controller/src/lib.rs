@@ -239,7 +239,8 @@ pub struct ServeArgs {
     pub listen: String,
     /// The database: an SQLite file (created if missing), or a PostgreSQL URL
     /// (postgres://USER@HOST[:PORT]/DB; several controllers may share one). Migrated on start.
-    #[arg(long)]
+    /// From the environment, a password in the URL stays out of the process list.
+    #[arg(long, env = "PATCHCTL_DB", hide_env_values = true)]
     pub db: store::Location,
     /// CA certificate (PEM) that agent certificates must chain to.
     #[arg(long)]
