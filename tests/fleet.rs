@@ -934,7 +934,10 @@ fn compliance_figures_from_a_database_built_by_reports(backend: Backend) {
         if days.last().is_some_and(|d| d["hosts"] == 6) {
             break days;
         }
-        assert!(Instant::now() < deadline, "no snapshot of 6 hosts: {days:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot of 6 hosts: {days:#?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(days.len(), 1, "one row a day: {days:#?}");

@@ -61,11 +61,11 @@ pub struct Source {
 impl Source {
     async fn list(&self) -> Result<Vec<pb::Rollout>> {
         if let Some(db) = &self.db {
-            return Ok(store(db)
+            return store(db)
                 .await?
                 .rollouts()
                 .await
-                .map_err(anyhow::Error::msg)?);
+                .map_err(anyhow::Error::msg);
         }
         Ok(self
             .client()
