@@ -259,7 +259,13 @@ fn main() {
     // 1. Ingest.
     let sqlite = tmp.path().join("ingest.db").display().to_string();
     let one = controller(&tmp.path().join("s"), &pki, &sqlite, &[]);
-    let (s_new, s_dup) = ingest(tmp.path(), &pki, &[one.addr.clone()], clients, per_client);
+    let (s_new, s_dup) = ingest(
+        tmp.path(),
+        &pki,
+        std::slice::from_ref(&one.addr),
+        clients,
+        per_client,
+    );
     drop(one);
     let url = pg.database().expect("db");
     let a = controller(&tmp.path().join("pa"), &pki, &url, &[]);
