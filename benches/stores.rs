@@ -87,7 +87,12 @@ fn ingest(
         args.extend(["--san".to_string(), format!("h{i}")]);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (cert, key) = pki.issue(&tmp.join("hosts"), &args);
+    let prefix = tmp.join("hosts");
+    let (cert, key) = if prefix.with_extension("pem").exists() {
+        (prefix.with_extension("pem"), prefix.with_extension("key"))
+    } else {
+        pki.issue(&prefix, &args)
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -512,10 +512,8 @@ impl Store for SqlStore {
 
     async fn job_report(&self, r: pb::JobReport, now: i64) -> Result<Admitted<bool>> {
         let key = r.host_id.clone();
-        self.write(&key, move |db| {
-            ingest::admitted(db, &r.host_id, |db| ingest::job(db, &r, now))
-        })
-        .await
+        self.write(&key, move |db| ingest::job_report(db, &r, now))
+            .await
     }
 
     async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<Admitted<bool>> {
