@@ -15,7 +15,6 @@
 mod common;
 
 use common::*;
-use patch_agent_wire::proto::v1 as pb;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -70,44 +69,6 @@ fn start_controller(dir: &Path, pki: &Pki) -> (Child, String) {
     panic!("controller did not start");
 }
 
-fn report(host: &str, n: usize) -> pb::JobReport {
-    let is_final = n % 4 == 3;
-    pb::JobReport {
-        report_id: format!(
-            "{host}:job-{}:{}",
-            n / 4,
-            if is_final {
-                "final".to_string()
-            } else {
-                n.to_string()
-            }
-        ),
-        host_id: host.into(),
-        labels: [("environment".to_string(), "production".to_string())].into(),
-        status: Some(pb::JobStatus {
-            job_id: format!("job-{}", n / 4),
-            state: if is_final {
-                pb::JobState::Succeeded
-            } else {
-                pb::JobState::Applying
-            } as i32,
-            summary: "upgrade all".into(),
-            packages: (0..5)
-                .map(|i| pb::PackageResult {
-                    name: format!("package-{i}"),
-                    from_version: "1.0-1".into(),
-                    to_version: "1.1-1".into(),
-                    outcome: "changed".into(),
-                    result: pb::PackageOutcome::Changed as i32,
-                })
-                .collect(),
-            ..Default::default()
-        }),
-        r#final: is_final,
-        ..Default::default()
-    }
-}
-
 fn ingest(tmp: &Path, pki: &Pki, addr: &str, clients: usize, per_client: usize) {
     // One certificate naming every bench host.
     let mut args = vec![
@@ -143,7 +104,7 @@ fn ingest(tmp: &Path, pki: &Pki, addr: &str, clients: usize, per_client: usize) 
                     let mut dup = 0;
                     for n in 0..per_client {
                         let ack = c
-                            .report_job(report(&host, n))
+                            .report_job(job_report(&host, n))
                             .await
                             .expect("report")
                             .into_inner();

@@ -25,36 +25,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn report(host: &str, n: usize) -> pb::JobReport {
-    let is_final = n % 4 == 3;
-    pb::JobReport {
-        report_id: format!("{host}:job-{}:{n}", n / 4),
-        host_id: host.into(),
-        labels: [("environment".to_string(), "production".to_string())].into(),
-        status: Some(pb::JobStatus {
-            job_id: format!("job-{}", n / 4),
-            state: if is_final {
-                pb::JobState::Succeeded
-            } else {
-                pb::JobState::Applying
-            } as i32,
-            summary: "upgrade all".into(),
-            packages: (0..5)
-                .map(|i| pb::PackageResult {
-                    name: format!("package-{i}"),
-                    from_version: "1.0-1".into(),
-                    to_version: "1.1-1".into(),
-                    outcome: "changed".into(),
-                    result: pb::PackageOutcome::Changed as i32,
-                })
-                .collect(),
-            ..Default::default()
-        }),
-        r#final: is_final,
-        ..Default::default()
-    }
-}
-
 /// A controller in `dir` on `db`, quiet.
 fn controller(dir: &Path, pki: &Pki, db: &str, extra: &[&str]) -> Controller {
     std::fs::create_dir_all(dir).expect("dir");
@@ -115,7 +85,7 @@ fn ingest(
                 set.spawn(async move {
                     let host = format!("h{i}");
                     for n in 0..per_client {
-                        c.report_job(report(&host, n)).await.expect("report");
+                        c.report_job(job_report(&host, n)).await.expect("report");
                     }
                 });
             }

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::net::{Controller, Nat, Net, issue_ctl_cert};
+use common::net::{Controller, Nat, Net, created_id, issue_ctl_cert};
 use common::*;
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -346,19 +346,6 @@ fn all(hosts: &[&str], result: &str) -> Vec<(String, String)> {
 
 fn ids(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("host{i}")).collect()
-}
-
-fn created_id(out: &Output) -> String {
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    all.split("rollout ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no rollout id in {all}"))
-        .to_string()
 }
 
 #[test]

@@ -10,11 +10,11 @@
 
 mod common;
 
-use common::net::{Backend, Controller, db_of, issue_ctl_cert};
+use common::net::{Backend, Controller, created_id, db_of, issue_ctl_cert};
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 struct Replicas {
@@ -175,19 +175,6 @@ fn wait_log(ctl: &Controller, needle: &str, timeout: Duration) -> Duration {
         std::thread::sleep(Duration::from_millis(100));
     }
     start.elapsed()
-}
-
-fn created_id(out: &Output) -> String {
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    all.split("rollout ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no rollout id in {all}"))
-        .to_string()
 }
 
 #[test]

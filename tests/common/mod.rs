@@ -444,3 +444,45 @@ pub fn controller_args(pki: &Pki, addr: &str) -> patchctl::client::AgentArgs {
 pub fn rss_kib(pid: u32) -> u64 {
     patchctl::bench::memory_kib(pid).map_or(0, |(rss, _)| rss)
 }
+
+/// The `n`th report of a bench host's stream: three progress reports, then the result, per
+/// job; five packages changed in each.
+pub fn job_report(host: &str, n: usize) -> patch_agent_wire::proto::v1::JobReport {
+    use patch_agent_wire::proto::v1 as pb;
+
+    let is_final = n % 4 == 3;
+    pb::JobReport {
+        report_id: format!(
+            "{host}:job-{}:{}",
+            n / 4,
+            if is_final {
+                "final".to_string()
+            } else {
+                n.to_string()
+            }
+        ),
+        host_id: host.into(),
+        labels: [("environment".to_string(), "production".to_string())].into(),
+        status: Some(pb::JobStatus {
+            job_id: format!("job-{}", n / 4),
+            state: if is_final {
+                pb::JobState::Succeeded
+            } else {
+                pb::JobState::Applying
+            } as i32,
+            summary: "upgrade all".into(),
+            packages: (0..5)
+                .map(|i| pb::PackageResult {
+                    name: format!("package-{i}"),
+                    from_version: "1.0-1".into(),
+                    to_version: "1.1-1".into(),
+                    outcome: "changed".into(),
+                    result: pb::PackageOutcome::Changed as i32,
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        r#final: is_final,
+        ..Default::default()
+    }
+}

@@ -399,3 +399,17 @@ pub fn ca_hash(ca: &Path) -> String {
     assert!(out.status.success(), "ca-hash: {}", text(&out));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// The rollout id `patchctl rollout` printed ("rollout ID ...").
+pub fn created_id(out: &std::process::Output) -> String {
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    all.split("rollout ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no rollout id in {all}"))
+        .to_string()
+}

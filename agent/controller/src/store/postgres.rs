@@ -11,7 +11,7 @@
 
 use super::Result;
 use super::sql::{Db, DbError, DbResult, Dialect, Row, Value, numbered};
-use super::writer::{BATCH, Op};
+use super::writer::{Op, next_batch};
 use bytes::BytesMut;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
@@ -220,14 +220,7 @@ fn run_one(client: &mut Client, cache: &mut Cache, op: &mut Op) -> DbResult<()> 
 pub fn writer(url: String, client: Client, rx: mpsc::Receiver<Op>) {
     let mut client = Some(client);
     let mut cache = Cache::new();
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
+    while let Some(mut batch) = next_batch(&rx) {
         batch.sort_by(|a, b| a.key().cmp(b.key()));
         let c = match client.take().filter(|c| !c.is_closed()) {
             Some(c) => c,

@@ -6,7 +6,7 @@
 
 use super::Result;
 use super::sql::{Db, DbError, DbResult, Dialect, Row, Value};
-use super::writer::{BATCH, Op};
+use super::writer::{Op, next_batch};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 use std::path::Path;
@@ -98,14 +98,7 @@ pub fn open(path: &Path, write: bool) -> Result<Connection> {
 
 /// The writer thread's loop; see the module documentation.
 pub fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = next_batch(&rx) {
         let mut replies = Vec::with_capacity(batch.len());
         let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         {

@@ -20,6 +20,20 @@ pub trait Call: Send {
 
 pub type Op = Box<dyn Call>;
 
+/// The next batch: waits for one write, then takes whatever else is queued, up to [`BATCH`].
+/// None when every sender is gone (the store was dropped): the writer thread ends.
+pub fn next_batch(rx: &std::sync::mpsc::Receiver<Op>) -> Option<Vec<Op>> {
+    let first = rx.recv().ok()?;
+    let mut batch = vec![first];
+    while batch.len() < BATCH {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 pub struct Write<T, F> {
     pub key: String,
     pub f: F,
