@@ -174,6 +174,29 @@ fn compliance(db: &str) -> (f64, u64) {
     (best, hosts)
 }
 
+/// In process: the dashboard in SQL, and the way `compliance` used to work (every host,
+/// pending update, resolved update and result loaded, then computed), seconds each.
+fn in_process(db: &Location) -> (f64, f64) {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        let store = SqlStore::open_reader(db).await.expect("store");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_secs() as i64;
+        let t = Instant::now();
+        let sql = store.compliance(now, 48 * 3600).await.expect("sql");
+        let in_sql = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let snap = store.snapshot().await.expect("snapshot");
+        let loaded = patch_agent_controller::compliance::compute(&snap, now, 48 * 3600);
+        let loading = t.elapsed().as_secs_f64();
+        assert_eq!(sql.hosts_compliant, loaded.hosts_compliant);
+        assert_eq!(sql.by_class[0].overdue, loaded.by_class[0].overdue);
+        (in_sql, loading)
+    })
+}
+
 fn failover(tmp: &Path, pki: &Pki, url: &str, rounds: usize) -> Vec<f64> {
     pki.issue(&tmp.join("operator"), &["--name", "operator"]);
     let (key, _) = signing_key(tmp);
@@ -281,6 +304,12 @@ fn main() {
     println!(
         "  PostgreSQL:  {p_secs:.3} s   (dataset written in {:.1} s)",
         p_build.as_secs_f64()
+    );
+
+    let (s_sql, s_load) = in_process(&Location::File(sqlite.clone()));
+    let (p_sql, p_load) = in_process(&Location::Postgres(url.clone()));
+    println!(
+        "  in process, SQL vs loading every row: SQLite {s_sql:.3} s vs {s_load:.3} s, PostgreSQL {p_sql:.3} s vs {p_load:.3} s"
     );
 
     // 3. Failover of a driven rollout.
