@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub struct Server {
     dir: PathBuf,
     bin: PathBuf,
+    options: String,
     next: AtomicU32,
 }
 
@@ -73,6 +74,17 @@ fn run(mut c: Command, what: &str) -> Result<(), String> {
     }
 }
 
+fn pg_ctl_start(bin: &Path, dir: &Path, options: &str) -> Result<(), String> {
+    let mut start = unprivileged(&bin.join("pg_ctl"));
+    start
+        .args(["-D"])
+        .arg(dir.join("data"))
+        .args(["-l"])
+        .arg(dir.join("log"))
+        .args(["-o", options, "-w", "-t", "60", "start"]);
+    run(start, "pg_ctl start")
+}
+
 impl Server {
     /// Starts a server. `durable` keeps PostgreSQL's defaults (fsync on: for benchmarks);
     /// otherwise fsync is off, which changes nothing a test asserts and saves it time.
@@ -108,14 +120,7 @@ impl Server {
         if !durable {
             options.push_str(" -c fsync=off -c full_page_writes=off");
         }
-        let mut start = unprivileged(&bin.join("pg_ctl"));
-        start
-            .args(["-D"])
-            .arg(&data)
-            .args(["-l"])
-            .arg(dir.join("log"))
-            .args(["-o", &options, "-w", "-t", "60", "start"]);
-        run(start, "pg_ctl start")?;
+        pg_ctl_start(&bin, &dir, &options)?;
         // Stops the server when this process is gone, whatever ends it.
         let stop = format!(
             "while [ -d /proc/{pid} ]; do sleep 1; done; {ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
@@ -142,6 +147,7 @@ impl Server {
         Ok(Self {
             dir,
             bin,
+            options,
             next: AtomicU32::new(0),
         })
     }
@@ -186,6 +192,11 @@ impl Server {
     /// The server's directory (its socket, data and log).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Starts the server again after [`Server::stop`], on the same data.
+    pub fn restart(&self) -> Result<(), String> {
+        pg_ctl_start(&self.bin, &self.dir, &self.options)
     }
 
     /// Stops the server now.

@@ -1132,6 +1132,31 @@ mod tests {
         );
     }
 
+    /// The database goes away under a running controller and comes back: writes and reads
+    /// fail with the reason meanwhile (the agents keep their reports), and work again after,
+    /// without a restart.
+    #[tokio::test]
+    async fn postgres_going_away_and_coming_back_needs_no_restart() {
+        let server = crate::testing::Server::start(false).expect("a server of its own");
+        let db = Location::Postgres(server.database().expect("db"));
+        let s = SqlStore::open_writer(&db).await.expect("open");
+        let report = |n: &str| job("h1", "j", pb::JobState::Applying, n);
+        assert!(!s.job_report(report("1"), 1).await.expect("w").expect("ok"));
+        server.stop();
+        let e = s.job_report(report("2"), 2).await.expect_err("down");
+        assert!(e.contains("database write failed"), "{e}");
+        let e = s.history(None, None).await.expect_err("down");
+        assert!(e.contains("database read failed"), "{e}");
+        server.restart().expect("restart");
+        assert!(!s.job_report(report("2"), 3).await.expect("w").expect("ok"));
+        assert!(
+            s.job_report(report("1"), 4).await.expect("w").expect("ok"),
+            "what was stored before is still a duplicate"
+        );
+        assert_eq!(s.history(None, None).await.expect("read").len(), 1);
+        server.stop();
+    }
+
     #[tokio::test]
     async fn reader_refuses_what_is_not_a_controller_database() {
         let dir = tempfile::tempdir().expect("tmp");
