@@ -1132,6 +1132,56 @@ mod tests {
         );
     }
 
+    /// Two replicas' writers on one database, the same reports sent to both at once (agents
+    /// failing over mid-stream, and resending what was not acknowledged): every write is
+    /// acknowledged, none fails on the other's locks or keys, each report is stored once.
+    #[tokio::test]
+    async fn two_writers_on_one_postgres_store_each_report_once() {
+        let url = crate::testing::Server::shared().database().expect("db");
+        let db = Location::Postgres(url);
+        let a = Arc::new(SqlStore::open_writer(&db).await.expect("a"));
+        let b = Arc::new(SqlStore::open_writer(&db).await.expect("b"));
+        let mut set = tokio::task::JoinSet::new();
+        for s in [a.clone(), b.clone()] {
+            for h in 0..20 {
+                let s = s.clone();
+                set.spawn(async move {
+                    let mut dups = 0;
+                    for n in 0..20 {
+                        let state = if n == 19 {
+                            pb::JobState::Succeeded
+                        } else {
+                            pb::JobState::Applying
+                        };
+                        let tag = if n == 19 {
+                            "final".into()
+                        } else {
+                            n.to_string()
+                        };
+                        dups += usize::from(
+                            s.job_report(job(&format!("h{h}"), "j", state, &tag), n)
+                                .await
+                                .expect("every write is acknowledged")
+                                .expect("admitted"),
+                        );
+                    }
+                    dups
+                });
+            }
+        }
+        let mut dups = 0;
+        while let Some(d) = set.join_next().await {
+            dups += d.expect("task");
+        }
+        assert_eq!(
+            dups, 400,
+            "each of the 400 reports stored by one, a duplicate to the other"
+        );
+        let rows = a.history(None, None).await.expect("history");
+        assert_eq!(rows.len(), 20);
+        assert!(rows.iter().all(|r| r.r#final && r.state == "SUCCEEDED"));
+    }
+
     /// The database goes away under a running controller and comes back: writes and reads
     /// fail with the reason meanwhile (the agents keep their reports), and work again after,
     /// without a restart.
