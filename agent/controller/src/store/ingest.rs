@@ -2,7 +2,7 @@
 //! replaced), inventories (pending updates keep their first-seen time; what stops being
 //! pending is recorded as resolved), the history views, and retention.
 
-use super::sql::{Db, DbResult, Row, p};
+use super::sql::{Db, DbResult, Row, Value, p};
 use super::{Admitted, FleetSnapshot, HostRow, JobRow, PackageRow, PendingRow, ResolvedRow};
 use super::{Refusal, enrollment};
 use patch_agent_wire::proto::v1 as pb;
@@ -209,6 +209,9 @@ pub fn inventory(db: &mut dyn Db, r: &pb::InventoryReport, now: i64) -> DbResult
     }
     db.exec("DELETE FROM pending WHERE host_id = ?1", p![&r.host_id])?;
     let resolved_at = secs(r.scanned_at.as_ref()).unwrap_or(now);
+    // One row per (name, arch): a later duplicate in the report replaces an earlier one.
+    let mut rows: Vec<Vec<Value>> = Vec::with_capacity(inv.updates.len());
+    let mut at: HashMap<(&str, &str), usize> = HashMap::new();
     for u in &inv.updates {
         let key = (u.name.clone(), u.architecture.clone());
         let agent_seen = secs(u.first_seen.as_ref()).unwrap_or(now);
@@ -216,30 +219,72 @@ pub fn inventory(db: &mut dyn Db, r: &pb::InventoryReport, now: i64) -> DbResult
             .remove(&key)
             .map_or(agent_seen, |(_, _, _, f)| f.min(agent_seen));
         let since = secs(u.issued.as_ref()).unwrap_or(first_seen);
-        db.exec(
-            "INSERT INTO pending(host_id, name, arch, candidate, sla_class, since, first_seen)
-             VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT(host_id, name, arch) DO UPDATE SET candidate = excluded.candidate,
-               sla_class = excluded.sla_class, since = excluded.since, first_seen = excluded.first_seen",
-            p![
-                &r.host_id,
-                &u.name,
-                &u.architecture,
-                &u.candidate_version,
-                u.sla_class,
-                since,
-                first_seen
-            ],
-        )?;
+        let row = p![
+            &r.host_id,
+            &u.name,
+            &u.architecture,
+            &u.candidate_version,
+            u.sla_class,
+            since,
+            first_seen
+        ]
+        .to_vec();
+        match at.entry((u.name.as_str(), u.architecture.as_str())) {
+            std::collections::hash_map::Entry::Occupied(e) => rows[*e.get()] = row,
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(rows.len());
+                rows.push(row);
+            }
+        }
     }
-    for ((name, arch), (candidate, sla, since, _)) in old {
-        db.exec(
-            "INSERT INTO resolved(host_id, name, arch, candidate, sla_class, since, resolved_at)
-             VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            p![&r.host_id, name, arch, candidate, sla, since, resolved_at],
-        )?;
-    }
+    insert_rows(
+        db,
+        "INSERT INTO pending(host_id, name, arch, candidate, sla_class, since, first_seen)",
+        "ON CONFLICT(host_id, name, arch) DO UPDATE SET candidate = excluded.candidate,
+           sla_class = excluded.sla_class, since = excluded.since, first_seen = excluded.first_seen",
+        &rows,
+    )?;
+    let resolved: Vec<Vec<Value>> = old
+        .into_iter()
+        .map(|((name, arch), (candidate, sla, since, _))| {
+            p![&r.host_id, name, arch, candidate, sla, since, resolved_at].to_vec()
+        })
+        .collect();
+    insert_rows(
+        db,
+        "INSERT INTO resolved(host_id, name, arch, candidate, sla_class, since, resolved_at)",
+        "",
+        &resolved,
+    )?;
     Ok(true)
+}
+
+/// Rows per multi-row insert: a few fixed sizes, so each connection prepares a few
+/// statements, and a host's 50 pending updates take 5 statements, not 50.
+const CHUNKS: [usize; 4] = [64, 16, 4, 1];
+
+/// `head VALUES (...), (...) tail` for every row, in chunks of [`CHUNKS`] sizes.
+fn insert_rows(db: &mut dyn Db, head: &str, tail: &str, rows: &[Vec<Value>]) -> DbResult<()> {
+    let mut rest = rows;
+    while let Some(first) = rest.first() {
+        let n = CHUNKS.into_iter().find(|c| *c <= rest.len()).unwrap_or(1);
+        let width = first.len();
+        let values: Vec<String> = (0..n)
+            .map(|i| {
+                let cols: Vec<String> =
+                    (1..=width).map(|c| format!("?{}", i * width + c)).collect();
+                format!("({})", cols.join(", "))
+            })
+            .collect();
+        let (chunk, more) = rest.split_at(n);
+        let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
+        db.exec(
+            &format!("{head} VALUES {} {tail}", values.join(", ")),
+            &params,
+        )?;
+        rest = more;
+    }
+    Ok(())
 }
 
 const JOB_COLUMNS: &str =

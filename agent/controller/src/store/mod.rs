@@ -1109,7 +1109,8 @@ mod tests {
                 .expect("admitted")
         );
         let inv = pb::Inventory {
-            updates: vec![upd("y")],
+            // A name twice in one report is one pending update (the later one).
+            updates: vec![upd("y"), upd("y")],
             ..Default::default()
         };
         s.inventory(report("b", Some(inv), 400), 400)

@@ -89,6 +89,8 @@ pub fn open(path: &Path, write: bool) -> Result<Connection> {
     })?;
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .map_err(|e| e.to_string())?;
+    // The store's statements, each prepared once (the default keeps 16).
+    conn.set_prepared_statement_cache_capacity(128);
     if write {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .map_err(|e| format!("cannot prepare the database {}: {e}", path.display()))?;
