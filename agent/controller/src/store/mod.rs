@@ -127,6 +127,8 @@ pub trait Store: Send + Sync {
     /// same (the host is marked seen); false means the full inventory is needed.
     async fn inventory(&self, r: pb::InventoryReport, now: i64) -> Result<Admitted<bool>>;
     async fn history(&self, host: Option<String>, job: Option<String>) -> Result<Vec<JobRow>>;
+    /// Every row compliance is defined over, loaded: the reference the SQL figures
+    /// ([`Store::compliance`]) are tested and benchmarked against; not for fleets at scale.
     async fn snapshot(&self) -> Result<FleetSnapshot>;
 
     /// Stores a new join token (its secret only as a hash).
