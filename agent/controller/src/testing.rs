@@ -129,15 +129,8 @@ impl Server {
             data = data.display(),
             dir = dir.display()
         );
-        let mut watchdog = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "nobody", "--", "sh", "-c", &stop]);
-            c
-        } else {
-            let mut c = Command::new("sh");
-            c.args(["-c", &stop]);
-            c
-        };
+        let mut watchdog = unprivileged(Path::new("sh"));
+        watchdog.args(["-c", &stop]);
         watchdog
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

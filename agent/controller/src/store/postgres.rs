@@ -182,10 +182,10 @@ fn retryable(e: &DbError) -> bool {
         .any(|m| e.0.contains(m))
 }
 
-/// Runs every write of the batch in one transaction.
-fn run_batch(client: &mut Client, cache: &mut Cache, batch: &mut [Op]) -> DbResult<()> {
+/// Runs `ops` in one transaction.
+fn run_batch(client: &mut Client, cache: &mut Cache, ops: &mut [Op]) -> DbResult<()> {
     let mut tx = client.transaction()?;
-    for op in batch.iter_mut() {
+    for op in ops.iter_mut() {
         op.apply(&mut PgDb {
             client: &mut tx,
             cache,
@@ -199,16 +199,7 @@ fn run_batch(client: &mut Client, cache: &mut Cache, batch: &mut [Op]) -> DbResu
 fn run_one(client: &mut Client, cache: &mut Cache, op: &mut Op) -> DbResult<()> {
     let mut attempt = 0;
     loop {
-        let result = (|| {
-            let mut tx = client.transaction()?;
-            op.apply(&mut PgDb {
-                client: &mut tx,
-                cache,
-            })?;
-            tx.commit()?;
-            Ok(())
-        })();
-        match result {
+        match run_batch(client, cache, std::slice::from_mut(op)) {
             Err(e) if attempt < 3 && retryable(&e) => attempt += 1,
             other => return other,
         }
