@@ -146,6 +146,7 @@ pub fn job() -> impl Strategy<Value = pb::Job> {
             reboot_policy,
             dry_run,
             allow_repo_errors: allow,
+            accept_licenses: allow,
             max_duration,
             window,
             pre_hooks: hooks.clone(),

@@ -52,6 +52,10 @@ pub struct JobArgs {
     /// job's history and result). Without it such a job fails and changes nothing.
     #[arg(long)]
     pub allow_repo_errors: bool,
+    /// Agree to the licences packages ask to be confirmed (zypper). Without it such a package
+    /// fails, named, and nothing is agreed on your behalf.
+    #[arg(long)]
+    pub accept_licenses: bool,
     /// Maximum run time, e.g. 30m. Default: the agent's [jobs] max_job_duration.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub max_duration: Option<Duration>,
@@ -242,6 +246,7 @@ pub fn build(
         pre_hooks: a.pre_hooks.clone(),
         post_hooks: a.post_hooks.clone(),
         allow_repo_errors: a.allow_repo_errors,
+        accept_licenses: a.accept_licenses,
         window: window.map(|(start, end)| pb::MaintenanceWindow {
             start: Some(start.into()),
             end: Some(end.into()),

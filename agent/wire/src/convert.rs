@@ -51,6 +51,11 @@ pub fn update(u: &pkg::Update) -> pb::Update {
         issued: ts(u.issued),
         sla_class: sla(u.sla) as i32,
         first_seen: ts(u.first_seen),
+        category: u.category.clone(),
+        bug_ids: u.bug_ids.clone(),
+        interactive: u.flags.interactive,
+        update_stack: u.flags.update_stack,
+        reboot_suggested: u.flags.reboot_suggested,
     }
 }
 

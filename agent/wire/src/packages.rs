@@ -138,6 +138,25 @@ pub struct Update {
     /// When this agent first saw this candidate pending (filled in by the scanner).
     pub first_seen: Option<SystemTime>,
     pub sla: SlaClass,
+    /// The vendor's own word for the kind of update (zypper patch category, dnf advisory type),
+    /// before the mapping to `classification`; empty when there is none.
+    pub category: String,
+    /// Bug-tracker ids of its advisories.
+    pub bug_ids: Vec<String>,
+    /// Patch flags (zypper): what `zypper patch` would stop for, what updates the package
+    /// manager itself, what suggests a reboot.
+    pub flags: PatchFlags,
+}
+
+/// What a zypper patch says about how it must be installed; all false elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PatchFlags {
+    /// It carries a message, a licence or a reboot suggestion (zypper's `interactive`).
+    pub interactive: bool,
+    /// It updates the package manager stack (`pkgmanager="true"`): applied first.
+    pub update_stack: bool,
+    /// It suggests a reboot once installed (zypper's `restart="true"`).
+    pub reboot_suggested: bool,
 }
 
 impl Update {

@@ -124,8 +124,8 @@ impl Default for ServerSection {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PackagesSection {
-    /// `auto` (from os-release ID/ID_LIKE, then the binaries present), `apt`, `dnf` or `yum`.
-    /// Default: `auto`.
+    /// `auto` (from os-release ID/ID_LIKE, then the binaries present), `apt`, `dnf`, `yum` or
+    /// `zypper`. Default: `auto`.
     pub manager: ManagerChoice,
     /// Scan installed packages, pending updates and reboot state this often (plus up to 10 %
     /// random jitter). Default: `1h`.
@@ -163,8 +163,12 @@ pub struct PackagesSection {
     /// dnf/yum: extra arguments for every command, e.g. `["--installroot=/srv/root",
     /// "--setopt=reposdir=/srv/repos"]`. Default: none.
     pub dnf_args: Vec<String>,
-    /// rpm: `--root` for inventory and reboot checks. Default: unset (the host).
+    /// rpm: `--root` for inventory and reboot checks. Default: unset (the host; with zypper,
+    /// the `--root` of `zypper_args` if it has one).
     pub rpm_root: Option<PathBuf>,
+    /// zypper: extra global options for every zypper command, e.g. `["--root", "/srv/root"]`
+    /// (the agent's own reboot flag and lock file then live under that root too). Default: none.
+    pub zypper_args: Vec<String>,
     /// dpkg: extra arguments when the agent runs dpkg itself (`--audit`, `--configure -a`),
     /// e.g. `["--root=/srv/root"]`; `--admindir` comes from `dpkg_status`. Default: none.
     pub dpkg_args: Vec<String>,
@@ -190,6 +194,7 @@ impl Default for PackagesSection {
             reboot_required_file: PathBuf::from("/var/run/reboot-required"),
             dnf_args: Vec::new(),
             rpm_root: None,
+            zypper_args: Vec::new(),
             dpkg_args: Vec::new(),
             apply_timeout: Duration::from_secs(1800),
         }
@@ -355,6 +360,7 @@ pub enum ManagerChoice {
     Apt,
     Dnf,
     Yum,
+    Zypper,
 }
 
 /// `[log]`: how the agent logs.
@@ -688,6 +694,7 @@ impl PackagesSection {
         for (key, list) in [
             ("packages.apt_options", &self.apt_options),
             ("packages.dnf_args", &self.dnf_args),
+            ("packages.zypper_args", &self.zypper_args),
         ] {
             for (i, o) in list.iter().enumerate() {
                 if o.is_empty() || o.contains(['\n', '\0']) {

@@ -145,13 +145,16 @@ impl AptConfig {
     }
 
     /// dpkg's lock files for the database apt is pointed at.
-    pub fn lock_files(&self) -> Vec<PathBuf> {
+    pub fn locks(&self) -> Vec<super::lock::Lock> {
         let dir = self
             .dpkg_status
             .parent()
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/lib/dpkg"));
-        vec![dir.join("lock-frontend"), dir.join("lock")]
+        vec![
+            super::lock::Lock::Fcntl(dir.join("lock-frontend")),
+            super::lock::Lock::Fcntl(dir.join("lock")),
+        ]
     }
 }
 
@@ -361,6 +364,9 @@ pub fn classify(sim: &Simulation, held: &[HeldUpdate]) -> UpdateScan {
             issued: None,
             first_seen: None,
             sla: SlaClass::of(classification, severity),
+            category: String::new(),
+            bug_ids: Vec::new(),
+            flags: Default::default(),
         });
     }
     scan.held = held.to_vec();
@@ -420,7 +426,7 @@ impl PackageManager for Apt {
     }
 
     async fn inventory(&self, f: &mut (dyn FnMut(Package) + Send)) -> Result<(), PkgError> {
-        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
+        super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
         // Parse on this task: the file is read in 64 KiB blocks and each package handed out at
         // once, so a blocking read here is short and bounded.
         dpkg::read_status(&self.config.dpkg_status, &mut |p| f(p)).map_err(|source| {
@@ -446,7 +452,7 @@ impl PackageManager for Apt {
     }
 
     async fn updates(&self) -> Result<UpdateScan, PkgError> {
-        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
+        super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
         // The hold query is independent of the simulation: run them side by side so the scan
         // costs little more than the bare simulation.
         let simulate = self.config.simulate_command();
@@ -459,12 +465,12 @@ impl PackageManager for Apt {
         super::reboot::debian(&self.config.reboot_required_file)
     }
 
-    fn lock_files(&self) -> Vec<PathBuf> {
-        self.config.lock_files()
+    fn locks(&self) -> Vec<super::lock::Lock> {
+        self.config.locks()
     }
 
     async fn repair(&self) -> Result<Option<String>, PkgError> {
-        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
+        super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
         let audit = exec::run(&self.config.audit_command()).await?;
         let findings = format!("{}{}", audit.stdout, audit.stderr);
         if audit.status.success() && findings.trim().is_empty() {
@@ -482,6 +488,7 @@ impl PackageManager for Apt {
     async fn apply(
         &self,
         op: &super::Op,
+        _opts: super::ApplyOptions,
         lines: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<(), PkgError> {
         let cmd = self.config.apply_command(op);
@@ -625,8 +632,8 @@ mod tests {
         );
         assert_eq!(cfg.update_command().timeout, Duration::from_secs(600));
         assert_eq!(
-            cfg.lock_files()[0],
-            PathBuf::from("/sb/var/lib/dpkg/lock-frontend")
+            cfg.locks()[0],
+            crate::pkg::lock::Lock::Fcntl(PathBuf::from("/sb/var/lib/dpkg/lock-frontend"))
         );
     }
 

@@ -78,13 +78,13 @@ impl DnfConfig {
     }
 
     /// rpm's transaction lock, inside the root rpm is pointed at.
-    pub fn lock_files(&self) -> Vec<PathBuf> {
+    pub fn locks(&self) -> Vec<super::lock::Lock> {
         let root = self.rpm_root.clone().unwrap_or_else(|| PathBuf::from("/"));
         let db = self
             .rpm_dbpath
             .strip_prefix("/")
             .unwrap_or(&self.rpm_dbpath);
-        vec![root.join(db).join(".rpm.lock")]
+        vec![super::lock::Lock::Fcntl(root.join(db).join(".rpm.lock"))]
     }
 }
 
@@ -154,6 +154,8 @@ pub fn nevra_name_arch(nevra: &str) -> Option<(&str, &str)> {
 pub struct AdvisoryRow {
     pub id: String,
     pub classification: Classification,
+    /// The advisory type as dnf prints it (security, bugfix, enhancement, newpackage, ...).
+    pub kind: String,
     pub severity: Severity,
     pub name: String,
     pub arch: String,
@@ -168,21 +170,27 @@ pub fn parse_updateinfo_list(text: &str) -> Vec<AdvisoryRow> {
                 return None;
             };
             let (name, arch) = nevra_name_arch(nevra)?;
-            let (classification, severity) = match kind.split_once('/') {
-                Some((sev, "Sec.")) => (Classification::Security, Severity::parse(sev)),
-                _ => (
-                    match kind.to_ascii_lowercase().as_str() {
+            let (classification, severity, kind) = match kind.split_once('/') {
+                Some((sev, "Sec.")) => (
+                    Classification::Security,
+                    Severity::parse(sev),
+                    "security".to_string(),
+                ),
+                _ => {
+                    let kind = kind.to_ascii_lowercase();
+                    let classification = match kind.as_str() {
                         "security" => Classification::Security,
                         "bugfix" => Classification::Bugfix,
                         "enhancement" => Classification::Enhancement,
                         _ => Classification::Other,
-                    },
-                    Severity::Unknown,
-                ),
+                    };
+                    (classification, Severity::Unknown, kind)
+                }
             };
             Some(AdvisoryRow {
                 id: id.to_string(),
                 classification,
+                kind,
                 severity,
                 name: name.to_string(),
                 arch: arch.to_string(),
@@ -277,11 +285,8 @@ pub fn assemble(
                 .iter()
                 .filter(|r| r.name == a.name && r.arch == a.arch)
                 .collect();
-            let classification = mine
-                .iter()
-                .map(|r| r.classification)
-                .min()
-                .unwrap_or(Classification::Other);
+            let strongest = mine.iter().min_by_key(|r| r.classification);
+            let classification = strongest.map_or(Classification::Other, |r| r.classification);
             let severity = mine
                 .iter()
                 .filter(|r| r.classification == Classification::Security)
@@ -308,6 +313,9 @@ pub fn assemble(
                 issued,
                 first_seen: None,
                 sla: SlaClass::of(classification, severity),
+                category: strongest.map(|r| r.kind.clone()).unwrap_or_default(),
+                bug_ids: Vec::new(),
+                flags: Default::default(),
             }
         })
         .collect()
@@ -338,7 +346,7 @@ impl PackageManager for Dnf {
     }
 
     async fn inventory(&self, f: &mut (dyn FnMut(Package) + Send)) -> Result<(), PkgError> {
-        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
+        super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
         for r in self.installed().await? {
             f(r.package);
         }
@@ -356,7 +364,7 @@ impl PackageManager for Dnf {
     }
 
     async fn updates(&self) -> Result<UpdateScan, PkgError> {
-        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
+        super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
         let cmd = self.config.check_update_command();
         let mut out = exec::run(&cmd).await?;
         if parse_repo_errors(&out.stderr)
@@ -416,16 +424,17 @@ impl PackageManager for Dnf {
         Ok(scan)
     }
 
-    fn lock_files(&self) -> Vec<PathBuf> {
-        self.config.lock_files()
+    fn locks(&self) -> Vec<super::lock::Lock> {
+        self.config.locks()
     }
 
     async fn apply(
         &self,
         op: &super::Op,
+        _opts: super::ApplyOptions,
         lines: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<(), PkgError> {
-        super::wait_for_locks(&self.config.lock_files(), self.config.lock_timeout).await?;
+        super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
         let cmd = self.config.apply_command(op);
         super::run_checked(&cmd, Some(lines)).await?;
         Ok(())
@@ -541,6 +550,8 @@ mod tests {
         );
         let u = assemble(&available, &adv, &cves, &HashMap::new(), &installed);
         assert_eq!(u[0].classification, Classification::Security);
+        assert_eq!(u[0].category, "security");
+        assert_eq!(u[1].category, "");
         assert_eq!(u[0].severity, Severity::Critical);
         assert_eq!(u[0].sla, SlaClass::Critical);
         assert_eq!(u[0].advisories, ["A", "B"]);

@@ -1,5 +1,5 @@
 //! Package intelligence: what is installed, what updates are pending and how urgent they are,
-//! and whether the host needs a reboot — for apt/dpkg and dnf(yum)/rpm.
+//! and whether the host needs a reboot — for apt/dpkg, dnf(yum)/rpm and zypper/rpm.
 //!
 //! Each backend is split the same way: pure command builders and pure parsers (unit-tested and
 //! fuzzed) and a thin [`PackageManager`] implementation that runs them through [`crate::exec`].
@@ -12,6 +12,7 @@ pub mod lock;
 pub mod reboot;
 pub mod rpm;
 pub mod scanner;
+pub mod zypper;
 
 pub use patch_agent_wire::packages::{
     Classification, HeldUpdate, Package, RebootState, RepoError, Severity, SlaClass, Update,
@@ -39,6 +40,16 @@ impl Op {
     }
 }
 
+/// What a job says about how its operations may be applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Agree to the licences packages ask to be confirmed (the job's `accept_licenses`);
+    /// otherwise such a package fails, named.
+    pub accept_licenses: bool,
+    /// The job goes on over repositories that cannot be read (its `allow_repo_errors`).
+    pub allow_repo_errors: bool,
+}
+
 /// Errors from a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum PkgError {
@@ -61,7 +72,7 @@ pub enum PkgError {
 /// A package manager backend.
 #[tonic::async_trait]
 pub trait PackageManager: Send + Sync {
-    /// "apt", "dnf" or "yum".
+    /// "apt", "dnf", "yum" or "zypper".
     fn name(&self) -> &'static str;
     /// Every installed package, calling `f` for each (streaming: nothing is held in memory).
     async fn inventory(&self, f: &mut (dyn FnMut(Package) + Send)) -> Result<(), PkgError>;
@@ -77,12 +88,13 @@ pub trait PackageManager: Send + Sync {
     async fn repair(&self) -> Result<Option<String>, PkgError> {
         Ok(None)
     }
-    /// The package manager's lock files (held while it runs).
-    fn lock_files(&self) -> Vec<std::path::PathBuf>;
+    /// The package manager's locks (held while it runs).
+    fn locks(&self) -> Vec<lock::Lock>;
     /// Applies one operation, sending its output lines to `lines` as they are printed.
     async fn apply(
         &self,
         op: &Op,
+        opts: ApplyOptions,
         lines: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<(), PkgError>;
 }
@@ -101,11 +113,8 @@ pub async fn run_checked(
 }
 
 /// Waits for a package manager's locks, or fails naming the holder.
-pub async fn wait_for_locks(
-    files: &[std::path::PathBuf],
-    timeout: Duration,
-) -> Result<(), PkgError> {
-    lock::wait_free(files, timeout)
+pub async fn wait_for_locks(locks: &[lock::Lock], timeout: Duration) -> Result<(), PkgError> {
+    lock::wait_free(locks, timeout)
         .await
         .map_err(PkgError::Lock)
 }
@@ -116,6 +125,7 @@ pub enum Kind {
     Apt,
     Dnf,
     Yum,
+    Zypper,
 }
 
 /// Chooses the backend: an explicit choice wins; `auto` looks at os-release `ID` and `ID_LIKE`,
@@ -131,6 +141,7 @@ pub fn choose(
         ManagerChoice::Apt => return Ok(Kind::Apt),
         ManagerChoice::Dnf => return Ok(Kind::Dnf),
         ManagerChoice::Yum => return Ok(Kind::Yum),
+        ManagerChoice::Zypper => return Ok(Kind::Zypper),
         ManagerChoice::Auto => {}
     }
     let ids: Vec<&str> = std::iter::once(os.id.as_str())
@@ -142,6 +153,14 @@ pub fn choose(
             "rhel" | "fedora" | "centos" | "rocky" | "almalinux" | "ol" | "amzn" => {
                 return Ok(rpm_family());
             }
+            "suse"
+            | "sles"
+            | "sled"
+            | "sle-micro"
+            | "opensuse"
+            | "opensuse-leap"
+            | "opensuse-tumbleweed"
+            | "opensuse-slowroll" => return Ok(Kind::Zypper),
             _ => {}
         }
     }
@@ -151,9 +170,11 @@ pub fn choose(
         Ok(Kind::Dnf)
     } else if has("yum") {
         Ok(Kind::Yum)
+    } else if has("zypper") {
+        Ok(Kind::Zypper)
     } else {
         Err(format!(
-            "no supported package manager for os-release ID {:?} (ID_LIKE {:?}) and none of apt-get, dnf, yum on PATH; set [packages] manager",
+            "no supported package manager for os-release ID {:?} (ID_LIKE {:?}) and none of apt-get, dnf, yum, zypper on PATH; set [packages] manager",
             os.id, os.id_like
         ))
     }
@@ -195,16 +216,25 @@ pub async fn backend(
                 apply_timeout: section.apply_timeout,
             },
         }),
+        Kind::Zypper => std::sync::Arc::new(zypper::Zypper {
+            config: zypper::ZypperConfig {
+                program: find("zypper"),
+                args: section.zypper_args.clone(),
+                rpm: find("rpm"),
+                root: section
+                    .rpm_root
+                    .clone()
+                    .or_else(|| zypper::root_of(&section.zypper_args)),
+                rpm_dbpath: rpm_dbpath(&find("rpm")).await,
+                command_timeout: section.command_timeout,
+                refresh_timeout: section.refresh_timeout,
+                lock_timeout: section.lock_timeout,
+                apply_timeout: section.apply_timeout,
+            },
+        }),
         Kind::Dnf | Kind::Yum => {
             let flavor = if kind == Kind::Dnf { "dnf" } else { "yum" };
-            let eval = crate::exec::Cmd::new(find("rpm"), std::time::Duration::from_secs(30))
-                .args(["--eval", "%{_dbpath}"]);
-            let rpm_dbpath = match crate::exec::run(&eval).await {
-                Ok(out) if out.status.success() && out.stdout.trim().starts_with('/') => {
-                    std::path::PathBuf::from(out.stdout.trim())
-                }
-                _ => std::path::PathBuf::from("/var/lib/rpm"),
-            };
+            let rpm_dbpath = rpm_dbpath(&find("rpm")).await;
             std::sync::Arc::new(dnf::Dnf {
                 flavor,
                 config: dnf::DnfConfig {
@@ -227,6 +257,18 @@ pub async fn backend(
             })
         }
     })
+}
+
+/// rpm's database directory (`rpm --eval %{_dbpath}`), `/var/lib/rpm` if rpm cannot say.
+async fn rpm_dbpath(rpm: &std::path::Path) -> std::path::PathBuf {
+    let eval = crate::exec::Cmd::new(rpm, std::time::Duration::from_secs(30))
+        .args(["--eval", "%{_dbpath}"]);
+    match crate::exec::run(&eval).await {
+        Ok(out) if out.status.success() && out.stdout.trim().starts_with('/') => {
+            std::path::PathBuf::from(out.stdout.trim())
+        }
+        _ => std::path::PathBuf::from("/var/lib/rpm"),
+    }
 }
 
 #[cfg(test)]
@@ -278,6 +320,31 @@ mod choose_tests {
             Ok(Kind::Dnf)
         );
         assert!(choose(ManagerChoice::Auto, &os("weird", &[]), &none).is_err());
+        for (id, like) in [
+            ("sles", &["suse"][..]),
+            ("opensuse-leap", &["suse", "opensuse"][..]),
+            ("opensuse-tumbleweed", &["opensuse", "suse"][..]),
+            ("sled", &["suse"][..]),
+        ] {
+            assert_eq!(
+                choose(ManagerChoice::Auto, &os(id, like), &all),
+                Ok(Kind::Zypper),
+                "{id}"
+            );
+        }
+        assert_eq!(
+            choose(ManagerChoice::Auto, &os("derivative", &["suse"]), &all),
+            Ok(Kind::Zypper)
+        );
+        assert_eq!(
+            choose(ManagerChoice::Auto, &os("weird", &[]), &|p: &str| p
+                == "zypper"),
+            Ok(Kind::Zypper)
+        );
+        assert_eq!(
+            choose(ManagerChoice::Zypper, &os("debian", &[]), &none),
+            Ok(Kind::Zypper)
+        );
         assert_eq!(
             choose(ManagerChoice::Dnf, &os("debian", &[]), &none),
             Ok(Kind::Dnf)

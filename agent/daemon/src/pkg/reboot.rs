@@ -8,19 +8,98 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Packages whose update needs a reboot to take effect (the set the RHEL heuristics of osconfig
-/// and needs-restarting share).
+/// and needs-restarting share, and their SUSE names).
 pub const CORE_PACKAGES: &[&str] = &[
     "kernel",
     "kernel-core",
+    "kernel-default",
     "glibc",
     "systemd",
     "openssl-libs",
+    "libopenssl3",
+    "libopenssl1_1",
     "dbus",
+    "dbus-1",
     "dbus-broker",
     "linux-firmware",
+    "kernel-firmware",
 ];
 
-const KERNEL_PACKAGES: &[&str] = &["kernel", "kernel-core", "kernel-uek", "kernel-rt-core"];
+const KERNEL_PACKAGES: &[&str] = &[
+    "kernel",
+    "kernel-core",
+    "kernel-uek",
+    "kernel-rt-core",
+    "kernel-default",
+    "kernel-azure",
+    "kernel-rt",
+    "kernel-64kb",
+    "kernel-preempt",
+];
+
+/// The `uname -r` a kernel package boots: `VERSION-RELEASE.ARCH` on the RHEL family; on SUSE,
+/// where the package is named for its flavor (`kernel-default`), `VERSION-RELEASE-FLAVOR` with
+/// the release's last (rebuild) component dropped: kernel-default 6.4.0-150600.23.25.1 boots
+/// 6.4.0-150600.23.25-default.
+fn kernel_release(p: &crate::pkg::Package) -> String {
+    let suse_flavor = p
+        .name
+        .strip_prefix("kernel-")
+        .filter(|f| !matches!(*f, "core" | "uek" | "rt-core"));
+    match suse_flavor {
+        Some(flavor) => {
+            let release = p
+                .release
+                .rsplit_once('.')
+                .map_or(p.release.as_str(), |(r, _)| r);
+            format!("{}-{release}-{flavor}", p.version)
+        }
+        None => format!("{}-{}.{}", p.version, p.release, p.arch),
+    }
+}
+
+/// Interprets `zypper needs-rebooting`: exit 102 means a reboot is needed, 0 that none is
+/// (zypper reads its flag, `flag`, which libzypp sets after updating core packages).
+pub fn from_zypper(code: Option<i32>, stdout: &str, flag: &Path) -> Option<RebootState> {
+    let required = match code {
+        Some(0) => false,
+        Some(102) => true,
+        _ => return None,
+    };
+    let mut evidence: Vec<String> = stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    evidence.push(if flag.exists() {
+        format!("{} exists{}", flag.display(), flag_level(flag))
+    } else {
+        format!("{} is absent", flag.display())
+    });
+    Some(RebootState {
+        required,
+        method: "zypper needs-rebooting".into(),
+        evidence,
+    })
+}
+
+/// zypper's flag alone, for a zypper without `needs-rebooting`.
+pub fn zypper_flag(flag: &Path) -> RebootState {
+    RebootState {
+        required: true,
+        method: "zypper reboot-needed flag".into(),
+        evidence: vec![format!("{} exists{}", flag.display(), flag_level(flag))],
+    }
+}
+
+/// The boot level a zypp plugin wrote into the flag ("reboot", "kexec", "soft-reboot").
+fn flag_level(flag: &Path) -> String {
+    match std::fs::read_to_string(flag) {
+        Ok(t) if !t.trim().is_empty() => format!(" ({})", t.trim()),
+        _ => String::new(),
+    }
+}
 
 /// Debian family: `/var/run/reboot-required`, with the packages from `.pkgs` as evidence.
 pub fn debian(flag: &Path) -> RebootState {
@@ -82,10 +161,7 @@ pub fn rhel_fallback(
         .max_by_key(|r| r.install_time);
     match newest_kernel {
         Some(k) => {
-            let kver = format!(
-                "{}-{}.{}",
-                k.package.version, k.package.release, k.package.arch
-            );
+            let kver = kernel_release(&k.package);
             if kver == running_kernel {
                 evidence.push(format!(
                     "running kernel {running_kernel} is the newest installed"
@@ -179,6 +255,27 @@ mod tests {
         assert!(!from_needs_restarting(Some(0), "").expect("0").required);
         assert!(from_needs_restarting(Some(2), "").is_none());
         assert!(from_needs_restarting(None, "").is_none());
+    }
+
+    #[test]
+    fn zypper_codes_and_suse_kernels() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let flag = dir.path().join("reboot-needed");
+        let s = from_zypper(Some(0), "Reboot is probably not necessary.\n", &flag).expect("0");
+        assert!(!s.required && s.evidence[1].ends_with("is absent"), "{s:?}");
+        std::fs::write(&flag, "reboot\n").expect("w");
+        let s = from_zypper(Some(102), "Reboot is required\n", &flag).expect("102");
+        assert!(
+            s.required && s.evidence[1].ends_with("exists (reboot)"),
+            "{s:?}"
+        );
+        assert_eq!(s.method, "zypper needs-rebooting");
+        assert!(from_zypper(Some(2), "", &flag).is_none());
+        let mut k = rec("kernel-default", "6.4.0", 500).package;
+        k.release = "150600.23.25.1".into();
+        assert_eq!(kernel_release(&k), "6.4.0-150600.23.25-default");
+        k.name = "kernel-core".into();
+        assert_eq!(kernel_release(&k), "6.4.0-150600.23.25.1.x86_64");
     }
 
     #[test]

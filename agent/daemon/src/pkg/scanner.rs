@@ -328,12 +328,13 @@ mod tests {
         async fn reboot_required(&self, _: SystemTime) -> RebootState {
             RebootState::default()
         }
-        fn lock_files(&self) -> Vec<PathBuf> {
+        fn locks(&self) -> Vec<crate::pkg::lock::Lock> {
             Vec::new()
         }
         async fn apply(
             &self,
             _: &crate::pkg::Op,
+            _: crate::pkg::ApplyOptions,
             _: tokio::sync::mpsc::UnboundedSender<String>,
         ) -> Result<(), PkgError> {
             Ok(())

@@ -131,6 +131,8 @@ pub struct ValidJob {
     pub reboot_policy: RebootPolicy,
     /// Go on over repositories the refresh could not read (recording them) instead of failing.
     pub allow_repo_errors: bool,
+    /// Agree to licences packages ask to be confirmed.
+    pub accept_licenses: bool,
 }
 
 /// One post-patch check.
@@ -306,6 +308,9 @@ impl ValidJob {
             RebootPolicy::IfRequired => s.push_str(", reboot if required"),
             RebootPolicy::Always => s.push_str(", reboot always"),
         }
+        if self.accept_licenses {
+            s.push_str(", licences accepted");
+        }
         if self.dry_run {
             s.push_str(" (dry run)");
         }
@@ -427,6 +432,7 @@ pub fn validate(
         checks,
         reboot_policy,
         allow_repo_errors: job.allow_repo_errors,
+        accept_licenses: job.accept_licenses,
     })
 }
 

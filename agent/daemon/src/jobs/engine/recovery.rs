@@ -202,7 +202,7 @@ impl Engine {
             "the agent restarted while this job was applying; waiting for the package manager"
                 .into(),
         );
-        if let Err(e) = crate::pkg::lock::wait_free(&backend.lock_files(), job.max_duration).await {
+        if let Err(e) = crate::pkg::lock::wait_free(&backend.locks(), job.max_duration).await {
             self.note(id, e);
         }
         match backend.repair().await {

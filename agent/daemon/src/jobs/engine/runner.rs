@@ -228,8 +228,12 @@ impl Engine {
             self.step(id, Event::HooksDone, "APPLYING: pre-hooks succeeded".into())
                 .map_err(Stop::Failed)?;
         }
+        let opts = crate::pkg::ApplyOptions {
+            accept_licenses: job.accept_licenses,
+            allow_repo_errors: job.allow_repo_errors,
+        };
         let stopped = self
-            .apply(id, backend.as_ref(), &ops, cancel, deadline)
+            .apply(id, backend.as_ref(), &ops, opts, cancel, deadline)
             .await?;
         self.judge(id, backend.as_ref(), &planned, &before, stopped)
             .await?;
@@ -350,6 +354,7 @@ impl Engine {
         id: &str,
         backend: &dyn PackageManager,
         ops: &[Op],
+        opts: crate::pkg::ApplyOptions,
         cancel: &AtomicBool,
         deadline: Deadline,
     ) -> Result<Option<Stop>, Stop> {
@@ -371,7 +376,8 @@ impl Engine {
             self.note(id, format!("applying {}", op.name()));
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
             // Never cut short by max_duration: a package manager is not killed mid-transaction.
-            let (result, ()) = tokio::join!(backend.apply(op, tx), self.forward_lines(id, rx, 500));
+            let (result, ()) =
+                tokio::join!(backend.apply(op, opts, tx), self.forward_lines(id, rx, 500));
             if let Err(e) = result {
                 return Ok(Some(Stop::Failed(format!("{} failed: {e}", op.name()))));
             }

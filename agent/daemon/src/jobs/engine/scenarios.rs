@@ -85,6 +85,9 @@ impl PackageManager for FakeManager {
                 issued: None,
                 first_seen: None,
                 sla: SlaClass::High,
+                category: "security".into(),
+                bug_ids: vec![],
+                flags: Default::default(),
             })
             .collect();
         Ok(UpdateScan {
@@ -96,12 +99,13 @@ impl PackageManager for FakeManager {
     async fn reboot_required(&self, _: SystemTime) -> RebootState {
         RebootState::default()
     }
-    fn lock_files(&self) -> Vec<PathBuf> {
+    fn locks(&self) -> Vec<crate::pkg::lock::Lock> {
         vec![]
     }
     async fn apply(
         &self,
         op: &Op,
+        _opts: crate::pkg::ApplyOptions,
         lines: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<(), PkgError> {
         let (time, hang) = {

@@ -16,6 +16,9 @@ fn u(name: &str, class: Classification, sev: Severity, issued_days_ago: Option<u
         issued: issued_days_ago.map(|d| now - Duration::from_secs(d * 86_400)),
         first_seen: Some(now),
         sla: SlaClass::of(class, sev),
+        category: String::new(),
+        bug_ids: vec![],
+        flags: Default::default(),
     }
 }
 

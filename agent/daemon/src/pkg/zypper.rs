@@ -1,0 +1,713 @@
+//! zypper backend (SLES, SLED, openSUSE Leap and Tumbleweed), with the inventory from rpm.
+//!
+//! Pending updates come from `zypper --xmlout list-updates`, joined with the needed patches of
+//! `zypper --xmlout list-patches --with-optional` (category, severity, CVE and bugzilla
+//! references, issue date, the interactive and update-stack flags) and, for which packages each
+//! patch updates, the `Conflicts` of `zypper info -t patch` (a patch conflicts with every older
+//! version of its packages). Scans run with `--no-refresh`; only [`PackageManager::refresh`]
+//! downloads metadata. Every command runs with `--non-interactive --no-color` and
+//! `ZYPP_LOCK_TIMEOUT`; exit codes are read as zypper(8) defines them ([`Exit`]).
+
+use super::rpm::{self, RpmRecord};
+use super::{
+    ApplyOptions, Classification, Package, PackageManager, PkgError, RebootState, RepoError,
+    Severity, SlaClass, Update, UpdateScan, lock::Lock, reboot,
+};
+use crate::exec::{self, Cmd, Failed, Output};
+use patch_agent_wire::packages::PatchFlags;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Everything the zypper backend needs to know about the host (or the root it manages).
+#[derive(Debug, Clone)]
+pub struct ZypperConfig {
+    pub program: PathBuf,
+    /// `[packages] zypper_args`: global options before every command (e.g. `--root /sb`).
+    pub args: Vec<String>,
+    pub rpm: PathBuf,
+    /// The root zypper and rpm work on (`[packages] rpm_root`, else the `--root` of `args`);
+    /// None for the host. `/run/zypp.pid` and `/run/reboot-needed` are read under it.
+    pub root: Option<PathBuf>,
+    /// rpm's database directory (`rpm --eval %_dbpath`), relative to the root.
+    pub rpm_dbpath: PathBuf,
+    pub command_timeout: Duration,
+    pub refresh_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub apply_timeout: Duration,
+}
+
+/// The root named by `--root DIR`, `--root=DIR` or `-R DIR` in zypper's global options.
+pub fn root_of(args: &[String]) -> Option<PathBuf> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--root" || a == "-R" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(r) = a.strip_prefix("--root=") {
+            return Some(PathBuf::from(r));
+        }
+    }
+    None
+}
+
+impl ZypperConfig {
+    fn base(&self, timeout: Duration) -> Cmd {
+        Cmd::new(self.program.clone(), timeout)
+            // libzypp waits this long for another holder of the zypp lock itself, as dpkg's
+            // DPkg::Lock::Timeout does.
+            .env("ZYPP_LOCK_TIMEOUT", self.lock_timeout.as_secs().to_string())
+            .args(self.args.iter().cloned())
+            .args(["--non-interactive", "--no-color"])
+    }
+
+    /// Downloads metadata for every enabled repository.
+    pub fn refresh_command(&self) -> Cmd {
+        self.base(self.refresh_timeout)
+            .args(["--xmlout", "refresh"])
+    }
+
+    pub fn list_updates_command(&self) -> Cmd {
+        self.base(self.command_timeout)
+            .args(["--xmlout", "--no-refresh", "list-updates"])
+    }
+
+    /// Every needed patch, optional ones included (they are pending updates too).
+    pub fn list_patches_command(&self) -> Cmd {
+        self.base(self.command_timeout).args([
+            "--xmlout",
+            "--no-refresh",
+            "list-patches",
+            "--with-optional",
+        ])
+    }
+
+    /// `info -t patch` for the given patches: their `Conflicts` name the packages they update.
+    pub fn patch_info_command(&self, ids: &[&str]) -> Cmd {
+        self.base(self.command_timeout)
+            .args(["--no-refresh", "info", "-t", "patch", "--"])
+            .args(ids.iter().copied())
+    }
+
+    pub fn needs_rebooting_command(&self) -> Cmd {
+        self.base(self.command_timeout).arg("needs-rebooting")
+    }
+
+    /// `zypper update -- NAME` or `zypper install --oldpackage -- NAME[=VERSION]`, from the
+    /// metadata the job's refresh fetched; licences agreed only when the job says so.
+    pub fn apply_command(&self, op: &super::Op, opts: ApplyOptions) -> Cmd {
+        let cmd = self.base(self.apply_timeout).arg("--no-refresh");
+        match op {
+            super::Op::Upgrade(name) => cmd.arg("update").args(licences(opts)).arg("--").arg(name),
+            super::Op::Install { name, version } => cmd
+                .arg("install")
+                .args(licences(opts))
+                // The exact version asked for, even below the installed one (apt and dnf jobs
+                // allow downgrades the same way).
+                .arg("--oldpackage")
+                .arg("--")
+                .arg(match version {
+                    Some(v) => format!("{name}={v}"),
+                    None => name.clone(),
+                }),
+        }
+    }
+
+    pub fn rpm_query_command(&self) -> Cmd {
+        rpm::query_all_command(&self.rpm, self.root.as_deref(), self.command_timeout)
+    }
+
+    /// A path of the managed system (under the root, if there is one).
+    fn system_path(&self, path: &str) -> PathBuf {
+        let rel = path.trim_start_matches('/');
+        self.root.as_deref().unwrap_or(Path::new("/")).join(rel)
+    }
+
+    /// zypper's flag for "a reboot is needed", which `zypper needs-rebooting` reads.
+    pub fn reboot_flag(&self) -> PathBuf {
+        self.system_path("/run/reboot-needed")
+    }
+
+    /// libzypp's lock (a pid file) and rpm's transaction lock.
+    pub fn locks(&self) -> Vec<Lock> {
+        let db = self.rpm_dbpath.to_string_lossy().into_owned();
+        vec![
+            Lock::PidFile(self.system_path("/run/zypp.pid")),
+            Lock::Fcntl(self.system_path(&db).join(".rpm.lock")),
+        ]
+    }
+}
+
+fn licences(opts: ApplyOptions) -> Option<&'static str> {
+    opts.accept_licenses.then_some("--auto-agree-with-licenses")
+}
+
+/// zypper's exit codes (zypper(8), "EXIT CODES").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Ok,
+    /// 7: another process holds the zypp lock.
+    Locked,
+    /// 100, 101: updates (security updates) are needed — information, not failure.
+    UpdatesNeeded,
+    /// 102: done; a reboot is needed.
+    RebootNeeded,
+    /// 103: zypper updated itself (the update stack); run the same command again.
+    RestartNeeded,
+    /// 104: a package or capability asked for was not found.
+    NotFound,
+    /// 105: zypper was interrupted by a signal.
+    Signal,
+    /// 106: some repositories were skipped because they could not be read.
+    ReposSkipped,
+    /// 107: done, but an rpm scriptlet failed.
+    ScriptFailed,
+    /// Any other code (1–6, 8: errors) or death by a signal.
+    Error(Option<i32>),
+}
+
+impl Exit {
+    pub fn of(code: Option<i32>) -> Self {
+        match code {
+            Some(0) => Exit::Ok,
+            Some(7) => Exit::Locked,
+            Some(100 | 101) => Exit::UpdatesNeeded,
+            Some(102) => Exit::RebootNeeded,
+            Some(103) => Exit::RestartNeeded,
+            Some(104) => Exit::NotFound,
+            Some(105) => Exit::Signal,
+            Some(106) => Exit::ReposSkipped,
+            Some(107) => Exit::ScriptFailed,
+            other => Exit::Error(other),
+        }
+    }
+}
+
+/// One `<update>` of `list-updates` (kind="package") or `list-patches` (kind="patch").
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct XmlUpdate {
+    pub kind: String,
+    pub name: String,
+    /// `[epoch:]version-release`.
+    pub edition: String,
+    pub edition_old: String,
+    pub arch: String,
+    /// The repository alias.
+    pub repo: String,
+    /// Patches: category, severity, flags, issue date and references.
+    pub category: String,
+    pub severity: String,
+    pub status: String,
+    pub flags: PatchFlags,
+    pub issued: Option<SystemTime>,
+    pub cves: Vec<String>,
+    pub bugs: Vec<String>,
+}
+
+/// What one `--xmlout` run printed: its updates and its messages.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct XmlStream {
+    pub updates: Vec<XmlUpdate>,
+    /// (type, text): "info", "warning", "error".
+    pub messages: Vec<(String, String)>,
+}
+
+/// Parses a `zypper --xmlout` document. Output cut short (a killed zypper) is an error, never a
+/// partial list taken for the whole.
+pub fn parse_xml(text: &str) -> Result<XmlStream, String> {
+    let doc = roxmltree::Document::parse(text)
+        .map_err(|e| format!("zypper printed XML that does not parse: {e}"))?;
+    let mut out = XmlStream::default();
+    for node in doc.root_element().descendants() {
+        match node.tag_name().name() {
+            "message" => out.messages.push((
+                node.attribute("type").unwrap_or("info").to_string(),
+                node.text().unwrap_or_default().trim().to_string(),
+            )),
+            "update" if node.parent().is_some_and(|p| p.has_tag_name("update-list")) => {
+                out.updates.push(xml_update(node));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn xml_update(node: roxmltree::Node<'_, '_>) -> XmlUpdate {
+    let attr = |k: &str| node.attribute(k).unwrap_or_default().to_string();
+    let yes = |k: &str| node.attribute(k) == Some("true");
+    let mut u = XmlUpdate {
+        kind: attr("kind"),
+        name: attr("name"),
+        edition: attr("edition"),
+        edition_old: attr("edition-old"),
+        arch: attr("arch"),
+        category: attr("category"),
+        severity: attr("severity"),
+        status: attr("status"),
+        flags: PatchFlags {
+            interactive: yes("interactive"),
+            update_stack: yes("pkgmanager"),
+            reboot_suggested: yes("restart"),
+        },
+        ..XmlUpdate::default()
+    };
+    for child in node.children().filter(roxmltree::Node::is_element) {
+        match child.tag_name().name() {
+            "source" => u.repo = child.attribute("alias").unwrap_or_default().to_string(),
+            "issue-date" => {
+                u.issued = child
+                    .attribute("time_t")
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .map(|t| UNIX_EPOCH + Duration::from_secs(t));
+            }
+            "issue-list" => {
+                for issue in child.children().filter(|c| c.has_tag_name("issue")) {
+                    let id = issue.attribute("id").unwrap_or_default().to_string();
+                    if id.is_empty() {
+                        continue;
+                    }
+                    match issue.attribute("type") {
+                        Some("cve") => u.cves.push(id),
+                        Some("bugzilla") => u.bugs.push(id),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    u
+}
+
+/// Repositories zypper skipped, with the reason it gave, from a run's messages (XML or text).
+pub fn repo_errors(messages: &[(String, String)]) -> Vec<RepoError> {
+    let mut out: Vec<RepoError> = Vec::new();
+    for (_, text) in messages {
+        for line in text.lines() {
+            let Some(rest) = line.trim().strip_prefix("Skipping repository '") else {
+                continue;
+            };
+            let Some((repo, _)) = rest.split_once('\'') else {
+                continue;
+            };
+            if out.iter().any(|e| e.repo == repo) {
+                continue;
+            }
+            // zypper names the repository as "[alias|url] reason" in the error before it.
+            let tag = format!("[{repo}|");
+            let why = messages
+                .iter()
+                .flat_map(|(_, t)| t.lines())
+                .find_map(|l| {
+                    let l = l.trim();
+                    let rest = l.strip_prefix(&tag)?;
+                    let (url, reason) = rest.split_once(']')?;
+                    Some(format!("{} ({url})", reason.trim()))
+                })
+                .unwrap_or_else(|| "metadata could not be read; repository skipped".into());
+            out.push(RepoError {
+                repo: repo.to_string(),
+                error: why,
+            });
+        }
+    }
+    out
+}
+
+/// The packages each patch updates, from `zypper info -t patch` text: a patch conflicts with
+/// every older version of each of its packages (`name[.arch] < edition`). Source packages
+/// (`srcpackage:`) are left out.
+pub fn parse_patch_info(text: &str) -> HashMap<String, Vec<String>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    let mut current: Option<String> = None;
+    let mut in_conflicts = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("Information for patch ") {
+            current = Some(rest.trim().trim_end_matches(':').to_string());
+            in_conflicts = false;
+            continue;
+        }
+        let Some(patch) = &current else { continue };
+        if let Some((key, value)) = line.split_once(" : ")
+            && !line.starts_with(' ')
+        {
+            in_conflicts = key.trim() == "Conflicts";
+            if in_conflicts && !value.trim().starts_with('[') {
+                push_conflict(out.entry(patch.clone()).or_default(), value);
+            }
+            continue;
+        }
+        if in_conflicts && line.starts_with(' ') && !line.trim().is_empty() {
+            push_conflict(out.entry(patch.clone()).or_default(), line);
+        } else {
+            in_conflicts = false;
+        }
+    }
+    out
+}
+
+fn push_conflict(list: &mut Vec<String>, capability: &str) {
+    let Some(name) = capability.split_whitespace().next() else {
+        return;
+    };
+    if name.contains(':') || name.is_empty() || list.iter().any(|n| n == name) {
+        return;
+    }
+    list.push(name.to_string());
+}
+
+/// Whether a patch's package capability (`name` or `name.arch`) is this package.
+fn names(capability: &str, name: &str, arch: &str) -> bool {
+    capability == name
+        || capability
+            .strip_prefix(name)
+            .and_then(|r| r.strip_prefix('.'))
+            .is_some_and(|a| a == arch)
+}
+
+/// A patch category as a classification: security; recommended (bug fixes) as bugfix;
+/// optional and feature as enhancement; document, yast and anything else as other.
+pub fn classify(category: &str) -> Classification {
+    match category.to_ascii_lowercase().as_str() {
+        "security" => Classification::Security,
+        "recommended" | "bugfix" => Classification::Bugfix,
+        "optional" | "feature" | "enhancement" => Classification::Enhancement,
+        _ => Classification::Other,
+    }
+}
+
+/// Joins package updates with the needed patches that update them. Packages of update-stack
+/// patches come first: they are applied before everything else, as `zypper patch` does.
+pub fn assemble(
+    packages: &[XmlUpdate],
+    patches: &[XmlUpdate],
+    members: &HashMap<String, Vec<String>>,
+) -> Vec<Update> {
+    let mut updates: Vec<Update> = packages
+        .iter()
+        .filter(|p| p.kind == "package")
+        .map(|p| {
+            let mine: Vec<&XmlUpdate> = patches
+                .iter()
+                .filter(|x| {
+                    members
+                        .get(&x.name)
+                        .is_some_and(|m| m.iter().any(|c| names(c, &p.name, &p.arch)))
+                })
+                .collect();
+            let strongest = mine.iter().min_by_key(|x| classify(&x.category));
+            let classification = strongest.map_or(Classification::Other, |x| classify(&x.category));
+            let severity = mine
+                .iter()
+                .filter(|x| classify(&x.category) == Classification::Security)
+                .map(|x| Severity::parse(&x.severity))
+                .min()
+                .unwrap_or(Severity::Unknown);
+            let set = |f: &dyn Fn(&XmlUpdate) -> &[String]| -> Vec<String> {
+                mine.iter()
+                    .flat_map(|x| f(x).iter().cloned())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect()
+            };
+            let flags = mine.iter().fold(PatchFlags::default(), |f, x| PatchFlags {
+                interactive: f.interactive || x.flags.interactive,
+                update_stack: f.update_stack || x.flags.update_stack,
+                reboot_suggested: f.reboot_suggested || x.flags.reboot_suggested,
+            });
+            Update {
+                name: p.name.clone(),
+                arch: p.arch.clone(),
+                installed_version: p.edition_old.clone(),
+                candidate_version: p.edition.clone(),
+                origin: p.repo.clone(),
+                classification,
+                severity,
+                advisories: mine
+                    .iter()
+                    .map(|x| x.name.clone())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+                cves: set(&|x| &x.cves),
+                issued: mine.iter().filter_map(|x| x.issued).min(),
+                first_seen: None,
+                sla: SlaClass::of(classification, severity),
+                category: strongest.map(|x| x.category.clone()).unwrap_or_default(),
+                bug_ids: set(&|x| &x.bugs),
+                flags,
+            }
+        })
+        .collect();
+    updates.sort_by_key(|u| !u.flags.update_stack);
+    updates
+}
+
+/// The packages whose rpm scriptlet failed, from zypper's output
+/// (`%post(NAME-VERSION-RELEASE.ARCH) scriptlet failed, exit status N`).
+pub fn failed_scriptlets(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let Some(at) = line.find(") scriptlet failed") else {
+            continue;
+        };
+        let head = &line[..at];
+        let Some(open) = head.rfind('(') else {
+            continue;
+        };
+        let script = head[..open]
+            .rsplit(|c: char| c.is_whitespace())
+            .next()
+            .unwrap_or_default();
+        let what = format!(
+            "{} {}{}",
+            &head[open + 1..],
+            script,
+            line[at + 1..].trim_start_matches(" scriptlet")
+        );
+        if !out.contains(&what) {
+            out.push(what);
+        }
+    }
+    out
+}
+
+/// What zypper said about a licence it would not agree to by itself, if it did.
+pub fn licence_refusal(text: &str) -> Option<String> {
+    let mut package = None;
+    let mut refused = false;
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(rest) = l.strip_suffix(" License Agreement") {
+            package = Some(rest.trim().to_string());
+        }
+        if l.starts_with("Aborting installation due to the need for license confirmation") {
+            refused = true;
+        }
+    }
+    refused.then(|| match package {
+        Some(p) => format!("{p} asks for its licence to be agreed to"),
+        None => "a package asks for its licence to be agreed to".to_string(),
+    })
+}
+
+/// The zypper [`PackageManager`].
+pub struct Zypper {
+    pub config: ZypperConfig,
+}
+
+impl Zypper {
+    async fn installed(&self) -> Result<Vec<RpmRecord>, PkgError> {
+        let out = super::run_checked(&self.config.rpm_query_command(), None).await?;
+        let (records, skipped) = rpm::parse_all(&out.stdout);
+        if skipped > 0 {
+            tracing::warn!(skipped, "Skipped unparsable rpm query lines");
+        }
+        Ok(records)
+    }
+
+    /// Runs a query (`--xmlout`), accepting what zypper means by success: 0, 100/101 (updates
+    /// needed) and 106 (some repositories skipped: the caller reports them).
+    async fn query(&self, cmd: &Cmd) -> Result<(XmlStream, Output), PkgError> {
+        let out = exec::run(cmd).await?;
+        match Exit::of(out.code()) {
+            Exit::Ok | Exit::UpdatesNeeded | Exit::ReposSkipped => {}
+            Exit::Locked => return Err(self.locked(cmd, &out)),
+            _ => return Err(failed(cmd, &out).into()),
+        }
+        let stream = parse_xml(&out.stdout).map_err(PkgError::Parse)?;
+        Ok((stream, out))
+    }
+
+    /// Exit 7: names the process in the pid file, as the lock wait does.
+    fn locked(&self, cmd: &Cmd, out: &Output) -> PkgError {
+        let pid_file = self.config.system_path("/run/zypp.pid");
+        // zypper names the holder too ("... locked by the application with pid N (zypper).");
+        // the pid file is read again in case that process is still there.
+        let who = match super::lock::pid_file_holder(&pid_file) {
+            Ok(Some(h)) => h.to_string(),
+            _ => format!("another process ({})", out.stderr_tail().trim()),
+        };
+        PkgError::Lock(format!(
+            "`{}`: the zypp lock ({}) is held by {who}, still after {:?}; wait for that process to finish, or raise [packages] lock_timeout",
+            cmd.display(),
+            pid_file.display(),
+            self.config.lock_timeout
+        ))
+    }
+}
+
+/// A failed zypper run, with what it printed: zypper writes most errors to stdout.
+fn failed(cmd: &Cmd, out: &Output) -> Failed {
+    let mut f = Failed::new(cmd, out);
+    if f.stderr_tail.is_empty() {
+        let text = out.stdout.trim();
+        let start = text.len().saturating_sub(2048);
+        let start = (start..=text.len())
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(text.len());
+        f.stderr_tail = text[start..].to_string();
+    }
+    f
+}
+
+#[tonic::async_trait]
+impl PackageManager for Zypper {
+    fn name(&self) -> &'static str {
+        "zypper"
+    }
+
+    async fn inventory(&self, f: &mut (dyn FnMut(Package) + Send)) -> Result<(), PkgError> {
+        super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
+        for r in self.installed().await? {
+            f(r.package);
+        }
+        Ok(())
+    }
+
+    async fn refresh(&self) -> Result<Vec<RepoError>, PkgError> {
+        super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
+        let cmd = self.config.refresh_command();
+        let out = exec::run(&cmd).await?;
+        let stream = parse_xml(&out.stdout).unwrap_or_default();
+        let errors = repo_errors(&stream.messages);
+        match Exit::of(out.code()) {
+            Exit::Ok => Ok(errors),
+            Exit::Locked => Err(self.locked(&cmd, &out)),
+            // zypper refresh exits 4 (ZYPP error) or 106 when some repositories failed.
+            _ if !errors.is_empty() => Ok(errors),
+            _ => Err(failed(&cmd, &out).into()),
+        }
+    }
+
+    async fn updates(&self) -> Result<UpdateScan, PkgError> {
+        super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
+        let (packages, _) = self.query(&self.config.list_updates_command()).await?;
+        let mut scan = UpdateScan {
+            repo_errors: repo_errors(&packages.messages),
+            ..UpdateScan::default()
+        };
+        if packages.updates.is_empty() {
+            return Ok(scan);
+        }
+        let (patches, _) = self.query(&self.config.list_patches_command()).await?;
+        let needed: Vec<XmlUpdate> = patches
+            .updates
+            .into_iter()
+            .filter(|p| p.kind == "patch" && p.status != "applied")
+            .collect();
+        let members = if needed.is_empty() {
+            HashMap::new()
+        } else {
+            let ids: Vec<&str> = needed.iter().map(|p| p.name.as_str()).collect();
+            let info = super::run_checked(&self.config.patch_info_command(&ids), None).await?;
+            parse_patch_info(&info.stdout)
+        };
+        scan.updates = assemble(&packages.updates, &needed, &members);
+        Ok(scan)
+    }
+
+    fn locks(&self) -> Vec<Lock> {
+        self.config.locks()
+    }
+
+    async fn apply(
+        &self,
+        op: &super::Op,
+        opts: ApplyOptions,
+        lines: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<(), PkgError> {
+        super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
+        let cmd = self.config.apply_command(op, opts);
+        let mut out = exec::run_streaming(&cmd, Some(lines.clone())).await?;
+        if Exit::of(out.code()) == Exit::RestartNeeded {
+            // zypper updated itself; the same command again, once, with the new zypper.
+            let _ =
+                lines.send("zypper updated itself (exit 103); running the command again".into());
+            out = exec::run_streaming(&cmd, Some(lines.clone())).await?;
+        }
+        let all = format!("{}\n{}", out.stdout, out.stderr);
+        match Exit::of(out.code()) {
+            Exit::Ok => Ok(()),
+            Exit::RebootNeeded => {
+                // zypper's own flag, so the reboot survives an agent restart and
+                // `zypper needs-rebooting` agrees.
+                let flag = self.config.reboot_flag();
+                if !flag.exists()
+                    && let Err(e) = std::fs::write(&flag, "reboot\n")
+                {
+                    tracing::warn!(flag = %flag.display(), error = %e, "Cannot record that a reboot is needed");
+                }
+                Ok(())
+            }
+            Exit::ScriptFailed => {
+                let which = failed_scriptlets(&all);
+                Err(PkgError::Parse(format!(
+                    "an rpm scriptlet failed while applying {} (zypper exit 107): {}",
+                    op.name(),
+                    if which.is_empty() {
+                        "zypper did not say which".to_string()
+                    } else {
+                        which.join("; ")
+                    }
+                )))
+            }
+            Exit::ReposSkipped if opts.allow_repo_errors => {
+                let skipped = parse_xml(&out.stdout)
+                    .map(|s| repo_errors(&s.messages))
+                    .unwrap_or_default();
+                tracing::warn!(
+                    package = op.name(),
+                    skipped = skipped.len(),
+                    "Repositories skipped while applying (allow_repo_errors)"
+                );
+                Ok(())
+            }
+            Exit::ReposSkipped => Err(PkgError::Parse(format!(
+                "{}: zypper skipped repositories it could not read (exit 106); fix them, or sign the job with --allow-repo-errors",
+                op.name()
+            ))),
+            Exit::NotFound => Err(PkgError::Parse(format!(
+                "{}: not found in any enabled repository (zypper exit 104)",
+                super::Op::name(op)
+            ))),
+            Exit::Locked => Err(self.locked(&cmd, &out)),
+            _ => match licence_refusal(&all) {
+                Some(why) => Err(PkgError::Parse(format!(
+                    "{}: {why}; nothing was agreed on your behalf: sign the job with --accept-licenses to agree",
+                    op.name()
+                ))),
+                None => Err(failed(&cmd, &out).into()),
+            },
+        }
+    }
+
+    async fn reboot_required(&self, boot_time: SystemTime) -> RebootState {
+        let flag = self.config.reboot_flag();
+        let cmd = self.config.needs_rebooting_command();
+        if let Ok(out) = exec::run(&cmd).await
+            && let Some(state) = reboot::from_zypper(out.code(), &out.stdout, &flag)
+        {
+            return state;
+        }
+        // An old zypper without needs-rebooting: its flag, then the core-package rule.
+        if flag.exists() {
+            return reboot::zypper_flag(&flag);
+        }
+        let running = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match self.installed().await {
+            Ok(records) => reboot::rhel_fallback(&running, &records, boot_time),
+            Err(e) => RebootState {
+                required: false,
+                method: "kernel and core package install times".into(),
+                evidence: vec![format!("cannot query rpm: {e}")],
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
