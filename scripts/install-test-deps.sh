@@ -5,6 +5,7 @@
 #   util-linux       setpriv (tests as another uid)
 #   dpkg-dev, apt-utils        synthetic .deb repositories (dpkg-scanpackages, apt-ftparchive)
 #   dnf, rpm, createrepo-c     synthetic rpm repositories and a real dnf against an installroot
+#   zypper, libzypp-bin        a real zypper against a --root with rpm-md repositories
 #   iproute2         network namespaces for the fleet tests
 #   nftables         the NAT gateway namespace of the control-channel tests
 #   debootstrap, systemd-container   a Debian rootfs booted with systemd-nspawn (packaging tests)
@@ -22,7 +23,7 @@ export DEBIAN_FRONTEND=noninteractive
 tools=(
     openssl:openssl setpriv:util-linux python3:python3 dpkg-scanpackages:dpkg-dev
     apt-ftparchive:apt-utils dnf:dnf rpm:rpm rpmbuild:rpm createrepo_c:createrepo-c
-    modifyrepo_c:createrepo-c ip:iproute2 nft:nftables debootstrap:debootstrap
+    modifyrepo_c:createrepo-c zypper:zypper zypp-CheckAccessDeleted:libzypp-bin ip:iproute2 nft:nftables debootstrap:debootstrap
     systemd-nspawn:systemd-container lintian:lintian rpmlint:rpmlint
 )
 missing=()

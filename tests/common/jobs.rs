@@ -1,4 +1,4 @@
-//! The signed-jobs fixture shared by the job tests: an apt or dnf sandbox, a dev PKI, a job
+//! The signed-jobs fixture shared by the job tests: an apt, dnf or zypper sandbox, a dev PKI, a job
 //! signing key the agent trusts, a simulated reboot, and helpers to sign, submit and watch jobs
 //! through the real patchctl and grpcurl.
 
@@ -73,6 +73,9 @@ impl Fixture {
         let packages = match kind {
             "apt" => format!(
                 "[packages]\nmanager = \"apt\"\nscan_on_start = false\napt_config = \"{s}/apt.conf\"\ndpkg_status = \"{s}/root/var/lib/dpkg/status\"\nreboot_required_file = \"{s}/root/run/reboot-required\"\ndpkg_args = [\"--root={s}/root\", \"--force-not-root\", \"--force-script-chrootless\", \"--log={s}/root/var/log/dpkg.log\"]\n{extra_packages}"
+            ),
+            "zypper" => format!(
+                "[packages]\nmanager = \"zypper\"\nscan_on_start = false\nzypper_args = [\"--root\", \"{s}/root\"]\n{extra_packages}"
             ),
             _ => format!(
                 "[packages]\nmanager = \"dnf\"\nscan_on_start = false\nrpm_root = \"{s}/root\"\ndnf_args = [\"-c\", \"{s}/dnf.conf\", \"--installroot={s}/root\", \"--releasever=1\", \"--setopt=reposdir={s}/repos.d\", \"--setopt=cachedir={s}/cache\"]\n{extra_packages}"

@@ -216,22 +216,20 @@ pub async fn backend(
                 apply_timeout: section.apply_timeout,
             },
         }),
-        Kind::Zypper => std::sync::Arc::new(zypper::Zypper {
-            config: zypper::ZypperConfig {
-                program: find("zypper"),
-                args: section.zypper_args.clone(),
-                rpm: find("rpm"),
-                root: section
-                    .rpm_root
-                    .clone()
-                    .or_else(|| zypper::root_of(&section.zypper_args)),
-                rpm_dbpath: rpm_dbpath(&find("rpm")).await,
-                command_timeout: section.command_timeout,
-                refresh_timeout: section.refresh_timeout,
-                lock_timeout: section.lock_timeout,
-                apply_timeout: section.apply_timeout,
-            },
-        }),
+        Kind::Zypper => std::sync::Arc::new(zypper::Zypper::new(zypper::ZypperConfig {
+            program: find("zypper"),
+            args: section.zypper_args.clone(),
+            rpm: find("rpm"),
+            root: section
+                .rpm_root
+                .clone()
+                .or_else(|| zypper::root_of(&section.zypper_args)),
+            rpm_dbpath: rpm_dbpath(&find("rpm")).await,
+            command_timeout: section.command_timeout,
+            refresh_timeout: section.refresh_timeout,
+            lock_timeout: section.lock_timeout,
+            apply_timeout: section.apply_timeout,
+        })),
         Kind::Dnf | Kind::Yum => {
             let flavor = if kind == Kind::Dnf { "dnf" } else { "yum" };
             let rpm_dbpath = rpm_dbpath(&find("rpm")).await;

@@ -224,7 +224,13 @@ pub fn parse_xml(text: &str) -> Result<XmlStream, String> {
                 node.attribute("type").unwrap_or("info").to_string(),
                 node.text().unwrap_or_default().trim().to_string(),
             )),
-            "update" if node.parent().is_some_and(|p| p.has_tag_name("update-list")) => {
+            // While an update-stack patch is pending, zypper lists every other needed patch as
+            // blocked behind it: they are pending all the same.
+            "update"
+                if node.parent().is_some_and(|p| {
+                    p.has_tag_name("update-list") || p.has_tag_name("blocked-update-list")
+                }) =>
+            {
                 out.updates.push(xml_update(node));
             }
             _ => {}
@@ -495,6 +501,35 @@ pub fn licence_refusal(text: &str) -> Option<String> {
 /// The zypper [`PackageManager`].
 pub struct Zypper {
     pub config: ZypperConfig,
+    /// Packages of needed patches that suggest a reboot, from the last scan. The agent updates
+    /// package by package, so zypper never sees the patch being installed; once such a package
+    /// is applied the agent sets zypper's reboot flag itself, as `zypper patch` would have
+    /// answered 102.
+    reboot_suggested: std::sync::Mutex<BTreeSet<String>>,
+}
+
+impl Zypper {
+    pub fn new(config: ZypperConfig) -> Self {
+        Self {
+            config,
+            reboot_suggested: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Sets zypper's reboot flag (what libzypp does after updating a package that needs a
+    /// reboot), so the need survives an agent restart and `zypper needs-rebooting` agrees.
+    fn flag_reboot(&self, why: &str) {
+        let flag = self.config.reboot_flag();
+        if flag.exists() {
+            return;
+        }
+        match std::fs::write(&flag, "reboot\n") {
+            Ok(()) => tracing::info!(flag = %flag.display(), why, "A reboot is needed"),
+            Err(e) => {
+                tracing::warn!(flag = %flag.display(), error = %e, why, "Cannot record that a reboot is needed");
+            }
+        }
+    }
 }
 
 impl Zypper {
@@ -510,14 +545,19 @@ impl Zypper {
     /// Runs a query (`--xmlout`), accepting what zypper means by success: 0, 100/101 (updates
     /// needed) and 106 (some repositories skipped: the caller reports them).
     async fn query(&self, cmd: &Cmd) -> Result<(XmlStream, Output), PkgError> {
-        let out = exec::run(cmd).await?;
-        match Exit::of(out.code()) {
-            Exit::Ok | Exit::UpdatesNeeded | Exit::ReposSkipped => {}
-            Exit::Locked => return Err(self.locked(cmd, &out)),
-            _ => return Err(failed(cmd, &out).into()),
-        }
+        let out = self.read_only(cmd).await?;
         let stream = parse_xml(&out.stdout).map_err(PkgError::Parse)?;
         Ok((stream, out))
+    }
+
+    /// Runs a command that changes nothing, accepting 0, 100/101 and 106 as above.
+    async fn read_only(&self, cmd: &Cmd) -> Result<Output, PkgError> {
+        let out = exec::run(cmd).await?;
+        match Exit::of(out.code()) {
+            Exit::Ok | Exit::UpdatesNeeded | Exit::ReposSkipped => Ok(out),
+            Exit::Locked => Err(self.locked(cmd, &out)),
+            _ => Err(failed(cmd, &out).into()),
+        }
     }
 
     /// Exit 7: names the process in the pid file, as the lock wait does.
@@ -601,10 +641,21 @@ impl PackageManager for Zypper {
             HashMap::new()
         } else {
             let ids: Vec<&str> = needed.iter().map(|p| p.name.as_str()).collect();
-            let info = super::run_checked(&self.config.patch_info_command(&ids), None).await?;
+            let info = self
+                .read_only(&self.config.patch_info_command(&ids))
+                .await?;
             parse_patch_info(&info.stdout)
         };
         scan.updates = assemble(&packages.updates, &needed, &members);
+        *self
+            .reboot_suggested
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = scan
+            .updates
+            .iter()
+            .filter(|u| u.flags.reboot_suggested)
+            .map(|u| u.name.clone())
+            .collect();
         Ok(scan)
     }
 
@@ -628,17 +679,19 @@ impl PackageManager for Zypper {
             out = exec::run_streaming(&cmd, Some(lines.clone())).await?;
         }
         let all = format!("{}\n{}", out.stdout, out.stderr);
+        let suggested = self
+            .reboot_suggested
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(op.name());
         match Exit::of(out.code()) {
+            Exit::Ok if suggested => {
+                self.flag_reboot(&format!("a patch of {} suggests a reboot", op.name()));
+                Ok(())
+            }
             Exit::Ok => Ok(()),
             Exit::RebootNeeded => {
-                // zypper's own flag, so the reboot survives an agent restart and
-                // `zypper needs-rebooting` agrees.
-                let flag = self.config.reboot_flag();
-                if !flag.exists()
-                    && let Err(e) = std::fs::write(&flag, "reboot\n")
-                {
-                    tracing::warn!(flag = %flag.display(), error = %e, "Cannot record that a reboot is needed");
-                }
+                self.flag_reboot(&format!("zypper exited 102 after {}", op.name()));
                 Ok(())
             }
             Exit::ScriptFailed => {
