@@ -282,6 +282,24 @@ fn jobs_security_only_severity_approval_exclude_install_dry_run_scriptlets_and_l
     assert_eq!(s["state"], "JOB_STATE_SUCCEEDED", "{s:#}");
     assert_eq!(planned(&s), ["crit", "imp", "mod", "notice"]);
     assert_eq!(planned(&s), zypper_security_patch_set(&root));
+    assert!(
+        history(&agent, "zy-dry").contains("zypper --dry-run accepted 4 of 4 operation(s)"),
+        "{}",
+        history(&agent, "zy-dry")
+    );
+    // zypper's own dry run refuses what applying would refuse: a licence nobody agreed to, a
+    // version no repository has.
+    let s = f.run_job(
+        &agent,
+        "zy-dry-refused",
+        &["--install", "lic", "--install", "crit=9.9-1", "--dry-run"],
+    );
+    assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
+    let reason = s["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("lic: ") && reason.contains("licence") && reason.contains("crit: not found"),
+        "{reason}"
+    );
     assert_eq!(f.rpm_versions(), all_old);
 
     let s = f.run_job(&agent, "zy-crit", &["--min-severity", "critical"]);

@@ -90,6 +90,12 @@ pub trait PackageManager: Send + Sync {
     }
     /// The package manager's locks (held while it runs).
     fn locks(&self) -> Vec<lock::Lock>;
+    /// Asks the package manager whether it would apply `op` (a dry run: its solver, licences
+    /// and repositories checked, nothing changed). Ok(false) when this backend has no such
+    /// check and the plan alone answers.
+    async fn simulate(&self, _op: &Op, _opts: ApplyOptions) -> Result<bool, PkgError> {
+        Ok(false)
+    }
     /// Applies one operation, sending its output lines to `lines` as they are printed.
     async fn apply(
         &self,

@@ -96,11 +96,28 @@ impl ZypperConfig {
     /// `zypper update -- NAME` or `zypper install --oldpackage -- NAME[=VERSION]`, from the
     /// metadata the job's refresh fetched; licences agreed only when the job says so.
     pub fn apply_command(&self, op: &super::Op, opts: ApplyOptions) -> Cmd {
+        self.op_command(op, opts, false)
+    }
+
+    /// The same command with `--dry-run`: the solver, licences and repositories are checked,
+    /// nothing is installed.
+    pub fn simulate_command(&self, op: &super::Op, opts: ApplyOptions) -> Cmd {
+        self.op_command(op, opts, true)
+    }
+
+    fn op_command(&self, op: &super::Op, opts: ApplyOptions, dry_run: bool) -> Cmd {
         let cmd = self.base(self.apply_timeout).arg("--no-refresh");
+        let dry = dry_run.then_some("--dry-run");
         match op {
-            super::Op::Upgrade(name) => cmd.arg("update").args(licences(opts)).arg("--").arg(name),
+            super::Op::Upgrade(name) => cmd
+                .arg("update")
+                .args(dry)
+                .args(licences(opts))
+                .arg("--")
+                .arg(name),
             super::Op::Install { name, version } => cmd
                 .arg("install")
+                .args(dry)
                 .args(licences(opts))
                 // The exact version asked for, even below the installed one (apt and dnf jobs
                 // allow downgrades the same way).
@@ -560,6 +577,75 @@ impl Zypper {
         }
     }
 
+    /// What a zypper run that applies (or, `dry_run`, simulates) one operation means, by its
+    /// exit code (zypper(8)) and what it printed.
+    fn judge(
+        &self,
+        op: &super::Op,
+        opts: ApplyOptions,
+        cmd: &Cmd,
+        out: &Output,
+        dry_run: bool,
+    ) -> Result<(), PkgError> {
+        let all = format!("{}\n{}", out.stdout, out.stderr);
+        let suggested = self
+            .reboot_suggested
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(op.name());
+        match Exit::of(out.code()) {
+            Exit::Ok if suggested && !dry_run => {
+                self.flag_reboot(&format!("a patch of {} suggests a reboot", op.name()));
+                Ok(())
+            }
+            Exit::Ok => Ok(()),
+            Exit::RebootNeeded if dry_run => Ok(()),
+            Exit::RebootNeeded => {
+                self.flag_reboot(&format!("zypper exited 102 after {}", op.name()));
+                Ok(())
+            }
+            Exit::ScriptFailed => {
+                let which = failed_scriptlets(&all);
+                Err(PkgError::Parse(format!(
+                    "an rpm scriptlet failed while applying {} (zypper exit 107): {}",
+                    op.name(),
+                    if which.is_empty() {
+                        "zypper did not say which".to_string()
+                    } else {
+                        which.join("; ")
+                    }
+                )))
+            }
+            Exit::ReposSkipped if opts.allow_repo_errors => {
+                let skipped = parse_xml(&out.stdout)
+                    .map(|s| repo_errors(&s.messages))
+                    .unwrap_or_default();
+                tracing::warn!(
+                    package = op.name(),
+                    skipped = skipped.len(),
+                    "Repositories skipped while applying (allow_repo_errors)"
+                );
+                Ok(())
+            }
+            Exit::ReposSkipped => Err(PkgError::Parse(format!(
+                "{}: zypper skipped repositories it could not read (exit 106); fix them, or sign the job with --allow-repo-errors",
+                op.name()
+            ))),
+            Exit::NotFound => Err(PkgError::Parse(format!(
+                "{}: not found in any enabled repository (zypper exit 104)",
+                super::Op::name(op)
+            ))),
+            Exit::Locked => Err(self.locked(cmd, out)),
+            _ => match licence_refusal(&all) {
+                Some(why) => Err(PkgError::Parse(format!(
+                    "{}: {why}; nothing was agreed on your behalf: sign the job with --accept-licenses to agree",
+                    op.name()
+                ))),
+                None => Err(failed(cmd, out).into()),
+            },
+        }
+    }
+
     /// Exit 7: names the process in the pid file, as the lock wait does.
     fn locked(&self, cmd: &Cmd, out: &Output) -> PkgError {
         let pid_file = self.config.system_path("/run/zypp.pid");
@@ -678,62 +764,15 @@ impl PackageManager for Zypper {
                 lines.send("zypper updated itself (exit 103); running the command again".into());
             out = exec::run_streaming(&cmd, Some(lines.clone())).await?;
         }
-        let all = format!("{}\n{}", out.stdout, out.stderr);
-        let suggested = self
-            .reboot_suggested
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(op.name());
-        match Exit::of(out.code()) {
-            Exit::Ok if suggested => {
-                self.flag_reboot(&format!("a patch of {} suggests a reboot", op.name()));
-                Ok(())
-            }
-            Exit::Ok => Ok(()),
-            Exit::RebootNeeded => {
-                self.flag_reboot(&format!("zypper exited 102 after {}", op.name()));
-                Ok(())
-            }
-            Exit::ScriptFailed => {
-                let which = failed_scriptlets(&all);
-                Err(PkgError::Parse(format!(
-                    "an rpm scriptlet failed while applying {} (zypper exit 107): {}",
-                    op.name(),
-                    if which.is_empty() {
-                        "zypper did not say which".to_string()
-                    } else {
-                        which.join("; ")
-                    }
-                )))
-            }
-            Exit::ReposSkipped if opts.allow_repo_errors => {
-                let skipped = parse_xml(&out.stdout)
-                    .map(|s| repo_errors(&s.messages))
-                    .unwrap_or_default();
-                tracing::warn!(
-                    package = op.name(),
-                    skipped = skipped.len(),
-                    "Repositories skipped while applying (allow_repo_errors)"
-                );
-                Ok(())
-            }
-            Exit::ReposSkipped => Err(PkgError::Parse(format!(
-                "{}: zypper skipped repositories it could not read (exit 106); fix them, or sign the job with --allow-repo-errors",
-                op.name()
-            ))),
-            Exit::NotFound => Err(PkgError::Parse(format!(
-                "{}: not found in any enabled repository (zypper exit 104)",
-                super::Op::name(op)
-            ))),
-            Exit::Locked => Err(self.locked(&cmd, &out)),
-            _ => match licence_refusal(&all) {
-                Some(why) => Err(PkgError::Parse(format!(
-                    "{}: {why}; nothing was agreed on your behalf: sign the job with --accept-licenses to agree",
-                    op.name()
-                ))),
-                None => Err(failed(&cmd, &out).into()),
-            },
-        }
+        self.judge(op, opts, &cmd, &out, false)
+    }
+
+    async fn simulate(&self, op: &super::Op, opts: ApplyOptions) -> Result<bool, PkgError> {
+        super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
+        let cmd = self.config.simulate_command(op, opts);
+        let out = exec::run(&cmd).await?;
+        self.judge(op, opts, &cmd, &out, true)?;
+        Ok(true)
     }
 
     async fn reboot_required(&self, boot_time: SystemTime) -> RebootState {

@@ -206,8 +206,13 @@ impl Engine {
         };
         let before = plan::versions(&snap);
         let planned = self.plan(id, &ops, &before, &snap);
+        let opts = crate::pkg::ApplyOptions {
+            accept_licenses: job.accept_licenses,
+            allow_repo_errors: job.allow_repo_errors,
+        };
         if job.dry_run {
-            self.dry_run(id, job, planned);
+            self.dry_run(id, job, backend.as_ref(), &ops, opts, planned)
+                .await?;
             return Ok(snap.reboot.required);
         }
         if ops.is_empty() {
@@ -228,10 +233,6 @@ impl Engine {
             self.step(id, Event::HooksDone, "APPLYING: pre-hooks succeeded".into())
                 .map_err(Stop::Failed)?;
         }
-        let opts = crate::pkg::ApplyOptions {
-            accept_licenses: job.accept_licenses,
-            allow_repo_errors: job.allow_repo_errors,
-        };
         let stopped = self
             .apply(id, backend.as_ref(), &ops, opts, cancel, deadline)
             .await?;
@@ -331,20 +332,65 @@ impl Engine {
         planned
     }
 
-    /// A dry run ends with the plan as its result; nothing runs, hooks included.
-    fn dry_run(&self, id: &str, job: &ValidJob, planned: Vec<PackageOutcome>) {
+    /// A dry run ends with the plan as its result; hooks are not run. Where the package
+    /// manager can check an operation without doing it (zypper --dry-run), each one is checked,
+    /// and one it would refuse fails the job, named, as applying it would.
+    async fn dry_run(
+        &self,
+        id: &str,
+        job: &ValidJob,
+        backend: &dyn PackageManager,
+        ops: &[Op],
+        opts: crate::pkg::ApplyOptions,
+        planned: Vec<PackageOutcome>,
+    ) -> Result<(), Stop> {
         if !(job.pre_hooks.is_empty() && job.post_hooks.is_empty()) {
             self.note(id, "dry run: hooks are not run".into());
+        }
+        let mut checked = 0;
+        let mut refused: Vec<(String, String)> = Vec::new();
+        for op in ops {
+            match backend.simulate(op, opts).await {
+                Ok(true) => checked += 1,
+                Ok(false) => {}
+                Err(e) => refused.push((op.name().to_string(), e.to_string())),
+            }
         }
         let outcomes = planned
             .into_iter()
             .map(|p| PackageOutcome {
-                outcome: Outcome::WouldChange,
+                outcome: if refused.iter().any(|(n, _)| *n == p.name) {
+                    Outcome::Planned
+                } else {
+                    Outcome::WouldChange
+                },
                 ..p
             })
             .collect();
         self.set_packages(id, outcomes);
+        if checked > 0 {
+            self.note(
+                id,
+                format!(
+                    "dry run: {} --dry-run accepted {checked} of {} operation(s)",
+                    backend.name(),
+                    ops.len()
+                ),
+            );
+        }
         self.note(id, "dry run: nothing was changed".into());
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(Stop::Failed(format!(
+            "dry run: {} would refuse {}",
+            backend.name(),
+            refused
+                .iter()
+                .map(|(_, why)| why.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )))
     }
 
     /// Applies the operations one by one, stopping between packages on cancel or when
