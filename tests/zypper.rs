@@ -297,7 +297,9 @@ fn jobs_security_only_severity_approval_exclude_install_dry_run_scriptlets_and_l
     assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
     let reason = s["reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("lic: ") && reason.contains("licence") && reason.contains("crit: not found"),
+        reason.contains("lic: ")
+            && reason.contains("licence")
+            && reason.contains("crit: not found"),
         "{reason}"
     );
     assert_eq!(f.rpm_versions(), all_old);
@@ -463,4 +465,51 @@ fn an_unreachable_repository_fails_the_job_unless_allowed_and_a_held_zypp_lock_i
     let s = wait_state(&agent, "zy-waits", "JOB_STATE_SUCCEEDED");
     assert_eq!(s["state"], "JOB_STATE_SUCCEEDED", "{s:#}");
     assert!(f.rpm_versions().contains("imp=1.1"));
+}
+
+#[test]
+fn auto_chooses_zypper_on_an_sles_os_release_in_a_mount_namespace() {
+    let f = fixture("zyauto", "zypper", &[]);
+    let dir = f.tmp.path().join("agent");
+    let config = f
+        .config("zypper", "")
+        .replacen("manager = \"zypper\"", "manager = \"auto\"", 1);
+    assert!(config.contains("manager = \"auto\""));
+    // /etc/os-release is a link to /usr/lib/os-release on Debian: both read SLES 15 SP6 in the
+    // agent's own mount namespace, and nowhere else.
+    let script = format!(
+        "mount --bind {os} /usr/lib/os-release && exec \"$0\" \"$@\"",
+        os = f.sandbox.join("root/etc/os-release").display()
+    );
+    let agent = Agent::start_wrapped(
+        &dir,
+        &config,
+        &[],
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert!(
+        agent.log_text().contains("manager=\"zypper\""),
+        "{}",
+        agent.log_text()
+    );
+    let s = status(&agent);
+    assert!(
+        s.to_string()
+            .contains("SUSE Linux Enterprise Server 15 SP6"),
+        "{s:#}"
+    );
+    let list = list_updates(&agent, true);
+    assert_eq!(list["manager"], "zypper");
+    assert_eq!(update(&list, "crit")["slaClass"], "SLA_CLASS_CRITICAL");
+    // The host's own os-release is untouched.
+    let host = std::fs::read_to_string("/usr/lib/os-release").expect("os-release");
+    assert!(!host.contains("SLES"), "{host}");
 }

@@ -200,7 +200,16 @@ impl Agent {
 
     /// Starts the agent inside network namespace `netns` (`ip netns exec`) when given.
     pub fn start_in(dir: &Path, config: &str, env: &[(&str, &str)], netns: Option<&str>) -> Self {
-        let (child, notify, log, cfg) = Self::spawn_in(dir, config, env, netns);
+        match netns {
+            Some(ns) => Self::start_wrapped(dir, config, env, &["ip", "netns", "exec", ns]),
+            None => Self::start_wrapped(dir, config, env, &[]),
+        }
+    }
+
+    /// Starts the agent through `wrap` (a command that execs its arguments, so the child's pid
+    /// stays the agent's: `ip netns exec NS`, `unshare --mount ... sh -c '... exec "$0" "$@"'`).
+    pub fn start_wrapped(dir: &Path, config: &str, env: &[(&str, &str)], wrap: &[&str]) -> Self {
+        let (child, notify, log, cfg) = Self::spawn_in(dir, config, env, wrap);
         let started = Instant::now();
         let mut agent = Agent {
             child,
@@ -233,14 +242,14 @@ impl Agent {
         config: &str,
         env: &[(&str, &str)],
     ) -> (Child, UnixDatagram, PathBuf, PathBuf) {
-        Self::spawn_in(dir, config, env, None)
+        Self::spawn_in(dir, config, env, &[])
     }
 
     fn spawn_in(
         dir: &Path,
         config: &str,
         env: &[(&str, &str)],
-        netns: Option<&str>,
+        wrap: &[&str],
     ) -> (Child, UnixDatagram, PathBuf, PathBuf) {
         std::fs::create_dir_all(dir).expect("test dir");
         let cfg = dir.join("agent.toml");
@@ -253,11 +262,11 @@ impl Agent {
             .expect("timeout");
         let log = dir.join("agent.log");
         let logf = std::fs::File::create(&log).expect("log file");
-        // `ip netns exec` execs the agent itself, so the child's pid is the agent's.
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(agent_bin());
+        // A wrapper execs the agent itself, so the child's pid is the agent's.
+        let mut cmd = match wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_bin());
                 c
             }
             None => Command::new(agent_bin()),
