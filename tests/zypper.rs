@@ -81,7 +81,9 @@ fn planned(status: &Value) -> Vec<String> {
 
 /// A real zypper holding the zypp lock: `zypper shell` takes it and waits on its stdin.
 fn hold_zypp_lock(root: &Path) -> Child {
+    // The agent may be scanning after its last job: wait for its zypper to let go first.
     let child = zypper(root)
+        .env("ZYPP_LOCK_TIMEOUT", "60")
         .arg("shell")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -243,11 +245,45 @@ fn scan_reports_patches_with_category_severity_cves_and_sla_and_the_inventory_is
     assert_eq!(ours, theirs);
     assert_eq!(ours.len(), 10);
 
+    // A patch published later (the repository's metadata rebuilt) is seen on the next
+    // refresh: the patch view kept between scans follows the metadata.
+    let list = list_updates(&agent, false);
+    assert_eq!(update(&list, "plain")["advisoryIds"], serde_json::json!([]));
+    let info = f.sandbox.join("updateinfo.xml");
+    let xml = std::fs::read_to_string(&info).expect("updateinfo");
+    let late = r#"<update from="m@example.com" status="stable" type="security" version="1"><id>SUSE-2026-9</id><title>plain</title><severity>important</severity><issued date="1780000000"/><references><reference href="h" id="CVE-2026-0009" type="cve" title="c"/></references><description>late</description><pkglist><collection><package name="plain" version="1.1" release="1" epoch="0" arch="noarch"><filename>plain-1.1-1.noarch.rpm</filename></package></collection></pkglist></update></updates>"#;
+    std::fs::write(&info, xml.replace("</updates>", late)).expect("write");
+    // Published as a repository is: its metadata generated afresh.
+    std::thread::sleep(Duration::from_millis(1100));
+    let repo = f.sandbox.join("repo");
+    std::fs::remove_dir_all(repo.join("repodata")).expect("rm repodata");
+    let out = run(Command::new("createrepo_c").arg("-q").arg(&repo));
+    assert!(out.status.success(), "{}", text(&out));
+    for (kind, file) in [
+        ("updateinfo", "updateinfo.xml"),
+        ("susedata", "susedata.xml"),
+    ] {
+        let out = run(Command::new("modifyrepo_c")
+            .arg(format!("--mdtype={kind}"))
+            .arg(f.sandbox.join(file))
+            .arg(repo.join("repodata")));
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let list = list_updates(&agent, true);
+    let plain = update(&list, "plain");
+    assert_eq!(
+        plain["advisoryIds"],
+        serde_json::json!(["SUSE-2026-9"]),
+        "{plain:#}"
+    );
+    assert_eq!(plain["slaClass"], "SLA_CLASS_HIGH");
+    assert_eq!(plain["cveIds"], serde_json::json!(["CVE-2026-0009"]));
+
     // Reboot: zypper needs-rebooting says no, then yes once zypper's flag is there.
     let s = status(&agent);
     assert_eq!(s["reboot"]["method"], "zypper needs-rebooting", "{s:#}");
     assert_eq!(s["reboot"]["required"], false, "{s:#}");
-    assert_eq!(s["packages"]["pendingSecurity"], 4, "{s:#}");
+    assert_eq!(s["packages"]["pendingSecurity"], 5, "{s:#}");
     std::fs::write(root.join("run/reboot-needed"), "reboot\n").expect("flag");
     list_updates(&agent, true);
     let r = &status(&agent)["reboot"];

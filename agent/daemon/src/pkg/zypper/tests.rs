@@ -2,6 +2,8 @@
 //! zypper on the test sandbox, trimmed).
 
 use super::*;
+use crate::pkg::{Classification, Severity, SlaClass};
+use std::time::UNIX_EPOCH;
 
 const LIST_UPDATES: &str = r#"<?xml version='1.0'?>
 <stream>
@@ -105,6 +107,30 @@ fn list_updates_packages_and_skipped_repositories() {
     assert_eq!(
         e[0].error,
         "Valid metadata not found at specified URL (file:/sb/nonexistent)"
+    );
+}
+
+#[test]
+fn an_untagged_error_before_the_skip_is_the_reason() {
+    let msgs = vec![
+        ("info".to_string(), "Repository 'test' is up to date.".to_string()),
+        (
+            "error".to_string(),
+            "Error building the cache:\n[|] Failed to cache repo (1).\nHistory:\n - 'repo2solv' '-o' 'solv'\n/raw/test/repodata/x-updateinfo.xml.gz: No such file or directory\n".to_string(),
+        ),
+        (
+            "error".to_string(),
+            "Skipping repository 'test' because of the above error.".to_string(),
+        ),
+    ];
+    let e = repo_errors(&msgs);
+    assert_eq!(e[0].repo, "test");
+    assert!(
+        e[0].error
+            .starts_with("Error building the cache: [|] Failed to cache repo (1).")
+            && e[0].error.ends_with("No such file or directory"),
+        "{}",
+        e[0].error
     );
 }
 

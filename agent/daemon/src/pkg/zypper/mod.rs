@@ -8,16 +8,20 @@
 //! downloads metadata. Every command runs with `--non-interactive --no-color` and
 //! `ZYPP_LOCK_TIMEOUT`; exit codes are read as zypper(8) defines them ([`Exit`]).
 
+mod parse;
+mod patches;
+
+pub use parse::*;
+
 use super::rpm::{self, RpmRecord};
 use super::{
-    ApplyOptions, Classification, Package, PackageManager, PkgError, RebootState, RepoError,
-    Severity, SlaClass, Update, UpdateScan, lock::Lock, reboot,
+    ApplyOptions, Package, PackageManager, PkgError, RebootState, RepoError, UpdateScan,
+    lock::Lock, reboot,
 };
 use crate::exec::{self, Cmd, Failed, Output};
-use patch_agent_wire::packages::PatchFlags;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 /// Everything the zypper backend needs to know about the host (or the root it manages).
 #[derive(Debug, Clone)]
@@ -140,6 +144,18 @@ impl ZypperConfig {
         self.root.as_deref().unwrap_or(Path::new("/")).join(rel)
     }
 
+    /// What decides zypper's patch view ([`patches::fingerprint`]): its solv caches first,
+    /// then the repository definitions, zypp.conf and rpm's database.
+    pub fn patch_inputs(&self) -> Vec<PathBuf> {
+        let db = self.rpm_dbpath.to_string_lossy().into_owned();
+        vec![
+            self.system_path("/var/cache/zypp/solv"),
+            self.system_path("/etc/zypp/repos.d"),
+            self.system_path("/etc/zypp/zypp.conf"),
+            self.system_path(&db),
+        ]
+    }
+
     /// zypper's flag for "a reboot is needed", which `zypper needs-rebooting` reads.
     pub fn reboot_flag(&self) -> PathBuf {
         self.system_path("/run/reboot-needed")
@@ -200,321 +216,6 @@ impl Exit {
     }
 }
 
-/// One `<update>` of `list-updates` (kind="package") or `list-patches` (kind="patch").
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct XmlUpdate {
-    pub kind: String,
-    pub name: String,
-    /// `[epoch:]version-release`.
-    pub edition: String,
-    pub edition_old: String,
-    pub arch: String,
-    /// The repository alias.
-    pub repo: String,
-    /// Patches: category, severity, flags, issue date and references.
-    pub category: String,
-    pub severity: String,
-    pub status: String,
-    pub flags: PatchFlags,
-    pub issued: Option<SystemTime>,
-    pub cves: Vec<String>,
-    pub bugs: Vec<String>,
-}
-
-/// What one `--xmlout` run printed: its updates and its messages.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct XmlStream {
-    pub updates: Vec<XmlUpdate>,
-    /// (type, text): "info", "warning", "error".
-    pub messages: Vec<(String, String)>,
-}
-
-/// Parses a `zypper --xmlout` document. Output cut short (a killed zypper) is an error, never a
-/// partial list taken for the whole.
-pub fn parse_xml(text: &str) -> Result<XmlStream, String> {
-    let doc = roxmltree::Document::parse(text)
-        .map_err(|e| format!("zypper printed XML that does not parse: {e}"))?;
-    let mut out = XmlStream::default();
-    for node in doc.root_element().descendants() {
-        match node.tag_name().name() {
-            "message" => out.messages.push((
-                node.attribute("type").unwrap_or("info").to_string(),
-                node.text().unwrap_or_default().trim().to_string(),
-            )),
-            // While an update-stack patch is pending, zypper lists every other needed patch as
-            // blocked behind it: they are pending all the same.
-            "update"
-                if node.parent().is_some_and(|p| {
-                    p.has_tag_name("update-list") || p.has_tag_name("blocked-update-list")
-                }) =>
-            {
-                out.updates.push(xml_update(node));
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
-}
-
-fn xml_update(node: roxmltree::Node<'_, '_>) -> XmlUpdate {
-    let attr = |k: &str| node.attribute(k).unwrap_or_default().to_string();
-    let yes = |k: &str| node.attribute(k) == Some("true");
-    let mut u = XmlUpdate {
-        kind: attr("kind"),
-        name: attr("name"),
-        edition: attr("edition"),
-        edition_old: attr("edition-old"),
-        arch: attr("arch"),
-        category: attr("category"),
-        severity: attr("severity"),
-        status: attr("status"),
-        flags: PatchFlags {
-            interactive: yes("interactive"),
-            update_stack: yes("pkgmanager"),
-            reboot_suggested: yes("restart"),
-        },
-        ..XmlUpdate::default()
-    };
-    for child in node.children().filter(roxmltree::Node::is_element) {
-        match child.tag_name().name() {
-            "source" => u.repo = child.attribute("alias").unwrap_or_default().to_string(),
-            "issue-date" => {
-                u.issued = child
-                    .attribute("time_t")
-                    .and_then(|t| t.parse::<u64>().ok())
-                    .map(|t| UNIX_EPOCH + Duration::from_secs(t));
-            }
-            "issue-list" => {
-                for issue in child.children().filter(|c| c.has_tag_name("issue")) {
-                    let id = issue.attribute("id").unwrap_or_default().to_string();
-                    if id.is_empty() {
-                        continue;
-                    }
-                    match issue.attribute("type") {
-                        Some("cve") => u.cves.push(id),
-                        Some("bugzilla") => u.bugs.push(id),
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    u
-}
-
-/// Repositories zypper skipped, with the reason it gave, from a run's messages (XML or text).
-pub fn repo_errors(messages: &[(String, String)]) -> Vec<RepoError> {
-    let mut out: Vec<RepoError> = Vec::new();
-    for (_, text) in messages {
-        for line in text.lines() {
-            let Some(rest) = line.trim().strip_prefix("Skipping repository '") else {
-                continue;
-            };
-            let Some((repo, _)) = rest.split_once('\'') else {
-                continue;
-            };
-            if out.iter().any(|e| e.repo == repo) {
-                continue;
-            }
-            // zypper names the repository as "[alias|url] reason" in the error before it.
-            let tag = format!("[{repo}|");
-            let why = messages
-                .iter()
-                .flat_map(|(_, t)| t.lines())
-                .find_map(|l| {
-                    let l = l.trim();
-                    let rest = l.strip_prefix(&tag)?;
-                    let (url, reason) = rest.split_once(']')?;
-                    Some(format!("{} ({url})", reason.trim()))
-                })
-                .unwrap_or_else(|| "metadata could not be read; repository skipped".into());
-            out.push(RepoError {
-                repo: repo.to_string(),
-                error: why,
-            });
-        }
-    }
-    out
-}
-
-/// The packages each patch updates, from `zypper info -t patch` text: a patch conflicts with
-/// every older version of each of its packages (`name[.arch] < edition`). Source packages
-/// (`srcpackage:`) are left out.
-pub fn parse_patch_info(text: &str) -> HashMap<String, Vec<String>> {
-    let mut out: HashMap<String, Vec<String>> = HashMap::new();
-    let mut current: Option<String> = None;
-    let mut in_conflicts = false;
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("Information for patch ") {
-            current = Some(rest.trim().trim_end_matches(':').to_string());
-            in_conflicts = false;
-            continue;
-        }
-        let Some(patch) = &current else { continue };
-        if let Some((key, value)) = line.split_once(" : ")
-            && !line.starts_with(' ')
-        {
-            in_conflicts = key.trim() == "Conflicts";
-            if in_conflicts && !value.trim().starts_with('[') {
-                push_conflict(out.entry(patch.clone()).or_default(), value);
-            }
-            continue;
-        }
-        if in_conflicts && line.starts_with(' ') && !line.trim().is_empty() {
-            push_conflict(out.entry(patch.clone()).or_default(), line);
-        } else {
-            in_conflicts = false;
-        }
-    }
-    out
-}
-
-fn push_conflict(list: &mut Vec<String>, capability: &str) {
-    let Some(name) = capability.split_whitespace().next() else {
-        return;
-    };
-    if name.contains(':') || name.is_empty() || list.iter().any(|n| n == name) {
-        return;
-    }
-    list.push(name.to_string());
-}
-
-/// Whether a patch's package capability (`name` or `name.arch`) is this package.
-fn names(capability: &str, name: &str, arch: &str) -> bool {
-    capability == name
-        || capability
-            .strip_prefix(name)
-            .and_then(|r| r.strip_prefix('.'))
-            .is_some_and(|a| a == arch)
-}
-
-/// A patch category as a classification: security; recommended (bug fixes) as bugfix;
-/// optional and feature as enhancement; document, yast and anything else as other.
-pub fn classify(category: &str) -> Classification {
-    match category.to_ascii_lowercase().as_str() {
-        "security" => Classification::Security,
-        "recommended" | "bugfix" => Classification::Bugfix,
-        "optional" | "feature" | "enhancement" => Classification::Enhancement,
-        _ => Classification::Other,
-    }
-}
-
-/// Joins package updates with the needed patches that update them. Packages of update-stack
-/// patches come first: they are applied before everything else, as `zypper patch` does.
-pub fn assemble(
-    packages: &[XmlUpdate],
-    patches: &[XmlUpdate],
-    members: &HashMap<String, Vec<String>>,
-) -> Vec<Update> {
-    let mut updates: Vec<Update> = packages
-        .iter()
-        .filter(|p| p.kind == "package")
-        .map(|p| {
-            let mine: Vec<&XmlUpdate> = patches
-                .iter()
-                .filter(|x| {
-                    members
-                        .get(&x.name)
-                        .is_some_and(|m| m.iter().any(|c| names(c, &p.name, &p.arch)))
-                })
-                .collect();
-            let strongest = mine.iter().min_by_key(|x| classify(&x.category));
-            let classification = strongest.map_or(Classification::Other, |x| classify(&x.category));
-            let severity = mine
-                .iter()
-                .filter(|x| classify(&x.category) == Classification::Security)
-                .map(|x| Severity::parse(&x.severity))
-                .min()
-                .unwrap_or(Severity::Unknown);
-            let set = |f: &dyn Fn(&XmlUpdate) -> &[String]| -> Vec<String> {
-                mine.iter()
-                    .flat_map(|x| f(x).iter().cloned())
-                    .collect::<BTreeSet<_>>()
-                    .into_iter()
-                    .collect()
-            };
-            let flags = mine.iter().fold(PatchFlags::default(), |f, x| PatchFlags {
-                interactive: f.interactive || x.flags.interactive,
-                update_stack: f.update_stack || x.flags.update_stack,
-                reboot_suggested: f.reboot_suggested || x.flags.reboot_suggested,
-            });
-            Update {
-                name: p.name.clone(),
-                arch: p.arch.clone(),
-                installed_version: p.edition_old.clone(),
-                candidate_version: p.edition.clone(),
-                origin: p.repo.clone(),
-                classification,
-                severity,
-                advisories: mine
-                    .iter()
-                    .map(|x| x.name.clone())
-                    .collect::<BTreeSet<_>>()
-                    .into_iter()
-                    .collect(),
-                cves: set(&|x| &x.cves),
-                issued: mine.iter().filter_map(|x| x.issued).min(),
-                first_seen: None,
-                sla: SlaClass::of(classification, severity),
-                category: strongest.map(|x| x.category.clone()).unwrap_or_default(),
-                bug_ids: set(&|x| &x.bugs),
-                flags,
-            }
-        })
-        .collect();
-    updates.sort_by_key(|u| !u.flags.update_stack);
-    updates
-}
-
-/// The packages whose rpm scriptlet failed, from zypper's output
-/// (`%post(NAME-VERSION-RELEASE.ARCH) scriptlet failed, exit status N`).
-pub fn failed_scriptlets(text: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for line in text.lines() {
-        let Some(at) = line.find(") scriptlet failed") else {
-            continue;
-        };
-        let head = &line[..at];
-        let Some(open) = head.rfind('(') else {
-            continue;
-        };
-        let script = head[..open]
-            .rsplit(|c: char| c.is_whitespace())
-            .next()
-            .unwrap_or_default();
-        let what = format!(
-            "{} {}{}",
-            &head[open + 1..],
-            script,
-            line[at + 1..].trim_start_matches(" scriptlet")
-        );
-        if !out.contains(&what) {
-            out.push(what);
-        }
-    }
-    out
-}
-
-/// What zypper said about a licence it would not agree to by itself, if it did.
-pub fn licence_refusal(text: &str) -> Option<String> {
-    let mut package = None;
-    let mut refused = false;
-    for line in text.lines() {
-        let l = line.trim();
-        if let Some(rest) = l.strip_suffix(" License Agreement") {
-            package = Some(rest.trim().to_string());
-        }
-        if l.starts_with("Aborting installation due to the need for license confirmation") {
-            refused = true;
-        }
-    }
-    refused.then(|| match package {
-        Some(p) => format!("{p} asks for its licence to be agreed to"),
-        None => "a package asks for its licence to be agreed to".to_string(),
-    })
-}
-
 /// The zypper [`PackageManager`].
 pub struct Zypper {
     pub config: ZypperConfig,
@@ -523,6 +224,8 @@ pub struct Zypper {
     /// is applied the agent sets zypper's reboot flag itself, as `zypper patch` would have
     /// answered 102.
     reboot_suggested: std::sync::Mutex<BTreeSet<String>>,
+    /// Needed patches and their packages, kept while nothing they depend on changes.
+    patches: std::sync::Mutex<patches::PatchCache>,
 }
 
 impl Zypper {
@@ -530,6 +233,7 @@ impl Zypper {
         Self {
             config,
             reboot_suggested: std::sync::Mutex::default(),
+            patches: std::sync::Mutex::default(),
         }
     }
 
@@ -646,6 +350,55 @@ impl Zypper {
         }
     }
 
+    /// The needed patches and the packages of each: from the last scan when neither the
+    /// metadata nor the rpm database changed since ([`patches`]), else from `list-patches`
+    /// and, for patches not seen before, `info -t patch`.
+    async fn needed_patches(
+        &self,
+    ) -> Result<
+        (
+            Vec<XmlUpdate>,
+            std::collections::HashMap<String, Vec<String>>,
+        ),
+        PkgError,
+    > {
+        let fingerprint = patches::fingerprint(&self.config.patch_inputs());
+        let cache = || {
+            self.patches
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let kept = cache().needed(fingerprint.as_ref());
+        if let Some(needed) = kept {
+            let members = cache().members(&needed);
+            return Ok((needed, members));
+        }
+        let (listed, _) = self.query(&self.config.list_patches_command()).await?;
+        let needed: Vec<XmlUpdate> = listed
+            .updates
+            .into_iter()
+            .filter(|p| p.kind == "patch" && p.status != "applied")
+            .collect();
+        let unknown: Vec<String> = cache()
+            .unknown(&needed)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let info = if unknown.is_empty() {
+            std::collections::HashMap::new()
+        } else {
+            let ids: Vec<&str> = unknown.iter().map(String::as_str).collect();
+            let out = self
+                .read_only(&self.config.patch_info_command(&ids))
+                .await?;
+            parse_patch_info(&out.stdout)
+        };
+        let mut c = cache();
+        c.store(fingerprint, &needed, info);
+        let members = c.members(&needed);
+        Ok((needed, members))
+    }
+
     /// Exit 7: names the process in the pid file, as the lock wait does.
     fn locked(&self, cmd: &Cmd, out: &Output) -> PkgError {
         let pid_file = self.config.system_path("/run/zypp.pid");
@@ -717,21 +470,7 @@ impl PackageManager for Zypper {
         if packages.updates.is_empty() {
             return Ok(scan);
         }
-        let (patches, _) = self.query(&self.config.list_patches_command()).await?;
-        let needed: Vec<XmlUpdate> = patches
-            .updates
-            .into_iter()
-            .filter(|p| p.kind == "patch" && p.status != "applied")
-            .collect();
-        let members = if needed.is_empty() {
-            HashMap::new()
-        } else {
-            let ids: Vec<&str> = needed.iter().map(|p| p.name.as_str()).collect();
-            let info = self
-                .read_only(&self.config.patch_info_command(&ids))
-                .await?;
-            parse_patch_info(&info.stdout)
-        };
+        let (needed, members) = self.needed_patches().await?;
         scan.updates = assemble(&packages.updates, &needed, &members);
         *self
             .reboot_suggested
