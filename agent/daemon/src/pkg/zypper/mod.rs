@@ -145,13 +145,14 @@ impl ZypperConfig {
     }
 
     /// What decides zypper's patch view ([`patches::fingerprint`]): its solv caches first,
-    /// then the repository definitions, zypp.conf and rpm's database.
+    /// then the repository definitions, zypp.conf, package locks and rpm's database.
     pub fn patch_inputs(&self) -> Vec<PathBuf> {
         let db = self.rpm_dbpath.to_string_lossy().into_owned();
         vec![
             self.system_path("/var/cache/zypp/solv"),
             self.system_path("/etc/zypp/repos.d"),
             self.system_path("/etc/zypp/zypp.conf"),
+            self.system_path("/etc/zypp/locks"),
             self.system_path(&db),
         ]
     }
