@@ -21,7 +21,7 @@ pub enum Grammar {
 }
 
 impl Grammar {
-    /// The grammar for a backend name ("apt", "dnf", "yum"); None when unknown (patchctl
+    /// The grammar for a backend name ("apt", "dnf", "yum", "zypper"); None when unknown (patchctl
     /// signing offline accepts what either grammar accepts).
     pub fn of(manager: Option<&str>) -> Option<Self> {
         match manager {
@@ -280,6 +280,20 @@ mod tests {
             "perl-Foo_bar",
         ] {
             assert_eq!(name_problem(r, good), None, "{good}");
+        }
+        // zypper reads `!name` and `~name` as "remove", and `kind:name` (patch:, pattern:) as
+        // another kind of thing: none is an RPM name.
+        let z = Grammar::of(Some("zypper"));
+        assert_eq!(z, Some(Grammar::Rpm));
+        for bad in [
+            "!glibc",
+            "~glibc",
+            "patch:SUSE-2026-1",
+            "pattern:base",
+            "a=1",
+            "a<2",
+        ] {
+            assert!(name_problem(z, bad).is_some(), "{bad}");
         }
         // Unknown manager: either grammar; the hazards are refused regardless.
         assert_eq!(name_problem(None, "NetworkManager"), None);
