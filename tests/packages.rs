@@ -324,28 +324,10 @@ fn dnf_classification_severity_advisories_and_cves() {
     let status = wait_for_scan(&agent);
 
     let pkgs = call(&agent, "patchagent.v1.Agent/ListPackages", "{}");
-    let ours: Vec<String> = pkgs
-        .iter()
-        .map(|p| {
-            format!(
-                "{}-{}",
-                p["name"].as_str().unwrap_or(""),
-                p["fullVersion"].as_str().unwrap_or("")
-            )
-        })
-        .collect();
-    let rq = run(Command::new("rpm").arg("--root").arg(s.join("root")).args([
-        "-qa",
-        "--qf",
-        "%{NAME}-%{VERSION}-%{RELEASE}\\n",
-    ]));
-    let mut theirs: Vec<String> = String::from_utf8_lossy(&rq.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    theirs.sort();
+    let ours: Vec<String> = pkgs.iter().map(nevra).collect();
     assert_eq!(
-        ours, theirs,
+        ours,
+        rpm_qa(&s.join("root")),
         "inventory sorted by name and equal to rpm -qa"
     );
     assert_eq!(ours.len(), 6);

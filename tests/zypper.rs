@@ -37,9 +37,12 @@ fn update<'a>(list: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no update for {name}: {list:#}"))
 }
 
+/// The real zypper on the sandbox. The agent may be running zypper itself (a scan after a
+/// job): wait for its lock rather than fail at once.
 fn zypper(root: &Path) -> Command {
     let mut c = Command::new("zypper");
-    c.arg("--root")
+    c.env("ZYPP_LOCK_TIMEOUT", "60")
+        .arg("--root")
         .arg(root)
         .args(["--non-interactive", "--no-color"]);
     c
@@ -59,7 +62,7 @@ fn zypper_security_patch_set(root: &Path) -> Vec<String> {
     let mut lines = text.lines();
     lines
         .find(|l| l.contains("going to be upgraded"))
-        .unwrap_or_else(|| panic!("zypper patch --dry-run: {text}"));
+        .unwrap_or_else(|| panic!("zypper patch --dry-run: {}", common::text(&out)));
     let mut names: Vec<String> = lines
         .take_while(|l| l.starts_with(' '))
         .flat_map(|l| l.split_whitespace().map(str::to_string))
@@ -79,11 +82,15 @@ fn planned(status: &Value) -> Vec<String> {
     names
 }
 
+/// The reason of a job that must have failed.
+fn failure(s: &Value) -> &str {
+    assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
+    s["reason"].as_str().unwrap_or_default()
+}
+
 /// A real zypper holding the zypp lock: `zypper shell` takes it and waits on its stdin.
 fn hold_zypp_lock(root: &Path) -> Child {
-    // The agent may be scanning after its last job: wait for its zypper to let go first.
     let child = zypper(root)
-        .env("ZYPP_LOCK_TIMEOUT", "60")
         .arg("shell")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -219,30 +226,11 @@ fn scan_reports_patches_with_category_severity_cves_and_sla_and_the_inventory_is
     // The inventory is rpm -qa of the root.
     let pkgs = grpc(&agent, "patchagent.v1.Agent/ListPackages", "{}");
     assert!(pkgs.status.success(), "{}", text(&pkgs));
-    let mut ours: Vec<String> = serde_json::Deserializer::from_slice(&pkgs.stdout)
+    let ours: Vec<String> = serde_json::Deserializer::from_slice(&pkgs.stdout)
         .into_iter::<Value>()
-        .map(|p| {
-            let p = p.expect("json");
-            format!(
-                "{}-{}.{}",
-                p["name"].as_str().unwrap_or(""),
-                p["fullVersion"].as_str().unwrap_or(""),
-                p["architecture"].as_str().unwrap_or("")
-            )
-        })
+        .map(|p| nevra(&p.expect("json")))
         .collect();
-    let rq = run(Command::new("rpm").arg("--root").arg(&root).args([
-        "-qa",
-        "--qf",
-        "%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}\\n",
-    ]));
-    let mut theirs: Vec<String> = String::from_utf8_lossy(&rq.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    ours.sort();
-    theirs.sort();
-    assert_eq!(ours, theirs);
+    assert_eq!(ours, rpm_qa(&root), "sorted by name and equal to rpm -qa");
     assert_eq!(ours.len(), 10);
 
     // A patch published later (the repository's metadata rebuilt) is seen on the next
@@ -330,8 +318,7 @@ fn jobs_security_only_severity_approval_exclude_install_dry_run_scriptlets_and_l
         "zy-dry-refused",
         &["--install", "lic", "--install", "crit=9.9-1", "--dry-run"],
     );
-    assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
-    let reason = s["reason"].as_str().unwrap_or_default();
+    let reason = failure(&s);
     assert!(
         reason.contains("lic: ")
             && reason.contains("licence")
@@ -398,8 +385,7 @@ fn jobs_security_only_severity_approval_exclude_install_dry_run_scriptlets_and_l
 
     // A %post that fails fails the job and is named.
     let s = f.run_job(&agent, "zy-broken", &["--install", "broken"]);
-    assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
-    let reason = s["reason"].as_str().unwrap_or_default();
+    let reason = failure(&s);
     assert!(
         reason.contains("broken-1.1-1.noarch %post failed, exit status 1")
             && reason.contains("exit 107"),
@@ -408,8 +394,7 @@ fn jobs_security_only_severity_approval_exclude_install_dry_run_scriptlets_and_l
 
     // A licence is never agreed on the operator's behalf...
     let s = f.run_job(&agent, "zy-lic", &["--upgrade", "all"]);
-    assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
-    let reason = s["reason"].as_str().unwrap_or_default();
+    let reason = failure(&s);
     assert!(
         reason.contains("lic") && reason.contains("--accept-licenses"),
         "{reason}"
@@ -454,8 +439,7 @@ fn an_unreachable_repository_fails_the_job_unless_allowed_and_a_held_zypp_lock_i
     assert_eq!(list["updates"].as_array().map(Vec::len), Some(9));
 
     let s = f.run_job(&agent, "zy-norepo", &["--install", "crit"]);
-    assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
-    let reason = s["reason"].as_str().unwrap_or_default();
+    let reason = failure(&s);
     assert!(
         reason.contains("gone") && reason.contains("--allow-repo-errors"),
         "{reason}"
@@ -476,8 +460,7 @@ fn an_unreachable_repository_fails_the_job_unless_allowed_and_a_held_zypp_lock_i
         "zy-locked",
         &["--install", "imp", "--allow-repo-errors"],
     );
-    assert_eq!(s["state"], "JOB_STATE_FAILED", "{s:#}");
-    let reason = s["reason"].as_str().unwrap_or_default();
+    let reason = failure(&s);
     assert!(
         reason.contains(&format!("pid {} (zypper)", holder.id())) && reason.contains("zypp.pid"),
         "{reason}"

@@ -89,6 +89,33 @@ pub fn setup(name: &str) -> (tempfile::TempDir, Pki) {
     (tmp, pki)
 }
 
+/// `rpm --root ROOT -qa` as `NAME-VERSION-RELEASE.ARCH` lines, sorted: the host's word that
+/// an rpm-family agent's inventory is compared with.
+pub fn rpm_qa(root: &Path) -> Vec<String> {
+    let out = run(Command::new("rpm").arg("--root").arg(root).args([
+        "-qa",
+        "--qf",
+        "%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}\\n",
+    ]));
+    assert!(out.status.success(), "rpm -qa: {}", text(&out));
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// One package of a `ListPackages` answer in the form of [`rpm_qa`].
+pub fn nevra(p: &serde_json::Value) -> String {
+    format!(
+        "{}-{}.{}",
+        p["name"].as_str().unwrap_or(""),
+        p["fullVersion"].as_str().unwrap_or(""),
+        p["architecture"].as_str().unwrap_or("")
+    )
+}
+
 /// A separate process holding a POSIX write lock (as dpkg and apt take it) on `path`, returned
 /// once the lock is held.
 pub fn hold_lock(path: &Path) -> Child {

@@ -330,12 +330,7 @@ pub struct Dnf {
 
 impl Dnf {
     async fn installed(&self) -> Result<Vec<RpmRecord>, PkgError> {
-        let out = super::run_checked(&self.config.rpm_query_command(), None).await?;
-        let (records, skipped) = rpm::parse_all(&out.stdout);
-        if skipped > 0 {
-            tracing::warn!(skipped, "Skipped unparsable rpm query lines");
-        }
-        Ok(records)
+        rpm::installed(&self.config.rpm_query_command()).await
     }
 }
 
@@ -449,17 +444,7 @@ impl PackageManager for Dnf {
                 return state;
             }
         }
-        let running = nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default();
-        match self.installed().await {
-            Ok(records) => reboot::rhel_fallback(&running, &records, boot_time),
-            Err(e) => RebootState {
-                required: false,
-                method: "kernel and core package install times".into(),
-                evidence: vec![format!("cannot query rpm: {e}")],
-            },
-        }
+        reboot::core_packages(self.installed().await, boot_time)
     }
 }
 

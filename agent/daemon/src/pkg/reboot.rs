@@ -198,6 +198,25 @@ pub fn rhel_fallback(
     }
 }
 
+/// The rpm-family fallback for the running host: [`rhel_fallback`] against `uname -r`, or,
+/// when rpm could not be queried, "not known to be required", saying why.
+pub fn core_packages(
+    installed: Result<Vec<RpmRecord>, super::PkgError>,
+    boot_time: SystemTime,
+) -> RebootState {
+    let running = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match installed {
+        Ok(records) => rhel_fallback(&running, &records, boot_time),
+        Err(e) => RebootState {
+            required: false,
+            method: "kernel and core package install times".into(),
+            evidence: vec![format!("cannot query rpm: {e}")],
+        },
+    }
+}
+
 fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -29,6 +29,17 @@ pub fn query_all_command(rpm: &Path, root: Option<&Path>, timeout: Duration) -> 
     cmd.args(["-qa", "--qf", QUERY_FORMAT])
 }
 
+/// Every installed package (dnf, yum and zypper alike): the query `cmd` (from
+/// [`query_all_command`]) run and parsed; malformed lines are skipped, counted and logged.
+pub async fn installed(cmd: &Cmd) -> Result<Vec<RpmRecord>, super::PkgError> {
+    let out = super::run_checked(cmd, None).await?;
+    let (records, skipped) = parse_all(&out.stdout);
+    if skipped > 0 {
+        tracing::warn!(skipped, "Skipped unparsable rpm query lines");
+    }
+    Ok(records)
+}
+
 /// Parses one line of [`QUERY_FORMAT`] output.
 pub fn parse_line(line: &str) -> Option<RpmRecord> {
     let mut f = line.split('\t');

@@ -256,12 +256,7 @@ impl Zypper {
 
 impl Zypper {
     async fn installed(&self) -> Result<Vec<RpmRecord>, PkgError> {
-        let out = super::run_checked(&self.config.rpm_query_command(), None).await?;
-        let (records, skipped) = rpm::parse_all(&out.stdout);
-        if skipped > 0 {
-            tracing::warn!(skipped, "Skipped unparsable rpm query lines");
-        }
-        Ok(records)
+        rpm::installed(&self.config.rpm_query_command()).await
     }
 
     /// Runs a query (`--xmlout`), accepting what zypper means by success: 0, 100/101 (updates
@@ -527,17 +522,7 @@ impl PackageManager for Zypper {
         if flag.exists() {
             return reboot::zypper_flag(&flag);
         }
-        let running = nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default();
-        match self.installed().await {
-            Ok(records) => reboot::rhel_fallback(&running, &records, boot_time),
-            Err(e) => RebootState {
-                required: false,
-                method: "kernel and core package install times".into(),
-                evidence: vec![format!("cannot query rpm: {e}")],
-            },
-        }
+        reboot::core_packages(self.installed().await, boot_time)
     }
 }
 
