@@ -359,3 +359,103 @@ mod prop {
         }
     }
 }
+
+/// A stand-in for zypper that exits with the codes listed in `codes`, one per call, so the
+/// backend's reading of each code can be checked without making the real zypper produce it
+/// (103 needs zypper to update itself). The integration suite runs the real one.
+struct FakeZypper {
+    dir: tempfile::TempDir,
+}
+
+impl FakeZypper {
+    fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let script = dir.path().join("zypper");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nd={}\nn=$(cat $d/calls 2>/dev/null || echo 0); n=$((n+1)); echo $n > $d/calls\ncode=$(sed -n \"${{n}}p\" $d/codes)\necho \"zypper $*\"\n[ \"$code\" = 107 ] && echo 'warning: %post(broken-1.1-1.noarch) scriptlet failed, exit status 1'\nexit ${{code:-0}}\n",
+                dir.path().display()
+            ),
+        )
+        .expect("script");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::create_dir_all(dir.path().join("root/run")).expect("run");
+        Self { dir }
+    }
+
+    fn backend(&self) -> Zypper {
+        Zypper::new(ZypperConfig {
+            program: self.dir.path().join("zypper"),
+            args: Vec::new(),
+            rpm: "rpm".into(),
+            root: Some(self.dir.path().join("root")),
+            rpm_dbpath: "/var/lib/rpm".into(),
+            command_timeout: Duration::from_secs(10),
+            refresh_timeout: Duration::from_secs(10),
+            lock_timeout: Duration::from_secs(1),
+            apply_timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// Applies an upgrade of `crit` with zypper exiting `codes` in turn; the result and how
+    /// many times zypper ran.
+    async fn apply(&self, codes: &[i32], opts: ApplyOptions) -> (Result<(), String>, usize) {
+        let list: Vec<String> = codes.iter().map(ToString::to_string).collect();
+        std::fs::write(self.dir.path().join("codes"), list.join("\n")).expect("codes");
+        let _ = std::fs::remove_file(self.dir.path().join("calls"));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = self
+            .backend()
+            .apply(&super::super::Op::Upgrade("crit".into()), opts, tx)
+            .await
+            .map_err(|e| e.to_string());
+        let calls = std::fs::read_to_string(self.dir.path().join("calls"))
+            .ok()
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(0);
+        (r, calls)
+    }
+}
+
+#[tokio::test]
+async fn exit_codes_when_applying() {
+    let z = FakeZypper::new();
+    let opts = ApplyOptions::default();
+    assert_eq!(z.apply(&[0], opts).await, (Ok(()), 1));
+    // 103: zypper updated itself; the same command once more, and only once.
+    assert_eq!(z.apply(&[103, 0], opts).await, (Ok(()), 2));
+    let (r, calls) = z.apply(&[103, 103], opts).await;
+    assert!(r.is_err() && calls == 2, "{r:?} {calls}");
+    // 102: done, and zypper's reboot flag is set.
+    let flag = z.dir.path().join("root/run/reboot-needed");
+    assert!(!flag.exists());
+    assert_eq!(z.apply(&[102], opts).await, (Ok(()), 1));
+    assert!(flag.exists());
+    let (r, _) = z.apply(&[104], opts).await;
+    assert!(
+        r.as_ref().is_err_and(|e| e.contains("crit: not found")),
+        "{r:?}"
+    );
+    let (r, _) = z.apply(&[107], opts).await;
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.contains("broken-1.1-1.noarch %post failed, exit status 1")),
+        "{r:?}"
+    );
+    let (r, _) = z.apply(&[106], opts).await;
+    assert!(
+        r.as_ref().is_err_and(|e| e.contains("--allow-repo-errors")),
+        "{r:?}"
+    );
+    let allowed = ApplyOptions {
+        allow_repo_errors: true,
+        ..opts
+    };
+    assert_eq!(z.apply(&[106], allowed).await, (Ok(()), 1));
+    let (r, _) = z.apply(&[7], opts).await;
+    assert!(r.as_ref().is_err_and(|e| e.contains("zypp lock")), "{r:?}");
+    let (r, _) = z.apply(&[8], opts).await;
+    assert!(r.as_ref().is_err_and(|e| e.contains("code 8")), "{r:?}");
+}
