@@ -67,6 +67,10 @@ pub enum PkgError {
     },
     #[error("{0}")]
     Parse(String),
+    /// The package manager ran and said why one operation failed (a scriptlet, a licence, a
+    /// package not found, skipped repositories).
+    #[error("{0}")]
+    Operation(String),
 }
 
 /// A package manager backend.

@@ -252,19 +252,16 @@ impl Zypper {
             }
         }
     }
-}
 
-impl Zypper {
     async fn installed(&self) -> Result<Vec<RpmRecord>, PkgError> {
         rpm::installed(&self.config.rpm_query_command()).await
     }
 
     /// Runs a query (`--xmlout`), accepting what zypper means by success: 0, 100/101 (updates
     /// needed) and 106 (some repositories skipped: the caller reports them).
-    async fn query(&self, cmd: &Cmd) -> Result<(XmlStream, Output), PkgError> {
+    async fn query(&self, cmd: &Cmd) -> Result<XmlStream, PkgError> {
         let out = self.read_only(cmd).await?;
-        let stream = parse_xml(&out.stdout).map_err(PkgError::Parse)?;
-        Ok((stream, out))
+        parse_xml(&out.stdout).map_err(PkgError::Parse)
     }
 
     /// Runs a command that changes nothing, accepting 0, 100/101 and 106 as above.
@@ -306,7 +303,7 @@ impl Zypper {
             }
             Exit::ScriptFailed => {
                 let which = failed_scriptlets(&all);
-                Err(PkgError::Parse(format!(
+                Err(PkgError::Operation(format!(
                     "an rpm scriptlet failed while applying {} (zypper exit 107): {}",
                     op.name(),
                     if which.is_empty() {
@@ -317,27 +314,26 @@ impl Zypper {
                 )))
             }
             Exit::ReposSkipped if opts.allow_repo_errors => {
-                let skipped = parse_xml(&out.stdout)
-                    .map(|s| repo_errors(&s.messages))
-                    .unwrap_or_default();
+                let skipped = repo_errors(&[("error".into(), all)]);
+                let repos: Vec<&str> = skipped.iter().map(|e| e.repo.as_str()).collect();
                 tracing::warn!(
                     package = op.name(),
-                    skipped = skipped.len(),
+                    repos = ?repos,
                     "Repositories skipped while applying (allow_repo_errors)"
                 );
                 Ok(())
             }
-            Exit::ReposSkipped => Err(PkgError::Parse(format!(
+            Exit::ReposSkipped => Err(PkgError::Operation(format!(
                 "{}: zypper skipped repositories it could not read (exit 106); fix them, or sign the job with --allow-repo-errors",
                 op.name()
             ))),
-            Exit::NotFound => Err(PkgError::Parse(format!(
+            Exit::NotFound => Err(PkgError::Operation(format!(
                 "{}: not found in any enabled repository (zypper exit 104)",
                 super::Op::name(op)
             ))),
             Exit::Locked => Err(self.locked(cmd, out)),
             _ => match licence_refusal(&all) {
-                Some(why) => Err(PkgError::Parse(format!(
+                Some(why) => Err(PkgError::Operation(format!(
                     "{}: {why}; nothing was agreed on your behalf: sign the job with --accept-licenses to agree",
                     op.name()
                 ))),
@@ -369,7 +365,7 @@ impl Zypper {
             let members = cache().members(&needed);
             return Ok((needed, members));
         }
-        let (listed, _) = self.query(&self.config.list_patches_command()).await?;
+        let listed = self.query(&self.config.list_patches_command()).await?;
         let needed: Vec<XmlUpdate> = listed
             .updates
             .into_iter()
@@ -458,7 +454,7 @@ impl PackageManager for Zypper {
 
     async fn updates(&self) -> Result<UpdateScan, PkgError> {
         super::wait_for_locks(&self.config.locks(), self.config.lock_timeout).await?;
-        let (packages, _) = self.query(&self.config.list_updates_command()).await?;
+        let packages = self.query(&self.config.list_updates_command()).await?;
         let mut scan = UpdateScan {
             repo_errors: repo_errors(&packages.messages),
             ..UpdateScan::default()

@@ -115,7 +115,9 @@ pub fn repo_errors(messages: &[(String, String)]) -> Vec<RepoError> {
     let mut out: Vec<RepoError> = Vec::new();
     for (_, text) in messages {
         for line in text.lines() {
-            let Some(rest) = line.trim().strip_prefix("Skipping repository '") else {
+            // "Skipping repository 'X' ..." in XML; "Warning: Skipping ..." in text output.
+            const SKIPPING: &str = "Skipping repository '";
+            let Some(rest) = line.find(SKIPPING).map(|i| &line[i + SKIPPING.len()..]) else {
                 continue;
             };
             let Some((repo, _)) = rest.split_once('\'') else {

@@ -111,6 +111,19 @@ fn list_updates_packages_and_skipped_repositories() {
 }
 
 #[test]
+fn skipped_repositories_in_text_output() {
+    let text = "Retrieving repository 'gone' metadata [.error]\nRepository 'gone' is invalid.\n[gone|file:/sb/nonexistent] Valid metadata not found at specified URL\nWarning: Skipping repository 'gone' because of the above error.\n";
+    let e = repo_errors(&[("error".to_string(), text.to_string())]);
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].repo, "gone");
+    assert!(
+        e[0].error.contains("Valid metadata not found"),
+        "{}",
+        e[0].error
+    );
+}
+
+#[test]
 fn an_untagged_error_before_the_skip_is_the_reason() {
     let msgs = vec![
         ("info".to_string(), "Repository 'test' is up to date.".to_string()),
