@@ -472,3 +472,35 @@ async fn exit_codes_when_applying() {
     let (r, _) = z.apply(&[8], opts).await;
     assert!(r.as_ref().is_err_and(|e| e.contains("code 8")), "{r:?}");
 }
+
+/// For a package built for an architecture, zypper 1.14 prints its patch's conflicts per
+/// architecture, the source package included (captured from an x86_64 package's patch).
+#[test]
+fn arch_qualified_conflicts_as_zypper_prints_them() {
+    let info = "Information for patch A-1:\n--------------------------\nConflicts   : [3]\n    archy.x86_64 < 1.1-1\n    archy.noarch < 1.1-1\n    archy.src < 1.1-1\n";
+    let members = parse_patch_info(info);
+    let packages = vec![XmlUpdate {
+        kind: "package".into(),
+        name: "archy".into(),
+        edition: "1.1-1".into(),
+        edition_old: "1.0-1".into(),
+        arch: "x86_64".into(),
+        ..XmlUpdate::default()
+    }];
+    let patches = vec![XmlUpdate {
+        kind: "patch".into(),
+        name: "A-1".into(),
+        category: "security".into(),
+        severity: "important".into(),
+        ..XmlUpdate::default()
+    }];
+    let u = assemble(&packages, &patches, &members);
+    assert_eq!(u[0].advisories, ["A-1"]);
+    assert_eq!(u[0].sla, SlaClass::High);
+    // Another architecture of the same name is another package.
+    let i586 = vec![XmlUpdate {
+        arch: "i586".into(),
+        ..packages[0].clone()
+    }];
+    assert!(assemble(&i586, &patches, &members)[0].advisories.is_empty());
+}
