@@ -229,9 +229,22 @@ async fn serve(
         routes,
         tls: tls_rx,
         policy: policy_rx,
-        shutdown: shutdown_rx,
+        shutdown: shutdown_rx.clone(),
     };
     let (servers, status) = listeners.start(&config).await?;
+    if !config.metrics.listen.is_empty() {
+        let tcp = crate::metrics::bind(&config.metrics.listen).await?;
+        tracing::info!(address = %config.metrics.listen, "Serving metrics at /metrics");
+        tokio::spawn(crate::metrics::serve(
+            tcp,
+            Arc::new(crate::metrics::Sources {
+                scanner: scanner.clone(),
+                engine: engine.clone(),
+                outbox: reporter.as_ref().map(|r| r.outbox.clone()),
+            }),
+            shutdown_rx.clone(),
+        ));
+    }
 
     if let Some(scanner) = &scanner {
         tokio::spawn(scanner.clone().run());

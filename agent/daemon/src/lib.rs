@@ -18,6 +18,7 @@ pub mod enroll;
 pub mod exec;
 pub mod host;
 pub mod jobs;
+pub mod metrics;
 pub mod pkg;
 pub mod reload;
 pub mod report;

@@ -3,7 +3,7 @@
 //! Every key of `agent.toml` is one of two kinds:
 //! - live: `[tls]` files, `[auth]`, `[jobs]`, `[packages]` (the backend is rebuilt from the new
 //!   section), `[report]`, `log.level`. A SIGHUP applies them.
-//! - restart: `[server]` (listeners), `[agent]` (identity, state directory, labels),
+//! - restart: `[server]` and `[metrics]` (listeners), `[agent]` (identity, state directory, labels),
 //!   `log.format`, `packages.manager`, `report.outbox_size`, and `report.controller` or
 //!   `report.controllers` when it goes between unset and set. They keep their running values
 //!   until the agent restarts; the reload log and `patch-agent check-config` both say
@@ -51,6 +51,7 @@ fn needs_restart(key: &str, old: Option<&Value>, new: Option<&Value>, live_packa
         v.is_none_or(|v| v.as_str() == Some("") || v.as_array().is_some_and(Vec::is_empty))
     };
     key.starts_with("server.")
+        || key.starts_with("metrics.")
         || key.starts_with("agent.")
         || key == "log.format"
         || key == "packages.manager"
@@ -90,6 +91,7 @@ pub fn changes(running: &Keys, new: &Keys, live_packages: bool) -> Changes {
 /// `new` with every restart key set back to its running value: what runs after a reload.
 pub fn effective(running: &Config, mut new: Config, live_packages: bool) -> Config {
     new.server = running.server.clone();
+    new.metrics = running.metrics.clone();
     new.agent = running.agent.clone();
     new.log.format = running.log.format;
     new.packages.manager = running.packages.manager;

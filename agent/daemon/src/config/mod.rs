@@ -34,6 +34,7 @@ pub struct Config {
     pub packages: PackagesSection,
     pub jobs: JobsSection,
     pub report: ReportSection,
+    pub metrics: MetricsSection,
     /// The `enrolled.toml` that was merged in, if any (not a key: set by [`load`]).
     #[serde(skip)]
     pub enrolled: Option<PathBuf>,
@@ -267,6 +268,28 @@ impl Default for JobsSection {
             check_interval: Duration::from_secs(2),
             reboot_command: vec!["systemctl".into(), "reboot".into()],
             reboot_grace: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[metrics]`: the Prometheus endpoint. Off unless `listen` is set.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// `ADDRESS:PORT` for plain HTTP `GET /metrics` (the Prometheus text format), e.g.
+    /// `"127.0.0.1:9591"`. It tells whoever can reach it what this host lacks in patches, so
+    /// keep it on loopback (node-exporter or a local Prometheus agent scrapes it) unless the
+    /// network is trusted. Default: unset (no endpoint). Changing it needs a restart.
+    pub listen: String,
+}
+
+impl MetricsSection {
+    fn check(&self, out: &mut Findings) {
+        if self.listen.is_empty() {
+            return;
+        }
+        if let Err(e) = parse_listen(&self.listen) {
+            out.bad("metrics.listen", e.replace("7443", "9591"));
         }
     }
 }
@@ -560,6 +583,7 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
     check_auth(&config.auth, &mut out);
     config.packages.check(&mut out);
     config.report.check(&mut out);
+    config.metrics.check(&mut out);
     config.jobs.check(&mut out);
     config.log.check(&mut out);
     out.0

@@ -120,6 +120,8 @@ pub struct Engine {
     inner: Mutex<Inner>,
     wake: Notify,
     rejected: Mutex<Rejections>,
+    /// Jobs admitted (QUEUED) and jobs ended, by state, since start: `patchagent_jobs_total`.
+    entered: Mutex<BTreeMap<&'static str, u64>>,
     /// (window start, lines logged in it, lines suppressed in it).
     log_limiter: Mutex<(std::time::Instant, u32, u64)>,
     /// Admission is CPU work (signature, schema); one at a time leaves the other workers free
@@ -199,6 +201,22 @@ impl Engine {
         lock(&self.rejected).clone()
     }
 
+    /// Jobs admitted (`QUEUED`) and jobs that ended, by state name, since start.
+    pub fn jobs_by_state(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.entered).clone()
+    }
+
+    /// Counts a job entering `state` when it is admission or an end.
+    fn count_state(&self, state: State) {
+        if state == State::Queued || state.is_terminal() {
+            *lock(&self.entered)
+                .entry(patch_agent_wire::convert::state_name(
+                    state.to_proto() as i32
+                ))
+                .or_default() += 1;
+        }
+    }
+
     fn transition(
         &self,
         entry: &mut Entry,
@@ -206,6 +224,7 @@ impl Engine {
         message: &str,
     ) -> Result<(), NotAllowed> {
         entry.record.apply(event, self.now_ms())?;
+        self.count_state(entry.record.state);
         let (n, ev) = entry.record.event(message);
         let _ = entry.tx.send(Notice::Event(n, ev));
         Ok(())

@@ -54,6 +54,7 @@ impl Engine {
             return Err(self.refuse(why, &env.key_id, None));
         }
         tracing::info!(job = %job.id, key = %job.key_id, summary = %record.summary, "Accepted job");
+        self.count_state(State::Queued);
         let mut entry = Entry::new(record.clone(), Some(job.clone()));
         entry.reported_state = self
             .sink

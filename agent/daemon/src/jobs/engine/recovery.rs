@@ -37,6 +37,7 @@ impl Engine {
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),
             rejected: Mutex::new(Rejections::new()),
+            entered: Mutex::new(BTreeMap::new()),
             log_limiter: Mutex::new((std::time::Instant::now(), 0, 0)),
             admission: tokio::sync::Semaphore::new(1),
             sink: std::sync::OnceLock::new(),
@@ -47,6 +48,9 @@ impl Engine {
             let was = r.state;
             let next = engine.decide(&mut r);
             interrupted |= was == State::Applying && r.state != State::Applying;
+            if r.state != was {
+                engine.count_state(r.state);
+            }
             if r.state != was
                 && let Err(e) = engine.journal.write(&r)
             {
