@@ -8,7 +8,7 @@ use crate::compliance::{CLASSES, ClassFigures, Dashboard, EnvFigures, mean_of, p
 use std::collections::BTreeMap;
 
 /// Each class's allowance in seconds, by `sla_class` in `column` (NULL for other classes).
-fn allowance(column: &str) -> String {
+pub(super) fn allowance(column: &str) -> String {
     let arms: String = CLASSES
         .iter()
         .map(|(class, _, allow)| format!(" WHEN {class} THEN {allow}"))

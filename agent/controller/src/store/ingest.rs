@@ -226,7 +226,8 @@ pub fn inventory(db: &mut dyn Db, r: &pb::InventoryReport, now: i64) -> DbResult
             &u.candidate_version,
             u.sla_class,
             since,
-            first_seen
+            first_seen,
+            u.severity
         ]
         .to_vec();
         match at.entry((u.name.as_str(), u.architecture.as_str())) {
@@ -239,11 +240,13 @@ pub fn inventory(db: &mut dyn Db, r: &pb::InventoryReport, now: i64) -> DbResult
     }
     insert_rows(
         db,
-        "INSERT INTO pending(host_id, name, arch, candidate, sla_class, since, first_seen)",
+        "INSERT INTO pending(host_id, name, arch, candidate, sla_class, since, first_seen, severity)",
         "ON CONFLICT(host_id, name, arch) DO UPDATE SET candidate = excluded.candidate,
-           sla_class = excluded.sla_class, since = excluded.since, first_seen = excluded.first_seen",
+           sla_class = excluded.sla_class, since = excluded.since, first_seen = excluded.first_seen,
+           severity = excluded.severity",
         &rows,
     )?;
+    pending_cves(db, &r.host_id, &inv.updates)?;
     let resolved: Vec<Vec<Value>> = old
         .into_iter()
         .map(|((name, arch), (candidate, sla, since, _))| {
@@ -257,6 +260,31 @@ pub fn inventory(db: &mut dyn Db, r: &pb::InventoryReport, now: i64) -> DbResult
         &resolved,
     )?;
     Ok(true)
+}
+
+/// The CVEs a host's pending updates fix, one row each (upper case), for `hosts list --cve`
+/// and the dashboard's search.
+pub fn pending_cves(db: &mut dyn Db, host_id: &str, updates: &[pb::Update]) -> DbResult<()> {
+    db.exec("DELETE FROM pending_cves WHERE host_id = ?1", p![host_id])?;
+    let mut cves: Vec<Vec<Value>> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for u in updates {
+        for cve in &u.cve_ids {
+            let cve = cve.trim().to_ascii_uppercase();
+            if !cve.is_empty()
+                && cve.len() <= 64
+                && seen.insert((u.name.as_str(), u.architecture.as_str(), cve.clone()))
+            {
+                cves.push(p![host_id, &u.name, &u.architecture, cve].to_vec());
+            }
+        }
+    }
+    insert_rows(
+        db,
+        "INSERT INTO pending_cves(host_id, name, arch, cve)",
+        "",
+        &cves,
+    )
 }
 
 /// Rows per multi-row insert: a few fixed sizes, so each connection prepares a few

@@ -35,9 +35,16 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: V2_POSTGRES,
         after: Some(backfill_dry_run),
     },
+    Migration {
+        version: 3,
+        name: "pending updates' severity and CVEs, for the dashboard and `hosts list --cve`",
+        sqlite: V3_SQLITE,
+        postgres: V3_POSTGRES,
+        after: Some(backfill_cves),
+    },
 ];
 
-pub const LATEST: i64 = 2;
+pub const LATEST: i64 = 3;
 
 /// The version a database is at; 0 when it has none recorded (empty, or made before
 /// versions were).
@@ -162,6 +169,23 @@ fn backfill_dry_run(db: &mut dyn Db) -> DbResult<()> {
                 p![r.text(0)?, r.text(1)?],
             )?;
         }
+    }
+    Ok(())
+}
+
+/// `pending.severity` and `pending_cves` from every stored inventory.
+fn backfill_cves(db: &mut dyn Db) -> DbResult<()> {
+    use prost::Message;
+    for r in db.rows("SELECT host_id, data FROM inventories", &[])? {
+        let host = r.text(0)?;
+        let inv = pb::Inventory::decode(r.bytes(1)?.as_slice()).unwrap_or_default();
+        for u in inv.updates.iter().filter(|u| u.severity != 0) {
+            db.exec(
+                "UPDATE pending SET severity = ?4 WHERE host_id = ?1 AND name = ?2 AND arch = ?3",
+                p![&host, &u.name, &u.architecture, u.severity],
+            )?;
+        }
+        super::ingest::pending_cves(db, &host, &inv.updates)?;
     }
     Ok(())
 }
@@ -431,6 +455,30 @@ CREATE TABLE compliance_daily(
 CREATE INDEX reports_by_age ON reports(received_at);
 CREATE INDEX resolved_by_age ON resolved(resolved_at);
 CREATE INDEX jobs_by_age ON jobs(final, updated_at);
+";
+
+const V3_SQLITE: &str = "
+ALTER TABLE pending ADD COLUMN severity INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE pending_cves(
+  host_id TEXT NOT NULL,
+  name TEXT NOT NULL,
+  arch TEXT NOT NULL,
+  cve TEXT NOT NULL,
+  PRIMARY KEY(host_id, name, arch, cve));
+CREATE INDEX pending_cves_by_cve ON pending_cves(cve);
+CREATE INDEX pending_by_class ON pending(sla_class, since);
+";
+
+const V3_POSTGRES: &str = "
+ALTER TABLE pending ADD COLUMN severity BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE pending_cves(
+  host_id TEXT NOT NULL,
+  name TEXT NOT NULL,
+  arch TEXT NOT NULL,
+  cve TEXT NOT NULL,
+  PRIMARY KEY(host_id, name, arch, cve));
+CREATE INDEX pending_cves_by_cve ON pending_cves(cve);
+CREATE INDEX pending_by_class ON pending(sla_class, since);
 ";
 
 #[cfg(test)]

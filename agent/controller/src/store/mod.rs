@@ -26,6 +26,7 @@ pub mod postgres;
 pub mod replicas;
 pub mod sql;
 mod sqlite;
+pub mod views;
 mod writer;
 
 pub use control::{NewOccurrence, NewRollout, RolloutData};
@@ -230,6 +231,10 @@ pub trait Store: Send + Sync {
     async fn compliance_history(&self, since_day: i64) -> Result<Vec<dashboard::Daily>>;
     /// A host's latest inventory.
     async fn inventory_of(&self, host_id: String) -> Result<Option<pb::Inventory>>;
+    /// Every host with its compliance state and pending counts (the dashboard's hosts page).
+    async fn host_views(&self, now: i64, stale_after: i64) -> Result<Vec<views::HostView>>;
+    /// The pending updates that fix `cve` (checked and upper case), on every host.
+    async fn exposed(&self, cve: String, now: i64) -> Result<Vec<views::Exposure>>;
 
     /// Deletes history older than `cutoff` (unix seconds), at most `batch` rows of each kind
     /// per call, so ingest waits for one small batch at most: final job results and their
@@ -778,6 +783,15 @@ impl Store for SqlStore {
             .await
     }
 
+    async fn host_views(&self, now: i64, stale_after: i64) -> Result<Vec<views::HostView>> {
+        self.read(move |db| views::hosts(db, now, stale_after))
+            .await
+    }
+
+    async fn exposed(&self, cve: String, now: i64) -> Result<Vec<views::Exposure>> {
+        self.read(move |db| views::exposed(db, &cve, now)).await
+    }
+
     async fn prune(&self, cutoff: i64, batch: usize) -> Result<usize> {
         self.write("", move |db| ingest::prune(db, cutoff, batch))
             .await
@@ -1059,6 +1073,156 @@ mod tests {
         assert_eq!(
             (rows[0].state.as_str(), rows[0].r#final),
             ("SUCCEEDED", true)
+        );
+    }
+
+    #[tokio::test]
+    async fn host_views_and_cve_exposure() {
+        crate::store::for_each_backend(host_views_and_cve_exposure_on).await;
+    }
+
+    async fn host_views_and_cve_exposure_on(db: Location) {
+        let s = SqlStore::open_writer(&db).await.expect("open");
+        let day = 86_400;
+        let now = 100 * day;
+        let upd =
+            |name: &str, class: pb::SlaClass, sev: pb::Severity, issued: i64, cves: &[&str]| {
+                pb::Update {
+                    name: name.into(),
+                    architecture: "amd64".into(),
+                    candidate_version: "2".into(),
+                    sla_class: class as i32,
+                    severity: sev as i32,
+                    issued: Some(prost_types::Timestamp {
+                        seconds: issued,
+                        nanos: 0,
+                    }),
+                    cve_ids: cves.iter().map(|c| (*c).to_string()).collect(),
+                    ..Default::default()
+                }
+            };
+        let report = |host: &str, updates: Vec<pb::Update>, errors: usize| pb::InventoryReport {
+            host_id: host.into(),
+            report_id: format!("{host}:1"),
+            checksum: host.into(),
+            scanned_at: Some(prost_types::Timestamp {
+                seconds: now - 60,
+                nanos: 0,
+            }),
+            inventory: Some(pb::Inventory {
+                updates,
+                scan_errors: vec!["x".into(); errors],
+                reboot: Some(pb::RebootStatus {
+                    required: host == "b",
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // a: an overdue critical (issued 4 days ago) fixing two CVEs, and a fresh low one.
+        let a = vec![
+            upd(
+                "openssl",
+                pb::SlaClass::Critical,
+                pb::Severity::Critical,
+                now - 4 * day,
+                &["cve-2024-0001", "CVE-2024-0002"],
+            ),
+            upd(
+                "vim",
+                pb::SlaClass::Low,
+                pb::Severity::Unknown,
+                now - day,
+                &[],
+            ),
+        ];
+        // b: the same CVE pending, not overdue (a High issued a day ago); needs a reboot.
+        let b = vec![upd(
+            "openssl",
+            pb::SlaClass::High,
+            pb::Severity::Important,
+            now - day,
+            &["CVE-2024-0001"],
+        )];
+        for (host, updates, errors) in [("a", a, 0), ("b", b, 0), ("c", vec![], 2)] {
+            s.inventory(report(host, updates, errors), now)
+                .await
+                .expect("w")
+                .expect("admitted");
+        }
+        s.hello(
+            pb::HelloRequest {
+                host_id: "d".into(),
+                ..Default::default()
+            },
+            now,
+        )
+        .await
+        .expect("w")
+        .expect("admitted");
+        let views = s.host_views(now, 2 * day).await.expect("views");
+        let by = |id: &str| views.iter().find(|v| v.host_id == id).expect(id).clone();
+        assert_eq!(views.len(), 4);
+        let va = by("a");
+        assert_eq!(
+            (va.compliance, va.pending, va.overdue, va.worst_severity),
+            ("overdue", [1, 0, 0, 1], 1, "critical")
+        );
+        let vb = by("b");
+        assert_eq!(
+            (vb.compliance, vb.reboot_required, vb.worst_severity),
+            ("compliant", true, "important")
+        );
+        assert_eq!(
+            (by("c").compliance, by("c").unknown),
+            ("unknown", "scan errors")
+        );
+        assert_eq!(
+            (by("d").compliance, by("d").unknown),
+            ("unknown", "no inventory")
+        );
+        // The dashboard counts the same hosts compliant.
+        let d = s.compliance(now, 2 * day).await.expect("figures");
+        assert_eq!(
+            d.hosts_compliant,
+            views.iter().filter(|v| v.compliance == "compliant").count()
+        );
+
+        let hit = s
+            .exposed("CVE-2024-0001".into(), now)
+            .await
+            .expect("exposed");
+        let hosts: Vec<(&str, &str, bool)> = hit
+            .iter()
+            .map(|e| (e.host_id.as_str(), e.sla_class, e.overdue))
+            .collect();
+        assert_eq!(hosts, [("a", "critical", true), ("b", "high", false)]);
+        assert_eq!(hit[0].deadline, now - 4 * day + 72 * 3600);
+        assert_eq!(
+            s.exposed("CVE-2024-0002".into(), now)
+                .await
+                .expect("x")
+                .len(),
+            1
+        );
+        // Fixed on a: the update is gone, and so is the exposure.
+        let mut later = report("a", vec![], 0);
+        later.checksum = "a2".into();
+        s.inventory(later, now).await.expect("w").expect("admitted");
+        let hit = s
+            .exposed("CVE-2024-0001".into(), now)
+            .await
+            .expect("exposed");
+        assert_eq!(
+            hit.iter().map(|e| e.host_id.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+        assert!(
+            s.exposed("CVE-2024-0002".into(), now)
+                .await
+                .expect("x")
+                .is_empty()
         );
     }
 
