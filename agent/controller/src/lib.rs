@@ -14,6 +14,7 @@ pub mod rollouts;
 pub mod store;
 #[doc(hidden)]
 pub mod testing;
+pub mod web;
 
 use patch_agent_service::auth::Peer;
 use patch_agent_wire::proto::{ControllerServer, v1 as pb};
@@ -26,11 +27,22 @@ use tonic::{Request, Response, Status};
 pub struct ControllerService {
     store: Arc<dyn Store>,
     hub: Arc<channel::Hub>,
+    counters: Arc<web::metrics::Counters>,
 }
 
 impl ControllerService {
     pub fn new(store: Arc<dyn Store>, hub: Arc<channel::Hub>) -> Self {
-        Self { store, hub }
+        Self {
+            store,
+            hub,
+            counters: Arc::default(),
+        }
+    }
+
+    /// Counts the reports it stores into `counters` (the controller's /metrics).
+    pub fn with_counters(mut self, counters: Arc<web::metrics::Counters>) -> Self {
+        self.counters = counters;
+        self
     }
 }
 
@@ -164,6 +176,11 @@ impl patch_agent_wire::proto::Controller for ControllerService {
             .map_err(stored)?
             .map_err(revoked)?;
         tracing::info!(host = %host, job = %job, state = patch_agent_wire::convert::state_name(state), is_final, duplicate, "Job report");
+        if !duplicate {
+            self.counters
+                .job_reports
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if is_final && !duplicate {
             // A rollout may be waiting for this result.
             self.hub.wake.bump();
@@ -207,6 +224,9 @@ impl patch_agent_wire::proto::Controller for ControllerService {
             .map_err(revoked)?;
         if full {
             tracing::info!(host = %host, "Inventory stored");
+            self.counters
+                .inventories
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(Response::new(pb::InventoryAck {
             need_full: !full && !known,
@@ -277,6 +297,8 @@ pub struct ServeArgs {
     pub retain: std::time::Duration,
     #[command(flatten)]
     pub enroll: EnrollArgs,
+    #[command(flatten)]
+    pub web: web::HttpArgs,
 }
 
 /// Enrolment settings of `patchctl serve`; enrolment is on when `--enroll-ca-cert` is given.
@@ -384,7 +406,12 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         a.operators.clone(),
     ))
     .max_decoding_message_size(a.max_message_size);
-    let service = ControllerServer::new(ControllerService::new(store, hub))
+    let counters = Arc::new(web::metrics::Counters::default());
+    let dashboard = match &a.web.http {
+        Some(_) => Some(start_dashboard(&a, &store, &counters, shutdown_rx.clone()).await?),
+        None => None,
+    };
+    let service = ControllerServer::new(ControllerService::new(store, hub).with_counters(counters))
         .max_decoding_message_size(a.max_message_size);
     // Reflection, so admins can use grpcurl without the .proto files.
     let reflection = || {
@@ -428,6 +455,12 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         },
         a.db
     );
+    if let Some(addr) = dashboard {
+        println!(
+            "patchctl serve: dashboard and /metrics on {}://{addr}/",
+            if a.web.http_tls { "https" } else { "http" }
+        );
+    }
     patch_agent_service::notify::Notifier::from_env()
         .notify(&format!("READY=1\nSTATUS=Listening on {addr}"));
     let mut term = signal(SignalKind::terminate())?;
@@ -442,6 +475,48 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     driver.release_all().await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
     Ok(())
+}
+
+/// Starts `--http`: the dashboard and /metrics; the address bound.
+async fn start_dashboard(
+    a: &ServeArgs,
+    store: &Arc<dyn Store>,
+    counters: &Arc<web::metrics::Counters>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let stale = i64::try_from(a.web.stale_after.as_secs()).unwrap_or(i64::MAX);
+    let tls = if a.web.http_tls {
+        let files = patch_agent_service::tls::TlsSection {
+            ca: a.ca.clone(),
+            cert: a.cert.clone(),
+            key: a.key.clone(),
+        };
+        let config = patch_agent_service::tls::server_config_with(
+            &files,
+            &patch_agent_service::tls::ServerOptions {
+                allow_anonymous: false,
+                send_ca: false,
+            },
+        )
+        .map_err(|ps| {
+            anyhow::anyhow!(
+                "--http-tls: {}",
+                ps.into_iter()
+                    .map(|(k, m)| format!("--{}: {m}", k.trim_start_matches("tls.")))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        })?;
+        Some(web::HttpTls {
+            config,
+            operators: a.operators.clone(),
+            handshake_timeout: a.handshake_timeout,
+        })
+    } else {
+        None
+    };
+    let site = Arc::new(web::Web::new(store.clone(), stale, counters.clone()));
+    web::start(&a.web, tls, site, shutdown).await
 }
 
 /// How often a replica tells the database it is alive.

@@ -231,8 +231,14 @@ pub trait Store: Send + Sync {
     async fn compliance_history(&self, since_day: i64) -> Result<Vec<dashboard::Daily>>;
     /// A host's latest inventory.
     async fn inventory_of(&self, host_id: String) -> Result<Option<pb::Inventory>>;
-    /// Every host with its compliance state and pending counts (the dashboard's hosts page).
-    async fn host_views(&self, now: i64, stale_after: i64) -> Result<Vec<views::HostView>>;
+    /// Every host (or only `only`) with its compliance state and pending counts (the
+    /// dashboard's host pages).
+    async fn host_views(
+        &self,
+        now: i64,
+        stale_after: i64,
+        only: Option<String>,
+    ) -> Result<Vec<views::HostView>>;
     /// The pending updates that fix `cve` (checked and upper case), on every host.
     async fn exposed(&self, cve: String, now: i64) -> Result<Vec<views::Exposure>>;
 
@@ -783,8 +789,13 @@ impl Store for SqlStore {
             .await
     }
 
-    async fn host_views(&self, now: i64, stale_after: i64) -> Result<Vec<views::HostView>> {
-        self.read(move |db| views::hosts(db, now, stale_after))
+    async fn host_views(
+        &self,
+        now: i64,
+        stale_after: i64,
+        only: Option<String>,
+    ) -> Result<Vec<views::HostView>> {
+        self.read(move |db| views::hosts(db, now, stale_after, only.as_deref()))
             .await
     }
 
@@ -1161,7 +1172,12 @@ mod tests {
         .await
         .expect("w")
         .expect("admitted");
-        let views = s.host_views(now, 2 * day).await.expect("views");
+        let views = s.host_views(now, 2 * day, None).await.expect("views");
+        let one = s
+            .host_views(now, 2 * day, Some("a".into()))
+            .await
+            .expect("one");
+        assert_eq!((one.len(), one[0].pending), (1, [1, 0, 0, 1]));
         let by = |id: &str| views.iter().find(|v| v.host_id == id).expect(id).clone();
         assert_eq!(views.len(), 4);
         let va = by("a");

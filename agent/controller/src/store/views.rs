@@ -46,7 +46,13 @@ fn count(n: i64) -> usize {
 
 /// Every host, ordered by id, as of `now`; a scan older than `stale_after` makes a host
 /// unknown (the compliance dashboard's definitions).
-pub fn hosts(db: &mut dyn Db, now: i64, stale_after: i64) -> DbResult<Vec<HostView>> {
+/// `only`: that one host.
+pub fn hosts(
+    db: &mut dyn Db,
+    now: i64,
+    stale_after: i64,
+    only: Option<&str>,
+) -> DbResult<Vec<HostView>> {
     let allow = allowance("sla_class");
     let per_class: String = CLASSES
         .iter()
@@ -70,11 +76,13 @@ pub fn hosts(db: &mut dyn Db, now: i64, stale_after: i64) -> DbResult<Vec<HostVi
          LEFT JOIN (SELECT host_id, {per_class}
              CAST(sum(CASE WHEN ?1 - since - {allow} > 0 THEN 1 ELSE 0 END) AS BIGINT) AS overdue,
              min(CASE WHEN severity BETWEEN 1 AND 4 THEN severity END) AS worst
-           FROM pending GROUP BY host_id) p ON p.host_id = h.host_id
+           FROM pending WHERE (CAST(?3 AS TEXT) IS NULL OR host_id = ?3)
+           GROUP BY host_id) p ON p.host_id = h.host_id
+         WHERE (CAST(?3 AS TEXT) IS NULL OR h.host_id = ?3)
          ORDER BY h.host_id",
         connected = super::replicas::connected_since(db),
     );
-    db.rows(&sql, p![now, stale_after])?
+    db.rows(&sql, p![now, stale_after, only])?
         .iter()
         .map(|r| {
             let why = r.i64(5)?;
