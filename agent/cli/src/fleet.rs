@@ -56,6 +56,10 @@ pub enum HostsCommand {
         db: Location,
         #[arg(long)]
         json: bool,
+        /// Instead: every host with a pending update that fixes this CVE (CVE-YYYY-NNNN),
+        /// with the package and its SLA deadline.
+        #[arg(long)]
+        cve: Option<String>,
     },
     /// Revoke a host: the controller refuses its reports and renewals from now on; its
     /// certificate dies at its expiry.
@@ -218,7 +222,12 @@ fn labels_text(labels: &BTreeMap<String, String>) -> String {
 
 pub async fn hosts(cmd: HostsCommand) -> Result<()> {
     match cmd {
-        HostsCommand::List { db, json } => {
+        HostsCommand::List {
+            db,
+            json,
+            cve: Some(cve),
+        } => exposed(&db, &cve, json).await,
+        HostsCommand::List { db, json, .. } => {
             let rows = reader(&db)
                 .await?
                 .host_list()
@@ -282,6 +291,54 @@ pub async fn hosts(cmd: HostsCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `patchctl hosts list --cve`: the hosts exposed to a CVE, one line per pending update that
+/// fixes it.
+async fn exposed(db: &Location, cve: &str, json: bool) -> Result<()> {
+    let cve = match patch_agent_controller::store::views::parse_cve(cve) {
+        Ok(c) => c,
+        Err(e) => invalid!("--cve: {e}"),
+    };
+    let rows = reader(db)
+        .await?
+        .exposed(cve.clone(), now())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        outln!("no host has a pending update that fixes {cve}");
+        return Ok(());
+    }
+    outln!(
+        "{:<28}  {:<32}  {:<24}  {:<8}  {:<20}  LABELS",
+        "HOST",
+        "PACKAGE",
+        "CANDIDATE",
+        "CLASS",
+        "DEADLINE"
+    );
+    for e in &rows {
+        outln!(
+            "{:<28}  {:<32}  {:<24}  {:<8}  {:<20}  {}",
+            terminal_safe(&e.host_id),
+            terminal_safe(&format!("{}.{}", e.package, e.arch)),
+            terminal_safe(&e.candidate),
+            e.sla_class,
+            format!(
+                "{}{}",
+                when_secs(Some(e.deadline)),
+                if e.overdue { " OVERDUE" } else { "" }
+            ),
+            terminal_safe(&labels_text(&e.labels))
+        );
+    }
+    let hosts: std::collections::BTreeSet<&str> = rows.iter().map(|e| e.host_id.as_str()).collect();
+    outln!("{} host(s) exposed to {cve}", hosts.len());
+    Ok(())
 }
 
 /// `patchctl ca-hash FILE`: the pin of the first certificate in FILE.

@@ -119,13 +119,18 @@ pub enum Command {
     /// Print the pin `patch-agent enroll --ca-hash` takes: sha256 over the DER public key
     /// (SubjectPublicKeyInfo) of the first certificate in FILE.
     CaHash { file: PathBuf },
-    /// The compliance dashboard from stored reports.
+    /// The compliance dashboard from stored reports; with --format csv or html, an audit
+    /// export (the HTML is one self-contained file with the dashboard's charts, fit to print).
     Compliance {
         /// The controller's database (patchctl serve --db): a file, or a postgres:// URL.
         #[arg(long)]
         db: patch_agent_controller::store::Location,
-        #[arg(long)]
+        /// Same as --format json.
+        #[arg(long, conflicts_with = "format")]
         json: bool,
+        /// text (a terminal table), json, csv (scope,name,figure,value rows) or html.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReportFormat,
         /// The daily history of the headline figures instead (one line a day, for trends).
         #[arg(long)]
         history: bool,
@@ -136,6 +141,15 @@ pub enum Command {
         #[arg(long, default_value = "48h", value_parser = humantime::parse_duration)]
         stale_after: std::time::Duration,
     },
+}
+
+/// How `patchctl compliance` writes the dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Json,
+    Csv,
+    Html,
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,14 +358,19 @@ pub async fn run(cli: Cli) -> Result<()> {
             history: true,
             days,
             json,
+            format,
             ..
-        } => compliance_history(&db, days, json).await,
+        } => compliance_history(&db, days, json || format == ReportFormat::Json).await,
         Command::Compliance {
             db,
             json,
+            format,
             stale_after,
             ..
-        } => compliance(&db, json, stale_after).await,
+        } => {
+            let format = if json { ReportFormat::Json } else { format };
+            compliance(&db, format, stale_after).await
+        }
         Command::Cancel { agent, job_id } => {
             let status = jobs::cancel(agent.connect().await?, &job_id).await?;
             out!("{}", terminal_safe(&jobs::render_status(&status)));
@@ -526,23 +545,37 @@ async fn compliance_history(
 
 async fn compliance(
     db: &patch_agent_controller::store::Location,
-    json: bool,
+    format: ReportFormat,
     stale_after: Duration,
 ) -> Result<()> {
     use patch_agent_controller::compliance;
     use patch_agent_controller::store::{SqlStore, Store};
+    use patch_agent_controller::web::{export, pages};
     let stale = i64::try_from(stale_after.as_secs()).unwrap_or(i64::MAX);
-    // Computed in the database: nothing but the figures comes back.
-    let d = SqlStore::open_reader(db)
-        .await
-        .map_err(anyhow::Error::msg)?
-        .compliance(unix_now(), stale)
+    let store = SqlStore::open_reader(db)
         .await
         .map_err(anyhow::Error::msg)?;
-    if json {
-        outln!("{}", serde_json::to_string_pretty(&d)?);
-    } else {
-        out!("{}", terminal_safe(&compliance::render(&d)));
+    // Computed in the database: nothing but the figures comes back.
+    let now = unix_now();
+    let d = store
+        .compliance(now, stale)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    match format {
+        ReportFormat::Json => outln!("{}", serde_json::to_string_pretty(&d)?),
+        ReportFormat::Text => out!("{}", terminal_safe(&compliance::render(&d))),
+        ReportFormat::Csv => out!("{}", export::csv(&d)),
+        ReportFormat::Html => {
+            let history = store
+                .compliance_history(now.div_euclid(86_400) - pages::TREND_DAYS + 1)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let fleet = pages::Fleet {
+                compliance: d,
+                history,
+            };
+            out!("{}", export::html(&fleet).map_err(anyhow::Error::msg)?);
+        }
     }
     Ok(())
 }

@@ -234,7 +234,10 @@ async fn serve(
     let (servers, status) = listeners.start(&config).await?;
     if !config.metrics.listen.is_empty() {
         let tcp = crate::metrics::bind(&config.metrics.listen).await?;
-        tracing::info!(address = %config.metrics.listen, "Serving metrics at /metrics");
+        let bound = tcp
+            .local_addr()
+            .map_or_else(|_| config.metrics.listen.clone(), |a| a.to_string());
+        tracing::info!(address = %bound, "Serving metrics at /metrics");
         tokio::spawn(crate::metrics::serve(
             tcp,
             Arc::new(crate::metrics::Sources {

@@ -12,7 +12,7 @@
 pub mod charts;
 pub mod export;
 pub mod metrics;
-mod pages;
+pub mod pages;
 
 use crate::store::Store;
 use axum::http::{HeaderValue, StatusCode, header};
