@@ -728,3 +728,129 @@ fn want_no_one(db: &str) -> usize {
     ]);
     rows.as_array().map_or(usize::MAX, Vec::len)
 }
+
+/// `GET path` over TLS with `openssl s_client` (HTTP/1.1 by ALPN), as `who` (a certificate
+/// and key pair) or with no certificate; the server's reply, empty when it closed the
+/// connection first.
+fn https_get(addr: &str, ca: &Path, who: Option<(&Path, &Path)>, path: &str) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-quiet",
+        "-verify_return_error",
+        "-alpn",
+        "http/1.1",
+        "-connect",
+        addr,
+    ])
+    .arg("-CAfile")
+    .arg(ca)
+    .args(["-servername", "controller.fleet"]);
+    if let Some((cert, key)) = who {
+        cmd.arg("-cert").arg(cert).arg("-key").arg(key);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        let _ = write!(
+            stdin,
+            "GET {path} HTTP/1.1\r\nHost: controller.fleet\r\nConnection: close\r\n\r\n"
+        );
+        // Keep stdin open until the reply is in: s_client stops at EOF on stdin otherwise.
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let out = child.wait_with_output().expect("openssl output");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_dashboard_over_tls_admits_operators_only_and_plain_http_stays_on_loopback() {
+    let (tmp, pki) = setup("obs-tls");
+    let ctl_dir = tmp.path().join("ctl");
+    std::fs::create_dir_all(&ctl_dir).expect("ctl dir");
+    issue_ctl_cert(&ctl_dir, &pki, "127.0.0.1");
+
+    // Plain HTTP on an address other than loopback is refused at start, naming the fix.
+    let out = run(Command::new(patchctl())
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(ctl_dir.join("refused.db"))
+        .arg("--ca")
+        .arg(pki.path("ca.pem"))
+        .arg("--cert")
+        .arg(ctl_dir.join("ctl.pem"))
+        .arg("--key")
+        .arg(ctl_dir.join("ctl.key"))
+        .args(["--http", "0.0.0.0:0"]));
+    assert!(
+        !out.status.success(),
+        "plain HTTP on 0.0.0.0 must be refused"
+    );
+    assert!(text(&out).contains("--http-tls"), "{}", text(&out));
+
+    let ctl = Controller::start_with(
+        &ctl_dir,
+        &pki,
+        "127.0.0.1:0",
+        None,
+        &strings(&[
+            "--http",
+            "127.0.0.1:0",
+            "--http-tls",
+            "--operators",
+            "operator",
+        ]),
+    );
+    let addr = eventually("the dashboard's address", Duration::from_secs(10), || {
+        ctl.log_text()
+            .split("dashboard and /metrics on https://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .map(str::to_string)
+            .ok_or_else(|| ctl.log_text())
+    });
+    let (op_cert, op_key) = pki.issue(
+        &tmp.path().join("operator"),
+        &["--name", "operator", "--usage", "client"],
+    );
+    let ca = pki.path("ca.pem");
+    let reply = https_get(&addr, &ca, Some((&op_cert, &op_key)), "/?format=json");
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "an operator reads the dashboard: {reply}"
+    );
+    assert!(reply.contains("\"hosts\": 0"), "{reply}");
+    assert!(
+        reply
+            .to_ascii_lowercase()
+            .contains("content-security-policy: default-src 'none'"),
+        "{reply}"
+    );
+    // A certificate from the same CA that names no operator (an agent's, a viewer's): closed.
+    for who in ["agent", "viewer"] {
+        let reply = https_get(
+            &addr,
+            &ca,
+            Some((
+                &pki.path(&format!("{who}.pem")),
+                &pki.path(&format!("{who}.key")),
+            )),
+            "/",
+        );
+        assert!(
+            !reply.contains("HTTP/1.1"),
+            "{who} must not read the dashboard: {reply}"
+        );
+    }
+    // No certificate at all: the handshake fails.
+    let reply = https_get(&addr, &ca, None, "/");
+    assert!(!reply.contains("HTTP/1.1"), "no certificate: {reply}");
+    // Plain HTTP to the TLS port gets nothing either.
+    let plain = http::try_get(&addr, "/").map(|r| r.status).unwrap_or(0);
+    assert_ne!(plain, 200);
+}

@@ -288,8 +288,14 @@ impl MetricsSection {
         if self.listen.is_empty() {
             return;
         }
-        if let Err(e) = parse_listen(&self.listen) {
-            out.bad("metrics.listen", e.replace("7443", "9591"));
+        if let Err(e) = self.listen.parse::<SocketAddr>() {
+            out.bad(
+                "metrics.listen",
+                format!(
+                    "`{}` is not an address:port ({e}); use e.g. \"127.0.0.1:9591\"",
+                    self.listen
+                ),
+            );
         }
     }
 }
@@ -914,6 +920,24 @@ mod tests {
                 "auth.viewers"
             ]
         );
+    }
+
+    #[test]
+    fn metrics_listen_is_checked_and_names_its_key() {
+        let (c, p) = parse("[metrics]\nlisten = \"localhost:9591\"\n");
+        assert!(p.is_empty(), "{p:?}");
+        let problems = validate(&c.expect("parses"));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "metrics.listen");
+        assert!(
+            problems[0].1.contains("\"127.0.0.1:9591\""),
+            "{}",
+            problems[0].1
+        );
+        let (c, _) = parse("[metrics]\nlisten = \"127.0.0.1:9591\"\n");
+        assert!(validate(&c.expect("parses")).is_empty());
+        let (_, p) = parse("[metrics]\nport = 9591\n");
+        assert_eq!(p[0].0, "metrics.port", "{p:?}");
     }
 
     #[test]
