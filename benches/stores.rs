@@ -20,7 +20,6 @@ use common::net::{Controller, issue_ctl_cert};
 use common::*;
 use patch_agent_controller::store::{Location, SqlStore, Store};
 use patch_agent_controller::testing::Server;
-use patch_agent_wire::proto::v1 as pb;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -95,66 +94,6 @@ fn ingest(
             rates.push((clients * per_client) as f64 / started.elapsed().as_secs_f64());
         }
         (rates[0], rates[1])
-    })
-}
-
-/// BENCH_HOSTS hosts with 50 pending updates each (every class, various ages), written
-/// through the store as inventories.
-fn fleet(db: &Location, hosts: usize) -> Duration {
-    let rt = tokio::runtime::Runtime::new().expect("rt");
-    rt.block_on(async {
-        let store = std::sync::Arc::new(SqlStore::open_writer(db).await.expect("store"));
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("time")
-            .as_secs() as i64;
-        let started = Instant::now();
-        let mut set = tokio::task::JoinSet::new();
-        for h in 0..hosts {
-            if set.len() >= 256 {
-                set.join_next().await;
-            }
-            let store = store.clone();
-            set.spawn(async move {
-                let updates = (0..50)
-                    .map(|u| pb::Update {
-                        name: format!("pkg-{u}"),
-                        architecture: "amd64".into(),
-                        candidate_version: "2.0".into(),
-                        sla_class: (u % 4 + 1) as i32,
-                        first_seen: Some(prost_types::Timestamp {
-                            seconds: now - ((h * 7 + u * 13) % 120) as i64 * 86_400,
-                            nanos: 0,
-                        }),
-                        ..Default::default()
-                    })
-                    .collect();
-                let env = ["production", "staging", "development"][h % 3];
-                store
-                    .inventory(
-                        pb::InventoryReport {
-                            host_id: format!("host-{h:05}"),
-                            labels: [("environment".to_string(), env.to_string())].into(),
-                            checksum: format!("{h}"),
-                            inventory: Some(pb::Inventory {
-                                updates,
-                                ..Default::default()
-                            }),
-                            scanned_at: Some(prost_types::Timestamp {
-                                seconds: now - 600,
-                                nanos: 0,
-                            }),
-                            ..Default::default()
-                        },
-                        now,
-                    )
-                    .await
-                    .expect("write")
-                    .expect("admitted");
-            });
-        }
-        while set.join_next().await.is_some() {}
-        started.elapsed()
     })
 }
 
@@ -288,9 +227,9 @@ fn main() {
     // 2. Compliance at fleet scale.
     let hosts = env_num("BENCH_HOSTS", 10_000);
     let sqlite = tmp.path().join("fleet.db");
-    let s_build = fleet(&Location::File(sqlite.clone()), hosts);
+    let s_build = common::dataset::fleet(&Location::File(sqlite.clone()), hosts);
     let url = pg.database().expect("db");
-    let p_build = fleet(&Location::Postgres(url.clone()), hosts);
+    let p_build = common::dataset::fleet(&Location::Postgres(url.clone()), hosts);
     let (s_secs, s_hosts) = compliance(&sqlite.display().to_string());
     let (p_secs, p_hosts) = compliance(&url);
     assert_eq!((s_hosts, p_hosts), (hosts as u64, hosts as u64));

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod container;
+pub mod dataset;
 pub mod http;
 pub mod jobgen;
 pub mod jobs;
