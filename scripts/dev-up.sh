@@ -13,6 +13,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 DEV="$PWD/target/dev"
 PORT="${PATCH_AGENT_DEV_PORT:-7443}"
 CTL_PORT="${PATCH_AGENT_DEV_CONTROLLER_PORT:-7000}"
+WEB_PORT="${PATCH_AGENT_DEV_DASHBOARD_PORT:-8080}"
+METRICS_PORT="${PATCH_AGENT_DEV_METRICS_PORT:-9591}"
 
 stop() {
     for what in agent controller; do
@@ -66,14 +68,17 @@ trusted_keys_dir = "$DEV/trusted-keys"
 [report]
 controller = "127.0.0.1:$CTL_PORT"
 server_name = "controller.dev"
+[metrics]
+listen = "127.0.0.1:$METRICS_PORT"
 TOML
 "$BIN/patch-agent" check-config --config "$DEV/agent.toml"
 
 stop
 "$BIN/patchctl" serve --listen "127.0.0.1:$CTL_PORT" --db "$DEV/controller.db" --ca "$DEV/pki/ca.pem" \
-    --cert "$DEV/pki/controller-server.pem" --key "$DEV/pki/controller-server.key" >"$DEV/controller.log" 2>&1 &
+    --cert "$DEV/pki/controller-server.pem" --key "$DEV/pki/controller-server.key" \
+    --http "127.0.0.1:$WEB_PORT" >"$DEV/controller.log" 2>&1 &
 echo $! >"$DEV/controller.pid"
-echo "== controller (patchctl serve) on 127.0.0.1:$CTL_PORT, database $DEV/controller.db"
+echo "== controller (patchctl serve) on 127.0.0.1:$CTL_PORT, database $DEV/controller.db, dashboard http://127.0.0.1:$WEB_PORT/"
 "$BIN/patch-agent" run --config "$DEV/agent.toml" >"$DEV/agent.log" 2>&1 &
 echo $! >"$DEV/agent.pid"
 export PATCHCTL_CA="$DEV/pki/ca.pem" PATCHCTL_CERT="$DEV/pki/controller.pem" PATCHCTL_KEY="$DEV/pki/controller.key"
@@ -102,6 +107,7 @@ Try:
   $BIN/patchctl job sign --signing-key $DEV/keys/signing.key -o $DEV/scan.job --target $HOST_ID --scan --dry-run
   $BIN/patchctl submit --agent unix:$DEV/agent.sock $DEV/scan.job
   $BIN/patchctl history --db $DEV/controller.db
-  $BIN/patchctl compliance --db $DEV/controller.db
+  $BIN/patchctl compliance --db $DEV/controller.db [--format csv|html]
+  dashboard: http://127.0.0.1:$WEB_PORT/   metrics: http://127.0.0.1:$WEB_PORT/metrics (controller), http://127.0.0.1:$METRICS_PORT/metrics (agent)
   scripts/dev-up.sh stop
 HELP
