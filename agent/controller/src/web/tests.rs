@@ -109,6 +109,59 @@ async fn fleet() -> (tempfile::TempDir, Arc<Web>) {
         .await
         .expect("w")
         .expect("admitted");
+    // A rollout whose first occurrence ran: web-1 succeeded, web-2 failed.
+    store
+        .create_rollout(crate::store::NewRollout {
+            id: "r-web".into(),
+            serial: "1".into(),
+            max_fail_percent: 50.0,
+            host_timeout_ms: 60_000,
+            created_at: now - 600,
+            created_by: "alice <ops>".into(),
+            targets: vec!["web-1".into(), "web-2".into()],
+            selector: Default::default(),
+            occurrences: vec![crate::store::NewOccurrence {
+                job_id: "job-1".into(),
+                envelope: pb::SignedJob {
+                    payload: vec![1],
+                    key_id: "k".into(),
+                    signature: vec![1],
+                },
+                start_at: now - 600,
+                expires_at: now + 3600,
+            }],
+        })
+        .await
+        .expect("rollout");
+    store
+        .occurrence_started(
+            "r-web".into(),
+            1,
+            vec![("web-1".into(), 1), ("web-2".into(), 2)],
+            now - 500,
+        )
+        .await
+        .expect("started");
+    for (host, state, job_state) in [
+        ("web-1", pb::RolloutHostState::Succeeded, "SUCCEEDED"),
+        ("web-2", pb::RolloutHostState::Failed, "FAILED"),
+    ] {
+        store
+            .set_rollout_host(
+                "r-web".into(),
+                1,
+                pb::RolloutHost {
+                    host_id: host.into(),
+                    batch: 1,
+                    state: state as i32,
+                    job_state: job_state.into(),
+                    reason: "<reason>".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("host");
+    }
     let web = Arc::new(Web::new(Arc::new(store), 48 * 3600, Arc::default()));
     (dir, web)
 }
@@ -147,6 +200,7 @@ async fn every_page_renders_and_has_a_json_twin() {
         "/hosts/db-%3C1%3E",
         "/jobs/job-1",
         "/rollouts",
+        "/rollouts/r-web",
         "/cve",
         "/cve?id=cve-2024-0001",
     ] {
@@ -190,9 +244,31 @@ async fn every_page_renders_and_has_a_json_twin() {
         html.contains("upgrade &lt;all&gt;") && html.contains("upgraded"),
         "{html}"
     );
+    let (_, _, html) = get(&web, "/rollouts/r-web").await;
+    assert!(
+        html.contains("data-host=\"web-2\"")
+            && html.contains("FAILED")
+            && html.contains("&lt;reason&gt;"),
+        "{html}"
+    );
+    let (_, _, json) = get(&web, "/rollouts?format=json").await;
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(
+        (
+            v["rollouts"][0]["succeeded"].as_u64(),
+            v["rollouts"][0]["failed"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{v}"
+    );
     let (_, kind, metrics) = get(&web, "/metrics").await;
     assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
     assert!(metrics.contains("patchctl_hosts 3\n"), "{metrics}");
+    assert!(
+        metrics.contains("patchctl_rollouts{state=\"scheduled\"} 1")
+            || metrics.contains("patchctl_rollouts{state=\"running\"} 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("patchctl_hosts_overdue 1\n"), "{metrics}");
     assert!(
         metrics.contains(
