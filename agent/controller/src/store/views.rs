@@ -30,6 +30,14 @@ pub struct HostView {
     pub worst_severity: &'static str,
     pub connected: bool,
     pub revoked: bool,
+    /// Overdue updates per SLA class, critical to low.
+    pub overdue_by_class: [usize; 4],
+    /// Per class, how many seconds past its SLA the most overdue update is (None: none is).
+    #[serde(skip)]
+    pub max_late: [Option<i64>; 4],
+    /// Reports its agent dropped from a full outbox (progress, results).
+    #[serde(skip)]
+    pub dropped: (u64, u64),
 }
 
 /// Vendor severities as stored (`pb::Severity`), worst first.
@@ -54,12 +62,16 @@ pub fn hosts(
     only: Option<&str>,
 ) -> DbResult<Vec<HostView>> {
     let allow = allowance("sla_class");
-    let per_class: String = CLASSES
-        .iter()
-        .map(|(c, _, _)| {
-            format!("CAST(sum(CASE WHEN sla_class = {c} THEN 1 ELSE 0 END) AS BIGINT) AS c{c}, ")
-        })
-        .collect();
+    let mut per_class = String::new();
+    for (c, _, _) in CLASSES {
+        per_class.push_str(&format!(
+            "CAST(sum(CASE WHEN sla_class = {c} THEN 1 ELSE 0 END) AS BIGINT) AS c{c},
+             CAST(sum(CASE WHEN sla_class = {c} AND ?1 - since - {allow} > 0 THEN 1 ELSE 0 END) AS BIGINT) AS l{c},
+             max(CASE WHEN sla_class = {c} THEN ?1 - since - {allow} END) AS m{c}, "
+        ));
+    }
+    // One pass over the pending updates, grouped by host (the primary key's order), and one
+    // row per host back: the hosts page, and every figure of the compliance dashboard.
     let sql = format!(
         "SELECT h.host_id, h.labels, h.agent_version,
            CASE WHEN h.last_seen = 0 THEN NULL ELSE h.last_seen END,
@@ -69,12 +81,11 @@ pub fn hosts(
                 WHEN ?1 - coalesce(i.scanned_at, i.received_at) > ?2 THEN 2
                 ELSE 0 END,
            coalesce(i.reboot_required, 0),
-           p.c1, p.c2, p.c3, p.c4, p.overdue, p.worst,
-           {connected}, h.revoked_at
+           p.c1, p.c2, p.c3, p.c4, p.l1, p.l2, p.l3, p.l4, p.m1, p.m2, p.m3, p.m4, p.worst,
+           {connected}, h.revoked_at, h.dropped_progress, h.dropped_final
          FROM hosts h
          LEFT JOIN inventories i ON i.host_id = h.host_id
          LEFT JOIN (SELECT host_id, {per_class}
-             CAST(sum(CASE WHEN ?1 - since - {allow} > 0 THEN 1 ELSE 0 END) AS BIGINT) AS overdue,
              min(CASE WHEN severity BETWEEN 1 AND 4 THEN severity END) AS worst
            FROM pending WHERE (CAST(?3 AS TEXT) IS NULL OR host_id = ?3)
            GROUP BY host_id) p ON p.host_id = h.host_id
@@ -86,8 +97,13 @@ pub fn hosts(
         .iter()
         .map(|r| {
             let why = r.i64(5)?;
-            let overdue = count(r.opt_i64(11)?.unwrap_or(0));
-            let worst = r.opt_i64(12)?;
+            let n = |i: usize| -> DbResult<usize> { Ok(count(r.opt_i64(i)?.unwrap_or(0))) };
+            let pending = [n(7)?, n(8)?, n(9)?, n(10)?];
+            let overdue_by_class = [n(11)?, n(12)?, n(13)?, n(14)?];
+            let late = |i: usize| -> DbResult<Option<i64>> { Ok(r.opt_i64(i)?.filter(|l| *l > 0)) };
+            let max_late = [late(15)?, late(16)?, late(17)?, late(18)?];
+            let worst = r.opt_i64(19)?;
+            let overdue = overdue_by_class.iter().sum();
             Ok(HostView {
                 host_id: r.text(0)?,
                 labels: labels(&r.text(1)?),
@@ -106,19 +122,17 @@ pub fn hosts(
                     _ => "",
                 },
                 reboot_required: r.i64(6)? != 0,
-                pending: [
-                    count(r.opt_i64(7)?.unwrap_or(0)),
-                    count(r.opt_i64(8)?.unwrap_or(0)),
-                    count(r.opt_i64(9)?.unwrap_or(0)),
-                    count(r.opt_i64(10)?.unwrap_or(0)),
-                ],
+                pending,
                 overdue,
                 worst_severity: SEVERITIES
                     .iter()
                     .find(|(s, _)| Some(*s) == worst)
                     .map_or("", |(_, n)| n),
-                connected: r.opt_i64(13)?.is_some(),
-                revoked: r.opt_i64(14)?.is_some(),
+                connected: r.opt_i64(20)?.is_some(),
+                revoked: r.opt_i64(21)?.is_some(),
+                overdue_by_class,
+                max_late,
+                dropped: (r.int(22)?, r.int(23)?),
             })
         })
         .collect()
