@@ -227,7 +227,8 @@ pub fn inventory(db: &mut dyn Db, r: &pb::InventoryReport, now: i64) -> DbResult
             u.sla_class,
             since,
             first_seen,
-            u.severity
+            u.severity,
+            deadline(u.sla_class, since)
         ]
         .to_vec();
         match at.entry((u.name.as_str(), u.architecture.as_str())) {
@@ -240,10 +241,10 @@ pub fn inventory(db: &mut dyn Db, r: &pb::InventoryReport, now: i64) -> DbResult
     }
     insert_rows(
         db,
-        "INSERT INTO pending(host_id, name, arch, candidate, sla_class, since, first_seen, severity)",
+        "INSERT INTO pending(host_id, name, arch, candidate, sla_class, since, first_seen, severity, deadline)",
         "ON CONFLICT(host_id, name, arch) DO UPDATE SET candidate = excluded.candidate,
            sla_class = excluded.sla_class, since = excluded.since, first_seen = excluded.first_seen,
-           severity = excluded.severity",
+           severity = excluded.severity, deadline = excluded.deadline",
         &rows,
     )?;
     pending_cves(db, &r.host_id, &inv.updates)?;
@@ -260,6 +261,15 @@ pub fn inventory(db: &mut dyn Db, r: &pb::InventoryReport, now: i64) -> DbResult
         &resolved,
     )?;
     Ok(true)
+}
+
+/// When a pending update of `class` whose clock started at `since` becomes overdue; None for a
+/// class outside the four (never overdue, as in the dashboard).
+pub fn deadline(class: i32, since: i64) -> Option<i64> {
+    crate::compliance::CLASSES
+        .iter()
+        .find(|(c, _, _)| *c == class)
+        .map(|(_, _, allow)| since.saturating_add(*allow))
 }
 
 /// The CVEs a host's pending updates fix, one row each (upper case), for `hosts list --cve`

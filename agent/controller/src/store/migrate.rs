@@ -37,7 +37,7 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 3,
-        name: "pending updates' severity and CVEs, for the dashboard and `hosts list --cve`",
+        name: "pending updates' severity, deadline and CVEs, for the dashboard and `hosts list --cve`",
         sqlite: V3_SQLITE,
         postgres: V3_POSTGRES,
         after: Some(backfill_cves),
@@ -459,6 +459,8 @@ CREATE INDEX jobs_by_age ON jobs(final, updated_at);
 
 const V3_SQLITE: &str = "
 ALTER TABLE pending ADD COLUMN severity INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE pending ADD COLUMN deadline INTEGER;
+UPDATE pending SET deadline = since + (CASE sla_class WHEN 1 THEN 259200 WHEN 2 THEN 604800 WHEN 3 THEN 2592000 WHEN 4 THEN 7776000 END);
 CREATE TABLE pending_cves(
   host_id TEXT NOT NULL,
   name TEXT NOT NULL,
@@ -466,11 +468,13 @@ CREATE TABLE pending_cves(
   cve TEXT NOT NULL,
   PRIMARY KEY(host_id, name, arch, cve));
 CREATE INDEX pending_cves_by_cve ON pending_cves(cve);
-CREATE INDEX pending_by_class ON pending(sla_class, since);
+CREATE INDEX pending_by_host_class ON pending(host_id, sla_class, deadline, severity);
 ";
 
 const V3_POSTGRES: &str = "
 ALTER TABLE pending ADD COLUMN severity BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE pending ADD COLUMN deadline BIGINT;
+UPDATE pending SET deadline = since + (CASE sla_class WHEN 1 THEN 259200 WHEN 2 THEN 604800 WHEN 3 THEN 2592000 WHEN 4 THEN 7776000 END);
 CREATE TABLE pending_cves(
   host_id TEXT NOT NULL,
   name TEXT NOT NULL,
@@ -478,7 +482,7 @@ CREATE TABLE pending_cves(
   cve TEXT NOT NULL,
   PRIMARY KEY(host_id, name, arch, cve));
 CREATE INDEX pending_cves_by_cve ON pending_cves(cve);
-CREATE INDEX pending_by_class ON pending(sla_class, since);
+CREATE INDEX pending_by_host_class ON pending(host_id, sla_class, deadline, severity);
 ";
 
 #[cfg(test)]

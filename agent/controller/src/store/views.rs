@@ -6,7 +6,7 @@ use super::dashboard::allowance;
 use super::ingest::labels;
 use super::sql::{Db, DbResult, p};
 use crate::compliance::CLASSES;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// A host as the hosts page lists it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -53,25 +53,21 @@ fn count(n: i64) -> usize {
 }
 
 /// Every host, ordered by id, as of `now`; a scan older than `stale_after` makes a host
-/// unknown (the compliance dashboard's definitions).
-/// `only`: that one host.
+/// unknown (the compliance dashboard's definitions). `only`: that one host.
+///
+/// Two queries: the hosts (one row each), and their pending updates summed per host and class
+/// (`pending_by_host_class` covers it, so the pending rows themselves are never read, nor
+/// sorted); the two are joined here.
 pub fn hosts(
     db: &mut dyn Db,
     now: i64,
     stale_after: i64,
     only: Option<&str>,
 ) -> DbResult<Vec<HostView>> {
-    let allow = allowance("sla_class");
-    let mut per_class = String::new();
-    for (c, _, _) in CLASSES {
-        per_class.push_str(&format!(
-            "CAST(sum(CASE WHEN sla_class = {c} THEN 1 ELSE 0 END) AS BIGINT) AS c{c},
-             CAST(sum(CASE WHEN sla_class = {c} AND ?1 - since - {allow} > 0 THEN 1 ELSE 0 END) AS BIGINT) AS l{c},
-             max(CASE WHEN sla_class = {c} THEN ?1 - since - {allow} END) AS m{c}, "
-        ));
-    }
-    // One pass over the pending updates, grouped by host (the primary key's order), and one
-    // row per host back: the hosts page, and every figure of the compliance dashboard.
+    let (host_filter, pending_filter) = match only {
+        Some(_) => ("WHERE h.host_id = ?3", "WHERE host_id = ?2"),
+        None => ("", ""),
+    };
     let sql = format!(
         "SELECT h.host_id, h.labels, h.agent_version,
            CASE WHEN h.last_seen = 0 THEN NULL ELSE h.last_seen END,
@@ -81,61 +77,87 @@ pub fn hosts(
                 WHEN ?1 - coalesce(i.scanned_at, i.received_at) > ?2 THEN 2
                 ELSE 0 END,
            coalesce(i.reboot_required, 0),
-           p.c1, p.c2, p.c3, p.c4, p.l1, p.l2, p.l3, p.l4, p.m1, p.m2, p.m3, p.m4, p.worst,
            {connected}, h.revoked_at, h.dropped_progress, h.dropped_final
-         FROM hosts h
-         LEFT JOIN inventories i ON i.host_id = h.host_id
-         LEFT JOIN (SELECT host_id, {per_class}
-             min(CASE WHEN severity BETWEEN 1 AND 4 THEN severity END) AS worst
-           FROM pending WHERE (CAST(?3 AS TEXT) IS NULL OR host_id = ?3)
-           GROUP BY host_id) p ON p.host_id = h.host_id
-         WHERE (CAST(?3 AS TEXT) IS NULL OR h.host_id = ?3)
+         FROM hosts h LEFT JOIN inventories i ON i.host_id = h.host_id
+         {host_filter}
          ORDER BY h.host_id",
         connected = super::replicas::connected_since(db),
     );
-    db.rows(&sql, p![now, stale_after, only])?
-        .iter()
-        .map(|r| {
-            let why = r.i64(5)?;
-            let n = |i: usize| -> DbResult<usize> { Ok(count(r.opt_i64(i)?.unwrap_or(0))) };
-            let pending = [n(7)?, n(8)?, n(9)?, n(10)?];
-            let overdue_by_class = [n(11)?, n(12)?, n(13)?, n(14)?];
-            let late = |i: usize| -> DbResult<Option<i64>> { Ok(r.opt_i64(i)?.filter(|l| *l > 0)) };
-            let max_late = [late(15)?, late(16)?, late(17)?, late(18)?];
-            let worst = r.opt_i64(19)?;
-            let overdue = overdue_by_class.iter().sum();
-            Ok(HostView {
-                host_id: r.text(0)?,
-                labels: labels(&r.text(1)?),
-                agent_version: r.text(2)?,
-                last_seen: r.opt_i64(3)?,
-                scanned_at: r.opt_i64(4)?,
-                compliance: match (why, overdue) {
-                    (0, 0) => "compliant",
-                    (0, _) => "overdue",
-                    _ => "unknown",
-                },
-                unknown: match why {
-                    1 => "scan errors",
-                    2 => "stale",
-                    3 => "no inventory",
-                    _ => "",
-                },
-                reboot_required: r.i64(6)? != 0,
-                pending,
-                overdue,
-                worst_severity: SEVERITIES
-                    .iter()
-                    .find(|(s, _)| Some(*s) == worst)
-                    .map_or("", |(_, n)| n),
-                connected: r.opt_i64(20)?.is_some(),
-                revoked: r.opt_i64(21)?.is_some(),
-                overdue_by_class,
-                max_late,
-                dropped: (r.int(22)?, r.int(23)?),
-            })
-        })
-        .collect()
+    let args = match only {
+        Some(id) => p![now, stale_after, id].to_vec(),
+        None => p![now, stale_after].to_vec(),
+    };
+    let mut views = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for r in db.rows(&sql, &args)? {
+        let why = r.i64(5)?;
+        let host_id = r.text(0)?;
+        at.insert(host_id.clone(), views.len());
+        views.push(HostView {
+            host_id,
+            labels: labels(&r.text(1)?),
+            agent_version: r.text(2)?,
+            last_seen: r.opt_i64(3)?,
+            scanned_at: r.opt_i64(4)?,
+            // Known hosts are compliant until an overdue update says otherwise (below).
+            compliance: if why == 0 { "compliant" } else { "unknown" },
+            unknown: match why {
+                1 => "scan errors",
+                2 => "stale",
+                3 => "no inventory",
+                _ => "",
+            },
+            reboot_required: r.i64(6)? != 0,
+            pending: [0; 4],
+            overdue: 0,
+            worst_severity: "",
+            connected: r.opt_i64(7)?.is_some(),
+            revoked: r.opt_i64(8)?.is_some(),
+            overdue_by_class: [0; 4],
+            max_late: [None; 4],
+            dropped: (r.int(9)?, r.int(10)?),
+        });
+    }
+    let pending = format!(
+        "SELECT host_id, sla_class, count(*),
+           CAST(sum(CASE WHEN deadline < ?1 THEN 1 ELSE 0 END) AS BIGINT),
+           min(deadline),
+           min(CASE WHEN severity BETWEEN 1 AND 4 THEN severity END)
+         FROM pending {pending_filter} GROUP BY host_id, sla_class"
+    );
+    let args = match only {
+        Some(id) => p![now, id].to_vec(),
+        None => p![now].to_vec(),
+    };
+    for r in db.rows(&pending, &args)? {
+        let Some(v) = at.get(&r.text(0)?).map(|i| &mut views[*i]) else {
+            continue;
+        };
+        let class = r.i64(1)?;
+        let Some(k) = CLASSES.iter().position(|(c, _, _)| i64::from(*c) == class) else {
+            continue;
+        };
+        v.pending[k] = count(r.i64(2)?);
+        v.overdue_by_class[k] = count(r.opt_i64(3)?.unwrap_or(0));
+        v.max_late[k] = r.opt_i64(4)?.map(|d| now - d).filter(|late| *late > 0);
+        if let Some(sev) = r.opt_i64(5)? {
+            let name = SEVERITIES
+                .iter()
+                .find(|(s, _)| *s == sev)
+                .map_or("", |(_, n)| n);
+            let rank = |n: &str| SEVERITIES.iter().position(|(_, x)| *x == n);
+            if v.worst_severity.is_empty() || rank(name) < rank(v.worst_severity) {
+                v.worst_severity = name;
+            }
+        }
+    }
+    for v in &mut views {
+        v.overdue = v.overdue_by_class.iter().sum();
+        if v.compliance == "compliant" && v.overdue > 0 {
+            v.compliance = "overdue";
+        }
+    }
+    Ok(views)
 }
 
 /// A pending update that fixes a CVE, on one host.
