@@ -69,17 +69,9 @@ fn dechunk(mut rest: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A query string value, percent-encoded.
-pub fn encode(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+/// A query string value, percent-encoded (as the dashboard writes its own links).
+#[allow(unused_imports)]
+pub use patch_agent_controller::web::pages::encode;
 
 /// A free loopback port (bound and released; the caller binds it next).
 pub fn free_port() -> u16 {

@@ -212,15 +212,7 @@ pub fn query_by_aggregates(db: &mut dyn Db, now: i64, stale_after: i64) -> DbRes
     )? {
         classes.insert(r.i64(0)?, (r.i64(1)?, r.i64(2)?, r.i64(3)?, r.opt_i64(4)?));
     }
-    let mut resolved: BTreeMap<i64, (i64, f64)> = BTreeMap::new();
-    for r in db.rows(
-        "SELECT sla_class, count(*),
-           CAST(sum(CASE WHEN resolved_at > since THEN resolved_at - since ELSE 0 END) AS DOUBLE PRECISION)
-         FROM resolved GROUP BY sla_class",
-        &[],
-    )? {
-        resolved.insert(r.i64(0)?, (r.i64(1)?, r.f64(2)?));
-    }
+    let (resolved, jobs) = outcomes(db)?;
     let env = db.dialect().json_text("h.labels", "environment");
     let mut by_environment = BTreeMap::new();
     for r in db.rows(
@@ -244,19 +236,6 @@ pub fn query_by_aggregates(db: &mut dyn Db, now: i64, stale_after: i64) -> DbRes
             },
         );
     }
-    let jobs = db
-        .row(
-            &format!(
-                "SELECT {}, {}, {}, {} FROM jobs WHERE final = 1",
-                sum("dry_run = 0 AND state IN ('SUCCEEDED', 'SUCCEEDED_REBOOT_REQUIRED', 'FAILED', 'TIMED_OUT', 'INTERRUPTED')"),
-                sum("dry_run = 0 AND state IN ('FAILED', 'TIMED_OUT', 'INTERRUPTED')"),
-                sum("reboot_attempted <> 0"),
-                sum("reboot_attempted <> 0 AND reboot_succeeded <> 0"),
-            ),
-            &[],
-        )?
-        .ok_or_else(|| DbError("the job figures returned no row".into()))?;
-
     let by_class = CLASSES
         .iter()
         .map(|(class, name, allow)| {
@@ -282,8 +261,7 @@ pub fn query_by_aggregates(db: &mut dyn Db, now: i64, stale_after: i64) -> DbRes
     let (n, total) = resolved
         .values()
         .fold((0, 0.0), |(n, t), (m, s)| (n + m, t + s));
-    let (ran, failed) = (count(jobs.i64(0)?), count(jobs.i64(1)?));
-    let (reboots, reboots_ok) = (count(jobs.i64(2)?), count(jobs.i64(3)?));
+    let [ran, failed, reboots, reboots_ok] = jobs;
     let total_hosts = count(hosts.i64(0)?);
     Ok(Dashboard {
         generated_at: now,

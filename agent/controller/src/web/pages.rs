@@ -162,7 +162,7 @@ impl HostFilter {
 }
 
 /// Percent-encodes a query value (everything but unreserved characters).
-fn encode(v: &str) -> String {
+pub fn encode(v: &str) -> String {
     v.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
