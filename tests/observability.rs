@@ -586,7 +586,7 @@ fn prometheus_scrapes_agents_and_controller_and_the_dashboard_shows_the_same_fig
         .expect("json");
         assert_eq!(page["hosts"], want.len(), "{page}");
     }
-    assert_eq!(want_no_one(&db), 0);
+    assert_eq!(exposed_to_an_unknown_cve(&db), 0);
 
     // Every page in a real browser: figures equal compliance --json, valid HTML, no console
     // message, a screenshot each.
@@ -716,7 +716,7 @@ fn prometheus_scrapes_agents_and_controller_and_the_dashboard_shows_the_same_fig
 }
 
 /// A CVE no host is exposed to finds nobody (and says so).
-fn want_no_one(db: &str) -> usize {
+fn exposed_to_an_unknown_cve(db: &str) -> usize {
     let rows = patchctl_json(&[
         "hosts",
         "list",

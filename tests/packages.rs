@@ -81,15 +81,6 @@ fn wait_for_scan(agent: &Agent) -> Value {
     }
 }
 
-fn update<'a>(list: &'a Value, name: &str) -> &'a Value {
-    list["updates"]
-        .as_array()
-        .expect("updates")
-        .iter()
-        .find(|u| u["name"] == name)
-        .unwrap_or_else(|| panic!("no update for {name}: {list:#}"))
-}
-
 fn names(list: &Value, key: &str) -> Vec<String> {
     list[key]
         .as_array()

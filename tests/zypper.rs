@@ -28,15 +28,6 @@ fn status(agent: &Agent) -> Value {
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
-fn update<'a>(list: &'a Value, name: &str) -> &'a Value {
-    list["updates"]
-        .as_array()
-        .expect("updates")
-        .iter()
-        .find(|u| u["name"] == name)
-        .unwrap_or_else(|| panic!("no update for {name}: {list:#}"))
-}
-
 /// The real zypper on the sandbox. The agent may be running zypper itself (a scan after a
 /// job): wait for its lock rather than fail at once.
 fn zypper(root: &Path) -> Command {

@@ -524,3 +524,14 @@ pub fn job_report(host: &str, n: usize) -> patch_agent_wire::proto::v1::JobRepor
         ..Default::default()
     }
 }
+
+/// The update for package `name` in a `ListUpdates` answer (JSON), or a failure that shows the
+/// whole answer.
+pub fn update<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    list["updates"]
+        .as_array()
+        .expect("updates")
+        .iter()
+        .find(|u| u["name"] == name)
+        .unwrap_or_else(|| panic!("no update for {name}: {list:#}"))
+}

@@ -331,8 +331,8 @@ pub async fn start(
                     viewers: tls.operators,
                 },
             );
-            let (_config_tx, config_rx) = tokio::sync::watch::channel(Arc::new(config));
-            let (_policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(policy));
+            let (config_tx, config_rx) = tokio::sync::watch::channel(Arc::new(config));
+            let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(policy));
             let incoming = patch_agent_service::listener::tls_incoming(
                 tcp,
                 patch_agent_service::listener::TlsAccept {
@@ -349,7 +349,7 @@ pub async fn start(
             );
             tokio::spawn(async move {
                 // The senders live as long as the server: the settings never change.
-                let _keep = (_config_tx, _policy_tx);
+                let _keep = (config_tx, policy_tx);
                 let listener = TlsListener { incoming, bound };
                 if let Err(e) = axum::serve(listener, app)
                     .with_graceful_shutdown(stopped)
