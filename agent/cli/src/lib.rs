@@ -360,7 +360,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             json,
             format,
             ..
-        } => compliance_history(&db, days, json || format == ReportFormat::Json).await,
+        } => match format {
+            ReportFormat::Text | ReportFormat::Json => {
+                compliance_history(&db, days, json || format == ReportFormat::Json).await
+            }
+            ReportFormat::Csv | ReportFormat::Html => invalid!(
+                "--history prints text or json; the csv and html reports are of today's figures (without --history)"
+            ),
+        },
         Command::Compliance {
             db,
             json,
