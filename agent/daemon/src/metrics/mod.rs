@@ -1,18 +1,17 @@
-//! `[metrics] listen`: the Prometheus text format at `GET /metrics`, plain HTTP.
+//! `[metrics] listen`: the Prometheus text format at `GET /metrics`, plain HTTP (`http`).
 //!
 //! A scrape never runs a package manager: it reads the scanner's last snapshot, the engine's
 //! counters and the outbox's length, and renders them ([`render`]). Until the first scan has
 //! ended the scan-derived series are absent rather than zero, so "no data" is never mistaken
 //! for "nothing pending".
 
+mod http;
 pub mod process;
 pub mod render;
 
 use crate::jobs::engine::Engine;
 use crate::pkg::scanner::Scanner;
 use crate::report::outbox::Outbox;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
 use std::sync::Arc;
 
 /// What a scrape reads.
@@ -52,32 +51,4 @@ pub async fn bind(listen: &str) -> Result<tokio::net::TcpListener, String> {
         .map_err(|e| format!("metrics.listen: cannot listen on {listen}: {e}"))
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` turns true.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    sources: Arc<Sources>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let app = axum::Router::new()
-        .route("/metrics", axum::routing::get(scrape))
-        .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                "patch-agent serves only GET /metrics here\n",
-            )
-        })
-        .with_state(sources);
-    let stop = async move {
-        let _ = shutdown.wait_for(|s| *s).await;
-    };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-    {
-        tracing::error!(error = %e, "The metrics endpoint stopped");
-    }
-}
-
-async fn scrape(axum::extract::State(s): axum::extract::State<Arc<Sources>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], s.render().await)
-}
+pub use http::serve;

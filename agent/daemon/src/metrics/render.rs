@@ -291,7 +291,7 @@ fn agent_metrics(r: &mut Registry, i: &Inputs) {
     let info = Family::<Labels, Gauge>::default();
     info.get_or_create(&vec![("version", label(i.version))])
         .set(1);
-    r.register("patchagent_build_info", "The agent's version.", info);
+    r.register("patchagent_build_info", "The agent's version", info);
     if let Some(p) = &i.process {
         let cpu = Counter::<f64, AtomicU64>::default();
         cpu.inc_by(p.cpu_seconds);
@@ -509,6 +509,10 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(
+            !text.contains("..\n"),
+            "the encoder ends each HELP with its own period: {text}"
+        );
     }
 
     #[test]
