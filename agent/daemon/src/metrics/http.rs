@@ -1,11 +1,11 @@
 //! The metrics endpoint's HTTP: `GET /metrics` (and `HEAD`), HTTP/1.x, one request per
 //! connection, then closed, which is all a Prometheus scrape needs.
 //!
-//! Written out rather than taken from a server crate: the agent runs on every host, and the one
-//! route costs about 40 lines here against 370 KB of binary for a general HTTP/1 server and
-//! router. It also bounds what a general server left open: at most [`MAX_CONNECTIONS`] at
-//! once (more are closed at accept), a request head of at most [`MAX_HEAD`] bytes, and
-//! [`DEADLINE`] for a connection from accept to the last byte sent.
+//! Written out rather than served by axum (in the tree through tonic's router): `axum::serve`
+//! bounds nothing, and this does: at most [`MAX_CONNECTIONS`] at once (more are closed at
+//! accept), a request head of at most [`MAX_HEAD`] bytes, and [`DEADLINE`] for a connection
+//! from accept to the last byte sent. The one route is a few dozen lines; axum's server and
+//! router were 90 KB of the agent's binary (5.81 MB with them, 5.72 MB without).
 
 use super::Sources;
 use std::sync::Arc;
