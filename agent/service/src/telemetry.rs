@@ -67,3 +67,20 @@ pub fn init(format: LogFormat, level: &str) -> FilterHandle {
     }
     FilterHandle(handle)
 }
+
+/// A Prometheus label value as the text format writes it: `\\`, `"` and newline escaped.
+/// prometheus-client 0.24 writes label values as given, so a value from a host (a repository
+/// id) holding `"` or a newline would otherwise end the label and forge series of its own; the
+/// agent's and the controller's `/metrics` pass every such value through here.
+pub fn metric_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}

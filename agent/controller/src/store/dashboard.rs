@@ -16,17 +16,6 @@ pub(super) fn allowance(column: &str) -> String {
     format!("(CASE {column}{arms} END)")
 }
 
-/// Every host with why it is unknown: 0 known, 1 scan errors, 2 stale, 3 no inventory.
-/// Parameters: ?1 now, ?2 stale_after.
-const HOSTS: &str = "WITH h AS (
-  SELECT h.host_id, h.labels, h.dropped_progress, h.dropped_final,
-    CASE WHEN i.host_id IS NULL THEN 3
-         WHEN i.scan_errors > 0 THEN 1
-         WHEN ?1 - coalesce(i.scanned_at, i.received_at) > ?2 THEN 2
-         ELSE 0 END AS why,
-    coalesce(i.reboot_required, 0) AS reboot
-  FROM hosts h LEFT JOIN inventories i ON i.host_id = h.host_id)";
-
 fn sum(cond: &str) -> String {
     format!("CAST(coalesce(sum(CASE WHEN {cond} THEN 1 ELSE 0 END), 0) AS BIGINT)")
 }
@@ -169,124 +158,6 @@ fn summed(
             .iter()
             .fold((0, 0), |(p, f), h| (p + h.dropped.0, f + h.dropped.1)),
     }
-}
-
-/// The first way [`query`] worked: five aggregate queries, each over the pending updates.
-/// Kept for the benchmark that compares the two; same figures.
-#[doc(hidden)]
-pub fn query_by_aggregates(db: &mut dyn Db, now: i64, stale_after: i64) -> DbResult<Dashboard> {
-    let args = p![now, stale_after];
-    let hosts = db
-        .row(
-            &format!(
-                "{HOSTS} SELECT count(*), {}, {}, {}, {}, {}, {},
-                   CAST(coalesce(sum(dropped_progress), 0) AS BIGINT),
-                   CAST(coalesce(sum(dropped_final), 0) AS BIGINT)
-                 FROM h",
-                sum("why <> 3"),
-                sum("why = 0"),
-                sum("why = 1"),
-                sum("why = 2"),
-                sum("why = 3"),
-                sum("reboot <> 0"),
-            ),
-            args,
-        )?
-        .ok_or_else(|| DbError("the host figures returned no row".into()))?;
-    let known = count(hosts.i64(2)?);
-
-    let allow = allowance("p.sla_class");
-    let mut classes: BTreeMap<i64, (i64, i64, i64, Option<i64>)> = BTreeMap::new();
-    for r in db.rows(
-        &format!(
-            "{HOSTS}, late AS (
-               SELECT p.host_id, p.sla_class, ?1 - p.since - {allow} AS late
-               FROM pending p JOIN h ON h.host_id = p.host_id AND h.why = 0)
-             SELECT sla_class, count(*), {},
-               count(DISTINCT CASE WHEN late > 0 THEN host_id END),
-               max(CASE WHEN late > 0 THEN late END)
-             FROM late GROUP BY sla_class",
-            sum("late > 0")
-        ),
-        args,
-    )? {
-        classes.insert(r.i64(0)?, (r.i64(1)?, r.i64(2)?, r.i64(3)?, r.opt_i64(4)?));
-    }
-    let (resolved, jobs) = outcomes(db)?;
-    let env = db.dialect().json_text("h.labels", "environment");
-    let mut by_environment = BTreeMap::new();
-    for r in db.rows(
-        &format!(
-            "{HOSTS} SELECT coalesce({env}, '(none)'), count(*),
-               {}
-             FROM h WHERE why = 0 GROUP BY coalesce({env}, '(none)')",
-            sum(&format!(
-                "NOT EXISTS(SELECT 1 FROM pending p WHERE p.host_id = h.host_id AND ?1 - p.since - {allow} > 0)"
-            ))
-        ),
-        args,
-    )? {
-        let (hosts, compliant) = (count(r.i64(1)?), count(r.i64(2)?));
-        by_environment.insert(
-            r.text(0)?,
-            EnvFigures {
-                hosts,
-                compliant,
-                compliance_percent: percent(compliant, hosts).unwrap_or(0.0),
-            },
-        );
-    }
-    let by_class = CLASSES
-        .iter()
-        .map(|(class, name, allow)| {
-            let (pending, overdue, hosts_late, max_late) =
-                classes.get(&i64::from(*class)).copied().unwrap_or_default();
-            let (n, total) = resolved
-                .get(&i64::from(*class))
-                .copied()
-                .unwrap_or_default();
-            ClassFigures {
-                class: name,
-                sla_hours: allow / 3600,
-                compliance_percent: percent(known.saturating_sub(count(hosts_late)), known),
-                pending: count(pending),
-                overdue: count(overdue),
-                hosts_overdue: count(hosts_late),
-                max_days_overdue: max_late.map(|d| d as f64 / 86400.0),
-                mean_time_to_patch_hours: mean_of(count(n), total),
-            }
-        })
-        .collect();
-    let compliant: usize = by_environment.values().map(|e| e.compliant).sum();
-    let (n, total) = resolved
-        .values()
-        .fold((0, 0.0), |(n, t), (m, s)| (n + m, t + s));
-    let [ran, failed, reboots, reboots_ok] = jobs;
-    let total_hosts = count(hosts.i64(0)?);
-    Ok(Dashboard {
-        generated_at: now,
-        hosts: total_hosts,
-        hosts_with_inventory: count(hosts.i64(1)?),
-        hosts_known: known,
-        hosts_unknown: total_hosts - known,
-        hosts_unknown_scan_errors: count(hosts.i64(3)?),
-        hosts_unknown_stale: count(hosts.i64(4)?),
-        hosts_unknown_no_inventory: count(hosts.i64(5)?),
-        stale_after_hours: stale_after as f64 / 3600.0,
-        hosts_compliant: compliant,
-        overall_compliance_percent: percent(compliant, known),
-        by_class,
-        by_environment,
-        mean_time_to_patch_hours: mean_of(count(n), total),
-        jobs_ran: ran,
-        jobs_failed: failed,
-        patch_failure_rate_percent: percent(failed, ran),
-        reboots,
-        reboots_succeeded: reboots_ok,
-        reboot_success_rate_percent: percent(reboots_ok, reboots),
-        hosts_reboot_required: count(hosts.i64(6)?),
-        reports_dropped: (hosts.int(7)?, hosts.int(8)?),
-    })
 }
 
 /// One day's headline figures: what a trend is plotted from.
@@ -543,16 +414,6 @@ mod tests {
             crate::compliance::compute(&s.snapshot().await.expect("snapshot"), now, stale);
         assert_eq!(
             rounded(serde_json::to_value(&sql).expect("json")),
-            rounded(serde_json::to_value(&reference).expect("json")),
-            "{db}"
-        );
-        // The earlier aggregate queries (kept for the benchmark) agree too.
-        let aggregates = s
-            .read(move |db| super::query_by_aggregates(db, now, stale))
-            .await
-            .expect("aggregates");
-        assert_eq!(
-            rounded(serde_json::to_value(&aggregates).expect("json")),
             rounded(serde_json::to_value(&reference).expect("json")),
             "{db}"
         );

@@ -459,17 +459,6 @@ impl SqlStore {
         }
     }
 
-    /// The compliance dashboard the first way it was computed (for the benchmark).
-    #[doc(hidden)]
-    pub async fn compliance_by_aggregates(
-        &self,
-        now: i64,
-        stale_after: i64,
-    ) -> Result<crate::compliance::Dashboard> {
-        self.read(move |db| dashboard::query_by_aggregates(db, now, stale_after))
-            .await
-    }
-
     pub fn dialect(&self) -> Dialect {
         match self.location {
             Location::File(_) => Dialect::Sqlite,

@@ -6,6 +6,7 @@ use super::Web;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use patch_agent_service::telemetry::metric_label as label;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -23,14 +24,6 @@ pub struct Counters {
 
 type Labels = Vec<(&'static str, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
-
-/// A label value as the text format needs it (prometheus-client 0.24 writes values as given).
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
 
 fn gauge(r: &mut Registry, name: &str, help: &str, v: usize) {
     let g = Gauge::<i64>::default();

@@ -14,6 +14,7 @@ use super::process::Stats;
 use crate::jobs::engine::Rejections;
 use crate::pkg::scanner::Snapshot;
 use crate::pkg::{Classification, SlaClass};
+use patch_agent_service::telemetry::metric_label as label;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -56,22 +57,6 @@ fn class_name(c: SlaClass) -> &'static str {
 fn secs(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// A label value as the text format writes it. prometheus-client 0.24 writes label values
-/// as given, so a repository name holding `"` or a newline would otherwise end the label and
-/// forge series of its own: every value that comes from the host goes through here.
-fn label(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// `apt_info.py`'s origin label: the candidate's origins, sorted, without repeats, joined by ",".
